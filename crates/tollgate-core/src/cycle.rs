@@ -1,0 +1,95 @@
+//! Billing cycles: cycle *k* starts at `anchor + k months` in the account's timezone, with the
+//! day clamped to the month's length, computed from the original anchor every time.
+
+use chrono::{
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc,
+};
+use chrono_tz::Tz;
+
+/// One billing month of an account: `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cycle {
+    /// Months since the anchor's cycle (negative before it).
+    pub index: i64,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// An account's billing anchor: a local date and time of day in a timezone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CycleAnchor {
+    local: NaiveDateTime,
+    tz: Tz,
+}
+
+impl CycleAnchor {
+    /// The anchor instant seen in the account's timezone; its local date and time are kept
+    /// across DST changes.
+    pub fn new(anchor: DateTime<Utc>, tz: Tz) -> CycleAnchor {
+        CycleAnchor {
+            local: anchor.with_timezone(&tz).naive_local(),
+            tz,
+        }
+    }
+
+    pub fn timezone(&self) -> Tz {
+        self.tz
+    }
+
+    /// The start of cycle `k`.
+    pub fn start(&self, k: i64) -> DateTime<Utc> {
+        let months = i64::from(self.local.year()) * 12 + i64::from(self.local.month0()) + k;
+        let year = i32::try_from(months.div_euclid(12)).expect("cycle year in range");
+        let month0 = u32::try_from(months.rem_euclid(12)).expect("month in 0..12");
+        let day = self.local.day().min(days_in_month(year, month0 + 1));
+        let date = NaiveDate::from_ymd_opt(year, month0 + 1, day).expect("clamped day is valid");
+        local_to_utc(self.tz, date.and_time(self.local.time()))
+    }
+
+    /// The cycle that contains `t`.
+    pub fn cycle_at(&self, t: DateTime<Utc>) -> Cycle {
+        let local = t.with_timezone(&self.tz).naive_local();
+        let mut k = (i64::from(local.year()) - i64::from(self.local.year())) * 12
+            + i64::from(local.month0())
+            - i64::from(self.local.month0());
+        while self.start(k) > t {
+            k -= 1;
+        }
+        while self.start(k + 1) <= t {
+            k += 1;
+        }
+        Cycle {
+            index: k,
+            start: self.start(k),
+            end: self.start(k + 1),
+        }
+    }
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let first_next = NaiveDate::from_ymd_opt(ny, nm, 1).expect("valid month");
+    first_next.pred_opt().expect("has a previous day").day()
+}
+
+/// A local time to UTC: an ambiguous time (DST fall-back) takes the earlier instant; a time in
+/// a DST gap (spring-forward) is read with the offset in force before the gap, which lands just
+/// after the gap (02:30 in a 02:00→03:00 gap becomes 03:30).
+fn local_to_utc(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
+    match tz.from_local_datetime(&local) {
+        LocalResult::Single(t) => t.with_timezone(&Utc),
+        LocalResult::Ambiguous(a, b) => a.min(b).with_timezone(&Utc),
+        LocalResult::None => {
+            let before = local - Duration::hours(6);
+            let offset = match tz.from_local_datetime(&before) {
+                LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.offset().fix(),
+                LocalResult::None => Utc.fix(),
+            };
+            Utc.from_utc_datetime(&(local - Duration::seconds(i64::from(offset.local_minus_utc()))))
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The pure domain of tollgate: money, prices, cycles, tiers, pool policies and ledger decisions.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock, spawns nothing and knows no wire
+//! format (no serde). Every function is a deterministic function of its arguments, so the storage
+//! backends and the simulation tests can call it under their own locks and clocks.
+
+pub mod cycle;
+pub mod ledger;
+pub mod money;
+pub mod policy;
+pub mod price;
+mod price_builtin;
+pub mod tier;
+pub mod usage;
+
+pub use cycle::{Cycle, CycleAnchor};
+pub use ledger::{HoldDecision, KeyScope, PoolScope, Refusal, Replay, Split};
+pub use money::{MoneyError, Nanos};
+pub use policy::{OnExhausted, PoolKind, PoolPolicy};
+pub use price::{Modifiers, PriceEntry, PriceTable, Provider, Rates, RequestBound};
+pub use tier::Tier;
+pub use usage::{Usage, UsageError};

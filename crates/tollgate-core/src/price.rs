@@ -1,0 +1,453 @@
+//! The price table and the cost of a call: exact integer arithmetic, one rounding per call.
+//!
+//! Rates are nano-USD per million tokens (so $3 / MTok is `3_000_000_000`). A call's cost is the
+//! sum of tokens × rate over every token type, times the modifiers, divided once and rounded
+//! half-up to one nano-USD.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::NaiveDate;
+
+use crate::money::Nanos;
+use crate::usage::Usage;
+
+/// Which API family a model belongs to; model advice compares models of one provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provider {
+    Anthropic,
+    OpenAi,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Anthropic => "anthropic",
+            Provider::OpenAi => "openai",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "anthropic" => Some(Provider::Anthropic),
+            "openai" => Some(Provider::OpenAi),
+            _ => None,
+        }
+    }
+}
+
+/// Nano-USD per million tokens, by token type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rates {
+    pub input: i64,
+    pub cache_write_5m: i64,
+    pub cache_write_1h: i64,
+    pub cache_read: i64,
+    pub output: i64,
+}
+
+impl Rates {
+    /// The highest price any input-side token can have: the bound for unknown input mixes.
+    pub fn input_side_max(&self) -> i64 {
+        self.input
+            .max(self.cache_write_5m)
+            .max(self.cache_write_1h)
+            .max(self.cache_read)
+    }
+}
+
+/// Rates that apply to the whole request when its total input passes `threshold_tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongContext {
+    pub threshold_tokens: u64,
+    pub rates: Rates,
+}
+
+/// The price of one model from one date on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceEntry {
+    pub model: String,
+    pub provider: Provider,
+    pub effective_from: NaiveDate,
+    pub rates: Rates,
+    pub long_context: Option<LongContext>,
+    /// Multiplier for `speed: fast`, in millionths (6× = 6_000_000). None: fast bills as standard.
+    pub fast_multiplier_ppm: Option<u64>,
+    /// Whether `inference_geo: us` costs ×1.1 on this model.
+    pub geo_us_surcharge: bool,
+    /// Price of one web search request.
+    pub web_search_per_request: Nanos,
+}
+
+/// Call-level price modifiers, from the request or the event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Modifiers {
+    /// `service_tier: batch`: ×0.5.
+    pub batch: bool,
+    /// `inference_geo: us`: ×1.1 where the entry says so.
+    pub geo_us: bool,
+    /// `speed: fast`: the entry's fast multiplier.
+    pub fast: bool,
+}
+
+/// What the request body bounds, for the worst-case cost of a call before it is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestBound {
+    /// The body's size: a safe upper bound on its text and base64 input tokens.
+    pub body_bytes: u64,
+    pub max_tokens: u64,
+    /// Σ `max_uses` of server tools (web search) in the request.
+    pub web_search_max_uses: u64,
+    /// Documents or images given by URL or file id, whose size the body does not bound.
+    pub unbounded_inputs: u64,
+    pub modifiers: Modifiers,
+}
+
+/// Input allowances for what the body does not bound (configurable; see docs/pricing.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allowances {
+    pub input_tokens_per_tool_use: u64,
+    pub input_tokens_per_unbounded_input: u64,
+}
+
+impl Default for Allowances {
+    fn default() -> Self {
+        Allowances {
+            input_tokens_per_tool_use: 20_000,
+            input_tokens_per_unbounded_input: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PriceError {
+    UnknownModel(String),
+    /// The figures do not fit the ledger's integers: absurd usage or prices.
+    Overflow,
+}
+
+impl fmt::Display for PriceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PriceError::UnknownModel(m) => write!(
+                f,
+                "unknown model {m:?}: tollgate has no price for it; add a [[price]] entry for it in \
+                 tollgate.toml, or map unknown models with [pricing] unknown_model = \"as:<model>\""
+            ),
+            PriceError::Overflow => write!(
+                f,
+                "cost overflows the ledger's range: usage or price is absurd"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PriceError {}
+
+const MTOK: i128 = 1_000_000;
+const PPM: i128 = 1_000_000;
+
+impl PriceEntry {
+    fn rates_for_input(&self, total_input_tokens: u64) -> &Rates {
+        match &self.long_context {
+            Some(lc) if total_input_tokens > lc.threshold_tokens => &lc.rates,
+            _ => &self.rates,
+        }
+    }
+
+    /// The exact cost of a call's usage, rounded half-up to one nano-USD once.
+    pub fn cost(&self, usage: &Usage, modifiers: &Modifiers) -> Result<Nanos, PriceError> {
+        let r = self.rates_for_input(usage.total_input_tokens());
+        let terms = [
+            (usage.input_tokens, r.input),
+            (usage.cache_creation_5m_input_tokens, r.cache_write_5m),
+            (usage.cache_creation_1h_input_tokens, r.cache_write_1h),
+            (usage.cache_read_input_tokens, r.cache_read),
+            (usage.output_tokens, r.output),
+        ];
+        let mut sum: i128 = 0;
+        for (tokens, rate) in terms {
+            sum = i128::from(tokens)
+                .checked_mul(i128::from(rate))
+                .and_then(|t| sum.checked_add(t))
+                .ok_or(PriceError::Overflow)?;
+        }
+        let tools = i128::from(usage.web_search_requests)
+            .checked_mul(i128::from(self.web_search_per_request.0))
+            .and_then(|t| t.checked_mul(MTOK))
+            .ok_or(PriceError::Overflow)?;
+        sum = sum.checked_add(tools).ok_or(PriceError::Overflow)?;
+        self.apply_modifiers(sum, MTOK, modifiers, Rounding::HalfUp)
+    }
+
+    /// Scales `numerator / denominator` nano-USD by the modifiers and rounds once.
+    fn apply_modifiers(
+        &self,
+        numerator: i128,
+        denominator: i128,
+        m: &Modifiers,
+        rounding: Rounding,
+    ) -> Result<Nanos, PriceError> {
+        let mut num = numerator;
+        let mut den = denominator;
+        let mut scale = |n: i128, d: i128| -> Result<(), PriceError> {
+            num = num.checked_mul(n).ok_or(PriceError::Overflow)?;
+            den = den.checked_mul(d).ok_or(PriceError::Overflow)?;
+            Ok(())
+        };
+        if m.batch {
+            scale(1, 2)?;
+        }
+        if m.geo_us && self.geo_us_surcharge {
+            scale(11, 10)?;
+        }
+        if m.fast
+            && let Some(ppm) = self.fast_multiplier_ppm
+        {
+            scale(i128::from(ppm), PPM)?;
+        }
+        let rounded = match rounding {
+            Rounding::HalfUp => (num + den / 2) / den,
+            Rounding::Up => (num + den - 1) / den,
+        };
+        i64::try_from(rounded)
+            .map(Nanos)
+            .map_err(|_| PriceError::Overflow)
+    }
+
+    /// The most a request can cost: its input bounded by the body size and allowances at the
+    /// highest input-side price, plus `max_tokens` at the output price, plus server tools.
+    pub fn worst_case(
+        &self,
+        bound: &RequestBound,
+        allow: &Allowances,
+    ) -> Result<Nanos, PriceError> {
+        let input_tokens = bound
+            .body_bytes
+            .checked_add(
+                bound
+                    .web_search_max_uses
+                    .checked_mul(allow.input_tokens_per_tool_use)
+                    .ok_or(PriceError::Overflow)?,
+            )
+            .and_then(|t| {
+                t.checked_add(
+                    bound
+                        .unbounded_inputs
+                        .checked_mul(allow.input_tokens_per_unbounded_input)?,
+                )
+            })
+            .ok_or(PriceError::Overflow)?;
+        let r = self.rates_for_input(input_tokens);
+        let input_rate = r.input_side_max().max(self.rates.input_side_max());
+        let output_rate = r.output.max(self.rates.output);
+        let sum = i128::from(input_tokens)
+            .checked_mul(i128::from(input_rate))
+            .and_then(|i| {
+                i.checked_add(i128::from(bound.max_tokens).checked_mul(i128::from(output_rate))?)
+            })
+            .and_then(|s| {
+                let tools = i128::from(bound.web_search_max_uses)
+                    * i128::from(self.web_search_per_request.0)
+                    * MTOK;
+                s.checked_add(tools)
+            })
+            .ok_or(PriceError::Overflow)?;
+        // Round up, not half-up: a bound must never be below the true worst case.
+        self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rounding {
+    HalfUp,
+    Up,
+}
+
+/// All known prices: canonical model ids, each with its price history, and aliases.
+#[derive(Clone, Debug, Default)]
+pub struct PriceTable {
+    entries: BTreeMap<String, Vec<PriceEntry>>,
+    aliases: BTreeMap<String, String>,
+}
+
+impl PriceTable {
+    pub fn empty() -> PriceTable {
+        PriceTable::default()
+    }
+
+    /// Adds a price version. An entry with the same model and `effective_from` is replaced.
+    pub fn insert(&mut self, entry: PriceEntry) {
+        let versions = self.entries.entry(entry.model.clone()).or_default();
+        versions.retain(|e| e.effective_from != entry.effective_from);
+        versions.push(entry);
+        versions.sort_by_key(|e| e.effective_from);
+    }
+
+    /// Replaces every version of the entry's model with this one entry.
+    pub fn replace(&mut self, entry: PriceEntry) {
+        self.entries.insert(entry.model.clone(), vec![entry]);
+    }
+
+    pub fn alias(&mut self, alias: &str, model: &str) {
+        self.aliases.insert(alias.to_string(), model.to_string());
+    }
+
+    /// The canonical id of a model id, alias or dated id, if the table knows it.
+    pub fn resolve<'a>(&'a self, model: &'a str) -> Option<&'a str> {
+        let known = |m: &'a str| -> Option<&'a str> {
+            if let Some((k, _)) = self.entries.get_key_value(m) {
+                return Some(k.as_str());
+            }
+            self.aliases
+                .get(m)
+                .map(String::as_str)
+                .filter(|c| self.entries.contains_key(*c))
+        };
+        known(model).or_else(|| strip_date_suffix(model).and_then(known))
+    }
+
+    /// The price of `model` on `date`: the latest version in effect that day (the earliest
+    /// version for a date before any is in effect).
+    pub fn price_at(&self, model: &str, date: NaiveDate) -> Result<&PriceEntry, PriceError> {
+        let canonical = self
+            .resolve(model)
+            .ok_or_else(|| PriceError::UnknownModel(model.to_string()))?;
+        let versions = &self.entries[canonical];
+        Ok(versions
+            .iter()
+            .rev()
+            .find(|e| e.effective_from <= date)
+            .unwrap_or(&versions[0]))
+    }
+
+    /// Every price version, model by model.
+    pub fn entries(&self) -> impl Iterator<Item = &PriceEntry> {
+        self.entries.values().flatten()
+    }
+
+    pub fn aliases(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.aliases.iter().map(|(a, m)| (a.as_str(), m.as_str()))
+    }
+
+    /// The built-in table: current Claude models and the OpenAI models of the plan guidance.
+    pub fn builtin() -> PriceTable {
+        crate::price_builtin::table()
+    }
+}
+
+/// `claude-sonnet-4-5-20250929` → `claude-sonnet-4-5`; `gpt-5-2025-08-07` → `gpt-5`;
+/// `claude-3-5-haiku-latest` → `claude-3-5-haiku`.
+fn strip_date_suffix(model: &str) -> Option<&str> {
+    if let Some(base) = model.strip_suffix("-latest") {
+        return Some(base);
+    }
+    let (base, tail) = model.rsplit_once('-')?;
+    if tail.len() == 8 && tail.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(base);
+    }
+    // OpenAI style: -YYYY-MM-DD
+    if model.len() > 11 {
+        let (base, date) = model.split_at(model.len() - 11);
+        let d = date.as_bytes();
+        let shape = d[0] == b'-'
+            && d[5] == b'-'
+            && d[8] == b'-'
+            && d.iter()
+                .enumerate()
+                .all(|(i, b)| matches!(i, 0 | 5 | 8) || b.is_ascii_digit());
+        if shape {
+            return Some(base);
+        }
+    }
+    None
+}
+
+/// Parses a decimal number as written in JSON (`3e-06`, `0.000003`, `15`) exactly, scaled by
+/// 10^`scale`, rounded half-up to an integer. Used to read USD-per-token prices without floats.
+pub fn parse_scaled_decimal(text: &str, scale: i32) -> Option<i64> {
+    let t = text.trim();
+    let (mantissa, exp) = match t.find(['e', 'E']) {
+        Some(i) => (&t[..i], t[i + 1..].parse::<i32>().ok()?),
+        None => (t, 0),
+    };
+    let (neg, m) = match mantissa.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, mantissa.strip_prefix('+').unwrap_or(mantissa)),
+    };
+    let (whole, frac) = m.split_once('.').unwrap_or((m, ""));
+    if (whole.is_empty() && frac.is_empty())
+        || !whole
+            .bytes()
+            .chain(frac.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let digits: String = format!("{whole}{frac}");
+    let digits = digits.trim_start_matches('0');
+    // value = digits × 10^(exp + scale - frac.len())
+    let shift = exp
+        .checked_add(scale)?
+        .checked_sub(i32::try_from(frac.len()).ok()?)?;
+    if digits.is_empty() {
+        return Some(0);
+    }
+    let n: i128 = if digits.len() > 30 {
+        return None;
+    } else {
+        digits.parse().ok()?
+    };
+    let value = if shift >= 0 {
+        n.checked_mul(10i128.checked_pow(u32::try_from(shift).ok()?)?)?
+    } else {
+        let drop = u32::try_from(-shift).ok()?;
+        if drop > 38 {
+            0
+        } else {
+            let d = 10i128.pow(drop);
+            (n + d / 2) / d
+        }
+    };
+    let v = i64::try_from(value).ok()?;
+    Some(if neg { -v } else { v })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_decimals_are_exact() {
+        // USD per token → nano-USD per MTok is a scale of 10^15.
+        assert_eq!(parse_scaled_decimal("3e-06", 15), Some(3_000_000_000));
+        assert_eq!(parse_scaled_decimal("3.75e-06", 15), Some(3_750_000_000));
+        assert_eq!(parse_scaled_decimal("0.000003", 15), Some(3_000_000_000));
+        assert_eq!(
+            parse_scaled_decimal("3.0000000000000004e-06", 15),
+            Some(3_000_000_000)
+        );
+        assert_eq!(parse_scaled_decimal("1.25E-7", 15), Some(125_000_000));
+        assert_eq!(parse_scaled_decimal("15", 0), Some(15));
+        assert_eq!(parse_scaled_decimal("0", 15), Some(0));
+        assert_eq!(parse_scaled_decimal("abc", 15), None);
+        assert_eq!(parse_scaled_decimal("", 15), None);
+    }
+
+    #[test]
+    fn date_suffixes_are_stripped() {
+        assert_eq!(
+            strip_date_suffix("claude-sonnet-4-5-20250929"),
+            Some("claude-sonnet-4-5")
+        );
+        assert_eq!(
+            strip_date_suffix("gpt-4.1-mini-2025-04-14"),
+            Some("gpt-4.1-mini")
+        );
+        assert_eq!(
+            strip_date_suffix("claude-3-5-haiku-latest"),
+            Some("claude-3-5-haiku")
+        );
+        assert_eq!(strip_date_suffix("claude-opus-4-6"), None);
+    }
+}
