@@ -1,9 +1,7 @@
 //! Billing cycles: cycle *k* starts at `anchor + k months` in the account's timezone, with the
 //! day clamped to the month's length, computed from the original anchor every time.
 
-use chrono::{
-    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc,
-};
+use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// One billing month of an account: `[start, end)`.
@@ -26,10 +24,7 @@ impl CycleAnchor {
     /// The anchor instant seen in the account's timezone; its local date and time are kept
     /// across DST changes.
     pub fn new(anchor: DateTime<Utc>, tz: Tz) -> CycleAnchor {
-        CycleAnchor {
-            local: anchor.with_timezone(&tz).naive_local(),
-            tz,
-        }
+        CycleAnchor { local: anchor.with_timezone(&tz).naive_local(), tz }
     }
 
     pub fn timezone(&self) -> Tz {
@@ -49,8 +44,7 @@ impl CycleAnchor {
     /// The cycle that contains `t`.
     pub fn cycle_at(&self, t: DateTime<Utc>) -> Cycle {
         let local = t.with_timezone(&self.tz).naive_local();
-        let mut k = (i64::from(local.year()) - i64::from(self.local.year())) * 12
-            + i64::from(local.month0())
+        let mut k = (i64::from(local.year()) - i64::from(self.local.year())) * 12 + i64::from(local.month0())
             - i64::from(self.local.month0());
         while self.start(k) > t {
             k -= 1;
@@ -58,20 +52,12 @@ impl CycleAnchor {
         while self.start(k + 1) <= t {
             k += 1;
         }
-        Cycle {
-            index: k,
-            start: self.start(k),
-            end: self.start(k + 1),
-        }
+        Cycle { index: k, start: self.start(k), end: self.start(k + 1) }
     }
 }
 
 fn days_in_month(year: i32, month: u32) -> u32 {
-    let (ny, nm) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
+    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
     let first_next = NaiveDate::from_ymd_opt(ny, nm, 1).expect("valid month");
     first_next.pred_opt().expect("has a previous day").day()
 }

@@ -29,12 +29,7 @@ impl PoolScope {
 
     /// limit − charged − held; None when unlimited. Negative when direct events overran it.
     pub fn remaining(&self) -> Option<Nanos> {
-        self.limit.map(|l| {
-            Nanos(
-                l.0.saturating_sub(self.charged().0)
-                    .saturating_sub(self.held.0),
-            )
-        })
+        self.limit.map(|l| Nanos(l.0.saturating_sub(self.charged().0).saturating_sub(self.held.0)))
     }
 }
 
@@ -48,12 +43,7 @@ pub struct KeyScope {
 
 impl KeyScope {
     pub fn remaining(&self) -> Option<Nanos> {
-        self.cap.map(|c| {
-            Nanos(
-                c.0.saturating_sub(self.charged.0)
-                    .saturating_sub(self.held.0),
-            )
-        })
+        self.cap.map(|c| Nanos(c.0.saturating_sub(self.charged.0).saturating_sub(self.held.0)))
     }
 }
 
@@ -90,44 +80,28 @@ pub struct HoldDecision {
 }
 
 /// A hold fits when it fits every scope that applies; it then debits all of them.
-pub fn decide_hold(
-    pool: &PoolScope,
-    key: Option<&KeyScope>,
-    amount: Nanos,
-) -> Result<HoldDecision, Refusal> {
+pub fn decide_hold(pool: &PoolScope, key: Option<&KeyScope>, amount: Nanos) -> Result<HoldDecision, Refusal> {
     if amount.is_negative() {
         return Err(Refusal::AmountNegative);
     }
     if let (Some(limit), Some(remaining)) = (pool.limit, pool.remaining())
         && amount > remaining
     {
-        return Err(Refusal::PoolExhausted {
-            limit,
-            remaining: remaining.max(Nanos::ZERO),
-        });
+        return Err(Refusal::PoolExhausted { limit, remaining: remaining.max(Nanos::ZERO) });
     }
     if let Some(k) = key
         && let (Some(cap), Some(remaining)) = (k.cap, k.remaining())
         && amount > remaining
     {
-        return Err(Refusal::KeyCapReached {
-            cap,
-            remaining: remaining.max(Nanos::ZERO),
-        });
+        return Err(Refusal::KeyCapReached { cap, remaining: remaining.max(Nanos::ZERO) });
     }
     let pool_held = pool.held.checked_add(amount).ok_or(Refusal::Overflow)?;
     let key_held = match key {
         Some(k) => Some(k.held.checked_add(amount).ok_or(Refusal::Overflow)?),
         None => None,
     };
-    let pool_remaining = pool
-        .remaining()
-        .map(|r| Nanos(r.0.saturating_sub(amount.0)));
-    Ok(HoldDecision {
-        pool_held,
-        key_held,
-        pool_remaining,
-    })
+    let pool_remaining = pool.remaining().map(|r| Nanos(r.0.saturating_sub(amount.0)));
+    Ok(HoldDecision { pool_held, key_held, pool_remaining })
 }
 
 /// The amount to hold for a call whose worst case at list price is `list_worst_case`: overage
@@ -156,20 +130,14 @@ impl Split {
 
 /// Splits a call's list-price cost: first what the grants still hold, then overage at list ×
 /// the PAYG multiplier (rounded half-up).
-pub fn split_charge(
-    list_cost: Nanos,
-    pool: &PoolScope,
-    payg_multiplier_ppm: u64,
-) -> Result<Split, Refusal> {
+pub fn split_charge(list_cost: Nanos, pool: &PoolScope, payg_multiplier_ppm: u64) -> Result<Split, Refusal> {
     if list_cost.is_negative() {
         return Err(Refusal::AmountNegative);
     }
     let grant_left = pool.grants.saturating_sub_floor(pool.used);
     let grant = list_cost.min(grant_left);
     let rest = list_cost.checked_sub(grant).ok_or(Refusal::Overflow)?;
-    let overage = rest
-        .mul_ratio_round(payg_multiplier_ppm, PPM)
-        .ok_or(Refusal::Overflow)?;
+    let overage = rest.mul_ratio_round(payg_multiplier_ppm, PPM).ok_or(Refusal::Overflow)?;
     Ok(Split { grant, overage })
 }
 
@@ -190,11 +158,7 @@ pub fn settle(
 ) -> Result<Settlement, Refusal> {
     let split = split_charge(list_cost, pool, payg_multiplier_ppm)?;
     let overshoot = split.total().saturating_sub_floor(hold);
-    Ok(Settlement {
-        split,
-        released: hold,
-        overshoot,
-    })
+    Ok(Settlement { split, released: hold, overshoot })
 }
 
 /// A hold past its time to live is expired: settled at its held amount, flagged `unsettled`.
@@ -258,116 +222,48 @@ mod tests {
 
     #[test]
     fn hold_fits_every_scope_or_none() {
-        let pool = PoolScope {
-            limit: Some(usd(50)),
-            grants: usd(50),
-            used: usd(40),
-            overage: usd(0),
-            held: usd(5),
-        };
-        assert_eq!(
-            decide_hold(&pool, None, usd(5)).unwrap().pool_remaining,
-            Some(usd(0))
-        );
+        let pool = PoolScope { limit: Some(usd(50)), grants: usd(50), used: usd(40), overage: usd(0), held: usd(5) };
+        assert_eq!(decide_hold(&pool, None, usd(5)).unwrap().pool_remaining, Some(usd(0)));
         assert_eq!(
             decide_hold(&pool, None, Nanos(usd(5).0 + 1)),
-            Err(Refusal::PoolExhausted {
-                limit: usd(50),
-                remaining: usd(5)
-            })
+            Err(Refusal::PoolExhausted { limit: usd(50), remaining: usd(5) })
         );
-        let key = KeyScope {
-            cap: Some(usd(3)),
-            charged: usd(1),
-            held: usd(1),
-        };
+        let key = KeyScope { cap: Some(usd(3)), charged: usd(1), held: usd(1) };
         assert_eq!(
             decide_hold(&pool, Some(&key), usd(2)),
-            Err(Refusal::KeyCapReached {
-                cap: usd(3),
-                remaining: usd(1)
-            })
+            Err(Refusal::KeyCapReached { cap: usd(3), remaining: usd(1) })
         );
-        let unlimited = PoolScope {
-            limit: None,
-            ..pool
-        };
+        let unlimited = PoolScope { limit: None, ..pool };
         assert!(decide_hold(&unlimited, None, usd(1_000)).is_ok());
-        assert_eq!(
-            decide_hold(&pool, None, Nanos(-1)),
-            Err(Refusal::AmountNegative)
-        );
+        assert_eq!(decide_hold(&pool, None, Nanos(-1)), Err(Refusal::AmountNegative));
     }
 
     #[test]
     fn split_burns_grants_then_overage_at_multiplier() {
-        let pool = PoolScope {
-            limit: None,
-            grants: usd(50),
-            used: usd(49),
-            overage: usd(0),
-            held: usd(0),
-        };
+        let pool = PoolScope { limit: None, grants: usd(50), used: usd(49), overage: usd(0), held: usd(0) };
         let s = split_charge(usd(3), &pool, 1_500_000).unwrap();
-        assert_eq!(
-            s,
-            Split {
-                grant: usd(1),
-                overage: usd(3)
-            }
-        );
-        let over = PoolScope {
-            used: usd(55),
-            ..pool
-        };
-        assert_eq!(
-            split_charge(usd(2), &over, PPM).unwrap(),
-            Split {
-                grant: usd(0),
-                overage: usd(2)
-            }
-        );
+        assert_eq!(s, Split { grant: usd(1), overage: usd(3) });
+        let over = PoolScope { used: usd(55), ..pool };
+        assert_eq!(split_charge(usd(2), &over, PPM).unwrap(), Split { grant: usd(0), overage: usd(2) });
     }
 
     #[test]
     fn settle_records_overshoot() {
-        let pool = PoolScope {
-            limit: Some(usd(50)),
-            grants: usd(50),
-            ..PoolScope::default()
-        };
+        let pool = PoolScope { limit: Some(usd(50)), grants: usd(50), ..PoolScope::default() };
         let s = settle(usd(1), usd(3), &pool, PPM).unwrap();
         assert_eq!(s.overshoot, usd(2));
-        assert_eq!(
-            settle(usd(3), usd(1), &pool, PPM).unwrap().overshoot,
-            usd(0)
-        );
+        assert_eq!(settle(usd(3), usd(1), &pool, PPM).unwrap().overshoot, usd(0));
     }
 
     #[test]
     fn burn_order_is_earliest_expiry_then_added_order() {
         let t = |d: i64| DateTime::<Utc>::from_timestamp(d * 86_400, 0).unwrap();
         let grants = [
-            GrantRef {
-                expires_at: t(30),
-                added_seq: 2,
-                amount: usd(10),
-            },
-            GrantRef {
-                expires_at: t(30),
-                added_seq: 1,
-                amount: usd(10),
-            },
-            GrantRef {
-                expires_at: t(10),
-                added_seq: 3,
-                amount: usd(5),
-            },
+            GrantRef { expires_at: t(30), added_seq: 2, amount: usd(10) },
+            GrantRef { expires_at: t(30), added_seq: 1, amount: usd(10) },
+            GrantRef { expires_at: t(10), added_seq: 3, amount: usd(5) },
         ];
-        assert_eq!(
-            burn(&grants, usd(12)),
-            vec![(2, usd(5)), (1, usd(7)), (0, usd(0))]
-        );
+        assert_eq!(burn(&grants, usd(12)), vec![(2, usd(5)), (1, usd(7)), (0, usd(0))]);
     }
 
     #[test]

@@ -25,26 +25,14 @@ pub enum MoneyError {
 impl fmt::Display for MoneyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MoneyError::Empty => write!(
-                f,
-                "empty amount: give a decimal number of USD such as \"12.5\""
-            ),
+            MoneyError::Empty => write!(f, "empty amount: give a decimal number of USD such as \"12.5\""),
             MoneyError::Malformed(s) => {
-                write!(
-                    f,
-                    "{s:?} is not a USD amount: give a decimal number such as \"12.5\" or \"0.000123\""
-                )
+                write!(f, "{s:?} is not a USD amount: give a decimal number such as \"12.5\" or \"0.000123\"")
             }
             MoneyError::TooPrecise(s) => {
-                write!(
-                    f,
-                    "{s:?} has more than 9 decimal places: amounts are exact to 1 nano-USD (0.000000001)"
-                )
+                write!(f, "{s:?} has more than 9 decimal places: amounts are exact to 1 nano-USD (0.000000001)")
             }
-            MoneyError::TooLarge(s) => write!(
-                f,
-                "{s:?} is too large: amounts are limited to 9,000,000,000 USD"
-            ),
+            MoneyError::TooLarge(s) => write!(f, "{s:?} is too large: amounts are limited to 9,000,000,000 USD"),
         }
     }
 }
@@ -111,22 +99,17 @@ impl Nanos {
         let whole_value: i64 = if whole.is_empty() {
             0
         } else {
-            whole.trim_start_matches('0').parse::<i64>().or_else(|_| {
-                if whole.trim_start_matches('0').is_empty() {
-                    Ok(0)
-                } else {
-                    Err(too_large())
-                }
-            })?
+            whole
+                .trim_start_matches('0')
+                .parse::<i64>()
+                .or_else(|_| if whole.trim_start_matches('0').is_empty() { Ok(0) } else { Err(too_large()) })?
         };
         let mut frac_value: i64 = 0;
         for (i, b) in frac_trimmed.bytes().enumerate() {
             frac_value += i64::from(b - b'0') * 10i64.pow(8 - i as u32);
         }
-        let value = whole_value
-            .checked_mul(NANOS_PER_USD)
-            .and_then(|w| w.checked_add(frac_value))
-            .ok_or_else(too_large)?;
+        let value =
+            whole_value.checked_mul(NANOS_PER_USD).and_then(|w| w.checked_add(frac_value)).ok_or_else(too_large)?;
         Ok(Nanos(if negative { -value } else { value }))
     }
 
@@ -135,11 +118,7 @@ impl Nanos {
         debug_assert!(den > 0);
         let n = i128::from(self.0).checked_mul(i128::from(num))?;
         let d = i128::from(den);
-        let q = if n >= 0 {
-            (n + d / 2) / d
-        } else {
-            -((-n + d / 2) / d)
-        };
+        let q = if n >= 0 { (n + d / 2) / d } else { -((-n + d / 2) / d) };
         i64::try_from(q).ok().map(Nanos)
     }
 }
@@ -194,14 +173,8 @@ mod tests {
         for bad in ["", "abc", "1e5", "1,000", "$5", "--1", ".", "1.2.3", " - "] {
             assert!(Nanos::parse_usd(bad).is_err(), "{bad:?} should be refused");
         }
-        assert!(matches!(
-            Nanos::parse_usd("0.0000000001"),
-            Err(MoneyError::TooPrecise(_))
-        ));
-        assert!(matches!(
-            Nanos::parse_usd("10000000000"),
-            Err(MoneyError::TooLarge(_))
-        ));
+        assert!(matches!(Nanos::parse_usd("0.0000000001"), Err(MoneyError::TooPrecise(_))));
+        assert!(matches!(Nanos::parse_usd("10000000000"), Err(MoneyError::TooLarge(_))));
     }
 
     #[test]

@@ -101,35 +101,14 @@ mod tests {
             overage_cap: overage_cap.map(Nanos::from_usd),
             spend_cap: spend_cap.map(Nanos::from_usd),
         };
-        assert_eq!(
-            p(OnExhausted::Block, None, None).limit(g),
-            Some(Nanos::from_usd(50))
-        );
-        assert_eq!(
-            p(OnExhausted::Block, None, Some(30)).limit(g),
-            Some(Nanos::from_usd(30))
-        );
-        assert_eq!(
-            p(OnExhausted::Block, None, Some(80)).limit(g),
-            Some(Nanos::from_usd(50))
-        );
+        assert_eq!(p(OnExhausted::Block, None, None).limit(g), Some(Nanos::from_usd(50)));
+        assert_eq!(p(OnExhausted::Block, None, Some(30)).limit(g), Some(Nanos::from_usd(30)));
+        assert_eq!(p(OnExhausted::Block, None, Some(80)).limit(g), Some(Nanos::from_usd(50)));
         assert_eq!(p(OnExhausted::Payg, None, None).limit(g), None);
-        assert_eq!(
-            p(OnExhausted::Payg, Some(20), None).limit(g),
-            Some(Nanos::from_usd(70))
-        );
-        assert_eq!(
-            p(OnExhausted::Payg, Some(20), Some(60)).limit(g),
-            Some(Nanos::from_usd(60))
-        );
-        assert_eq!(
-            p(OnExhausted::Payg, None, Some(60)).limit(g),
-            Some(Nanos::from_usd(60))
-        );
+        assert_eq!(p(OnExhausted::Payg, Some(20), None).limit(g), Some(Nanos::from_usd(70)));
+        assert_eq!(p(OnExhausted::Payg, Some(20), Some(60)).limit(g), Some(Nanos::from_usd(60)));
+        assert_eq!(p(OnExhausted::Payg, None, Some(60)).limit(g), Some(Nanos::from_usd(60)));
         assert_eq!(p(OnExhausted::Alert, Some(20), None).limit(g), None);
-        assert_eq!(
-            p(OnExhausted::Alert, None, Some(10)).limit(g),
-            Some(Nanos::from_usd(10))
-        );
+        assert_eq!(p(OnExhausted::Alert, None, Some(10)).limit(g), Some(Nanos::from_usd(10)));
     }
 }

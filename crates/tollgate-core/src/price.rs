@@ -49,10 +49,7 @@ pub struct Rates {
 impl Rates {
     /// The highest price any input-side token can have: the bound for unknown input mixes.
     pub fn input_side_max(&self) -> i64 {
-        self.input
-            .max(self.cache_write_5m)
-            .max(self.cache_write_1h)
-            .max(self.cache_read)
+        self.input.max(self.cache_write_5m).max(self.cache_write_1h).max(self.cache_read)
     }
 }
 
@@ -112,10 +109,7 @@ pub struct Allowances {
 
 impl Default for Allowances {
     fn default() -> Self {
-        Allowances {
-            input_tokens_per_tool_use: 20_000,
-            input_tokens_per_unbounded_input: 100_000,
-        }
+        Allowances { input_tokens_per_tool_use: 20_000, input_tokens_per_unbounded_input: 100_000 }
     }
 }
 
@@ -134,10 +128,7 @@ impl fmt::Display for PriceError {
                 "unknown model {m:?}: tollgate has no price for it; add a [[price]] entry for it in \
                  tollgate.toml, or map unknown models with [pricing] unknown_model = \"as:<model>\""
             ),
-            PriceError::Overflow => write!(
-                f,
-                "cost overflows the ledger's range: usage or price is absurd"
-            ),
+            PriceError::Overflow => write!(f, "cost overflows the ledger's range: usage or price is absurd"),
         }
     }
 }
@@ -210,46 +201,27 @@ impl PriceEntry {
             Rounding::HalfUp => (num + den / 2) / den,
             Rounding::Up => (num + den - 1) / den,
         };
-        i64::try_from(rounded)
-            .map(Nanos)
-            .map_err(|_| PriceError::Overflow)
+        i64::try_from(rounded).map(Nanos).map_err(|_| PriceError::Overflow)
     }
 
     /// The most a request can cost: its input bounded by the body size and allowances at the
     /// highest input-side price, plus `max_tokens` at the output price, plus server tools.
-    pub fn worst_case(
-        &self,
-        bound: &RequestBound,
-        allow: &Allowances,
-    ) -> Result<Nanos, PriceError> {
+    pub fn worst_case(&self, bound: &RequestBound, allow: &Allowances) -> Result<Nanos, PriceError> {
         let input_tokens = bound
             .body_bytes
             .checked_add(
-                bound
-                    .web_search_max_uses
-                    .checked_mul(allow.input_tokens_per_tool_use)
-                    .ok_or(PriceError::Overflow)?,
+                bound.web_search_max_uses.checked_mul(allow.input_tokens_per_tool_use).ok_or(PriceError::Overflow)?,
             )
-            .and_then(|t| {
-                t.checked_add(
-                    bound
-                        .unbounded_inputs
-                        .checked_mul(allow.input_tokens_per_unbounded_input)?,
-                )
-            })
+            .and_then(|t| t.checked_add(bound.unbounded_inputs.checked_mul(allow.input_tokens_per_unbounded_input)?))
             .ok_or(PriceError::Overflow)?;
         let r = self.rates_for_input(input_tokens);
         let input_rate = r.input_side_max().max(self.rates.input_side_max());
         let output_rate = r.output.max(self.rates.output);
         let sum = i128::from(input_tokens)
             .checked_mul(i128::from(input_rate))
-            .and_then(|i| {
-                i.checked_add(i128::from(bound.max_tokens).checked_mul(i128::from(output_rate))?)
-            })
+            .and_then(|i| i.checked_add(i128::from(bound.max_tokens).checked_mul(i128::from(output_rate))?))
             .and_then(|s| {
-                let tools = i128::from(bound.web_search_max_uses)
-                    * i128::from(self.web_search_per_request.0)
-                    * MTOK;
+                let tools = i128::from(bound.web_search_max_uses) * i128::from(self.web_search_per_request.0) * MTOK;
                 s.checked_add(tools)
             })
             .ok_or(PriceError::Overflow)?;
@@ -299,10 +271,7 @@ impl PriceTable {
             if let Some((k, _)) = self.entries.get_key_value(m) {
                 return Some(k.as_str());
             }
-            self.aliases
-                .get(m)
-                .map(String::as_str)
-                .filter(|c| self.entries.contains_key(*c))
+            self.aliases.get(m).map(String::as_str).filter(|c| self.entries.contains_key(*c))
         };
         known(model).or_else(|| strip_date_suffix(model).and_then(known))
     }
@@ -310,15 +279,9 @@ impl PriceTable {
     /// The price of `model` on `date`: the latest version in effect that day (the earliest
     /// version for a date before any is in effect).
     pub fn price_at(&self, model: &str, date: NaiveDate) -> Result<&PriceEntry, PriceError> {
-        let canonical = self
-            .resolve(model)
-            .ok_or_else(|| PriceError::UnknownModel(model.to_string()))?;
+        let canonical = self.resolve(model).ok_or_else(|| PriceError::UnknownModel(model.to_string()))?;
         let versions = &self.entries[canonical];
-        Ok(versions
-            .iter()
-            .rev()
-            .find(|e| e.effective_from <= date)
-            .unwrap_or(&versions[0]))
+        Ok(versions.iter().rev().find(|e| e.effective_from <= date).unwrap_or(&versions[0]))
     }
 
     /// Every price version, model by model.
@@ -353,9 +316,7 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
         let shape = d[0] == b'-'
             && d[5] == b'-'
             && d[8] == b'-'
-            && d.iter()
-                .enumerate()
-                .all(|(i, b)| matches!(i, 0 | 5 | 8) || b.is_ascii_digit());
+            && d.iter().enumerate().all(|(i, b)| matches!(i, 0 | 5 | 8) || b.is_ascii_digit());
         if shape {
             return Some(base);
         }
@@ -376,20 +337,13 @@ pub fn parse_scaled_decimal(text: &str, scale: i32) -> Option<i64> {
         None => (false, mantissa.strip_prefix('+').unwrap_or(mantissa)),
     };
     let (whole, frac) = m.split_once('.').unwrap_or((m, ""));
-    if (whole.is_empty() && frac.is_empty())
-        || !whole
-            .bytes()
-            .chain(frac.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
+    if (whole.is_empty() && frac.is_empty()) || !whole.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
     let digits: String = format!("{whole}{frac}");
     let digits = digits.trim_start_matches('0');
     // value = digits × 10^(exp + scale - frac.len())
-    let shift = exp
-        .checked_add(scale)?
-        .checked_sub(i32::try_from(frac.len()).ok()?)?;
+    let shift = exp.checked_add(scale)?.checked_sub(i32::try_from(frac.len()).ok()?)?;
     if digits.is_empty() {
         return Some(0);
     }
@@ -423,10 +377,7 @@ mod tests {
         assert_eq!(parse_scaled_decimal("3e-06", 15), Some(3_000_000_000));
         assert_eq!(parse_scaled_decimal("3.75e-06", 15), Some(3_750_000_000));
         assert_eq!(parse_scaled_decimal("0.000003", 15), Some(3_000_000_000));
-        assert_eq!(
-            parse_scaled_decimal("3.0000000000000004e-06", 15),
-            Some(3_000_000_000)
-        );
+        assert_eq!(parse_scaled_decimal("3.0000000000000004e-06", 15), Some(3_000_000_000));
         assert_eq!(parse_scaled_decimal("1.25E-7", 15), Some(125_000_000));
         assert_eq!(parse_scaled_decimal("15", 0), Some(15));
         assert_eq!(parse_scaled_decimal("0", 15), Some(0));
@@ -436,18 +387,9 @@ mod tests {
 
     #[test]
     fn date_suffixes_are_stripped() {
-        assert_eq!(
-            strip_date_suffix("claude-sonnet-4-5-20250929"),
-            Some("claude-sonnet-4-5")
-        );
-        assert_eq!(
-            strip_date_suffix("gpt-4.1-mini-2025-04-14"),
-            Some("gpt-4.1-mini")
-        );
-        assert_eq!(
-            strip_date_suffix("claude-3-5-haiku-latest"),
-            Some("claude-3-5-haiku")
-        );
+        assert_eq!(strip_date_suffix("claude-sonnet-4-5-20250929"), Some("claude-sonnet-4-5"));
+        assert_eq!(strip_date_suffix("gpt-4.1-mini-2025-04-14"), Some("gpt-4.1-mini"));
+        assert_eq!(strip_date_suffix("claude-3-5-haiku-latest"), Some("claude-3-5-haiku"));
         assert_eq!(strip_date_suffix("claude-opus-4-6"), None);
     }
 }

@@ -57,30 +57,11 @@ struct Spec {
 }
 
 const fn claude(model: &'static str, from: (i32, u32, u32), rates: Rates) -> Spec {
-    Spec {
-        model,
-        from,
-        rates,
-        long: None,
-        fast_ppm: None,
-        geo_us: false,
-    }
+    Spec { model, from, rates, long: None, fast_ppm: None, geo_us: false }
 }
 
-const fn claude46(
-    model: &'static str,
-    from: (i32, u32, u32),
-    rates: Rates,
-    fast_ppm: Option<u64>,
-) -> Spec {
-    Spec {
-        model,
-        from,
-        rates,
-        long: None,
-        fast_ppm,
-        geo_us: true,
-    }
+const fn claude46(model: &'static str, from: (i32, u32, u32), rates: Rates, fast_ppm: Option<u64>) -> Spec {
+    Spec { model, from, rates, long: None, fast_ppm, geo_us: true }
 }
 
 const ANTHROPIC: &[Spec] = &[
@@ -88,14 +69,8 @@ const ANTHROPIC: &[Spec] = &[
     claude("claude-3-5-haiku", (2024, 10, 22), HAIKU_35),
     claude("claude-opus-4", (2025, 5, 22), OPUS_4),
     claude("claude-opus-4-1", (2025, 8, 5), OPUS_4),
-    Spec {
-        long: Some(SONNET_4_LONG),
-        ..claude("claude-sonnet-4", (2025, 5, 22), SONNET_4)
-    },
-    Spec {
-        long: Some(SONNET_4_LONG),
-        ..claude("claude-sonnet-4-5", (2025, 9, 29), SONNET_4)
-    },
+    Spec { long: Some(SONNET_4_LONG), ..claude("claude-sonnet-4", (2025, 5, 22), SONNET_4) },
+    Spec { long: Some(SONNET_4_LONG), ..claude("claude-sonnet-4-5", (2025, 9, 29), SONNET_4) },
     claude("claude-haiku-4-5", (2025, 10, 1), HAIKU_45),
     claude("claude-opus-4-5", (2025, 11, 24), OPUS_45),
     // Opus 4.6 fast mode billed 6× from its beta until 2026-06-29, then at the standard rate.
@@ -116,32 +91,12 @@ const ANTHROPIC: &[Spec] = &[
 ];
 
 const OPENAI: &[(&str, (i32, u32, u32), Rates)] = &[
-    (
-        "gpt-4.1-mini",
-        (2025, 4, 14),
-        openai(400_000, 100_000, 1_600_000),
-    ),
-    (
-        "gpt-5",
-        (2025, 8, 7),
-        openai(1_250_000, 125_000, 10_000_000),
-    ),
-    (
-        "gpt-5-mini",
-        (2025, 8, 7),
-        openai(250_000, 25_000, 2_000_000),
-    ),
+    ("gpt-4.1-mini", (2025, 4, 14), openai(400_000, 100_000, 1_600_000)),
+    ("gpt-5", (2025, 8, 7), openai(1_250_000, 125_000, 10_000_000)),
+    ("gpt-5-mini", (2025, 8, 7), openai(250_000, 25_000, 2_000_000)),
     ("gpt-5-nano", (2025, 8, 7), openai(50_000, 5_000, 400_000)),
-    (
-        "gpt-5.1",
-        (2025, 11, 13),
-        openai(1_250_000, 125_000, 10_000_000),
-    ),
-    (
-        "gpt-5.2",
-        (2025, 12, 11),
-        openai(1_750_000, 175_000, 14_000_000),
-    ),
+    ("gpt-5.1", (2025, 11, 13), openai(1_250_000, 125_000, 10_000_000)),
+    ("gpt-5.2", (2025, 12, 11), openai(1_750_000, 175_000, 14_000_000)),
 ];
 
 const ALIASES: &[(&str, &str)] = &[
@@ -166,10 +121,7 @@ pub(crate) fn table() -> PriceTable {
             provider: Provider::Anthropic,
             effective_from: date(s.from.0, s.from.1, s.from.2),
             rates: s.rates,
-            long_context: s.long.map(|rates| LongContext {
-                threshold_tokens: LONG_CONTEXT_THRESHOLD_TOKENS,
-                rates,
-            }),
+            long_context: s.long.map(|rates| LongContext { threshold_tokens: LONG_CONTEXT_THRESHOLD_TOKENS, rates }),
             fast_multiplier_ppm: s.fast_ppm,
             geo_us_surcharge: s.geo_us,
             web_search_per_request: WEB_SEARCH,

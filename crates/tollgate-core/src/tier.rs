@@ -35,11 +35,6 @@ impl Tier {
             monthly_price: None,
             payg_multiplier_ppm: PPM,
         };
-        vec![
-            tier("pro", 40, 20),
-            tier("team-standard", 100, 50),
-            tier("max-20x", 500, 200),
-            tier("enterprise", 0, 0),
-        ]
+        vec![tier("pro", 40, 20), tier("team-standard", 100, 50), tier("max-20x", 500, 200), tier("enterprise", 0, 0)]
     }
 }

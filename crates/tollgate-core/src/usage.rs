@@ -29,11 +29,7 @@ pub struct UsageError {
 
 impl fmt::Display for UsageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "usage.{} = {} is absurd for one call: at most {} allowed",
-            self.field, self.value, self.max
-        )
+        write!(f, "usage.{} = {} is absurd for one call: at most {} allowed", self.field, self.value, self.max)
     }
 }
 
@@ -52,27 +48,11 @@ impl Usage {
     pub fn validate(&self) -> Result<(), UsageError> {
         let fields = [
             ("input_tokens", self.input_tokens, TOKENS_PER_CALL_MAX),
-            (
-                "cache_creation_5m_input_tokens",
-                self.cache_creation_5m_input_tokens,
-                TOKENS_PER_CALL_MAX,
-            ),
-            (
-                "cache_creation_1h_input_tokens",
-                self.cache_creation_1h_input_tokens,
-                TOKENS_PER_CALL_MAX,
-            ),
-            (
-                "cache_read_input_tokens",
-                self.cache_read_input_tokens,
-                TOKENS_PER_CALL_MAX,
-            ),
+            ("cache_creation_5m_input_tokens", self.cache_creation_5m_input_tokens, TOKENS_PER_CALL_MAX),
+            ("cache_creation_1h_input_tokens", self.cache_creation_1h_input_tokens, TOKENS_PER_CALL_MAX),
+            ("cache_read_input_tokens", self.cache_read_input_tokens, TOKENS_PER_CALL_MAX),
             ("output_tokens", self.output_tokens, TOKENS_PER_CALL_MAX),
-            (
-                "web_search_requests",
-                self.web_search_requests,
-                TOOL_REQUESTS_PER_CALL_MAX,
-            ),
+            ("web_search_requests", self.web_search_requests, TOOL_REQUESTS_PER_CALL_MAX),
         ];
         for (field, value, max) in fields {
             if value > max {
