@@ -1,0 +1,91 @@
+//! The storage boundary of tollgate: the [`Store`] trait, the records it keeps, and (in
+//! [`conformance`]) the test suite every backend must pass.
+//!
+//! Architecture invariant: a backend makes each ledger write atomic *in the store*: the limit
+//! check of a hold happens inside the same transaction (or single-writer step) that records the
+//! hold, using the decisions of `tollgate-core`. No backend may rely on one process's memory to
+//! keep a cap exact, so several processes can share one database. A write is acknowledged only
+//! once it is durable (fsync'd). This crate knows no SQL and no wire format.
+
+pub mod conformance;
+mod types;
+
+pub use types::*;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tollgate_core::{PoolKind, PoolPolicy, Tier};
+
+/// Errors of the store. `Invalid`, `NotFound` and `Conflict` are the caller's to fix; `Backend`
+/// is ours (disk, database, corruption).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage error: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything tollgate keeps. Every method that takes `now` uses it as the clock; none reads the
+/// system clock, so tests drive time.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates or replaces a tier.
+    async fn put_tier(&self, tier: Tier) -> StoreResult<()>;
+    async fn tiers(&self) -> StoreResult<Vec<Tier>>;
+
+    /// Creates an account; `Conflict` if the id exists, `Invalid` if its tier does not.
+    async fn create_account(&self, account: NewAccount, now: DateTime<Utc>) -> StoreResult<Account>;
+    /// Changes tier, grants, anchor or timezone. Anchor and timezone can change only while the
+    /// account has no ledger state (the cycles it was billed in must not move).
+    async fn update_account(&self, id: &str, update: AccountUpdate) -> StoreResult<Account>;
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>>;
+    async fn accounts(&self) -> StoreResult<Vec<Account>>;
+
+    async fn set_policy(&self, account: &str, pool: PoolKind, policy: PoolPolicy) -> StoreResult<()>;
+    async fn policy(&self, account: &str, pool: PoolKind) -> StoreResult<PoolPolicy>;
+
+    /// Adds a grant (top-up) to the pool's cycle that contains `now`.
+    async fn add_grant(&self, grant: NewGrant, now: DateTime<Utc>) -> StoreResult<Grant>;
+    /// The grants of the cycle containing `now` (the tier's grant included).
+    async fn grants(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Vec<Grant>>;
+
+    async fn create_key(&self, key: NewKey, now: DateTime<Utc>) -> StoreResult<Key>;
+    async fn keys(&self, account: &str) -> StoreResult<Vec<Key>>;
+    /// The key whose secret hashes to `secret_hash`, revoked or not.
+    async fn key_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Key>>;
+    async fn revoke_key(&self, account: &str, key_id: &str, now: DateTime<Utc>) -> StoreResult<Key>;
+
+    /// The account's balance in the cycle containing `now`.
+    async fn balance(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Balance>;
+
+    /// Reserves an amount against every scope of the call, atomically, or refuses it.
+    async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome>;
+    /// Charges the real cost of a held call and releases the hold; records its event.
+    async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event>;
+    /// Releases a hold without charge.
+    async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold>;
+    /// Pushes an open hold's expiry to `now + ttl` (a gateway stream still alive).
+    async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold>;
+    async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>>;
+
+    /// Records usage that already happened. All or nothing: a conflicting id fails the batch.
+    async fn record_events(&self, events: Vec<NewEvent>, now: DateTime<Utc>) -> StoreResult<Vec<EventOutcome>>;
+    async fn events(&self, query: EventQuery) -> StoreResult<Vec<Event>>;
+
+    /// Settles every open hold whose time to live has passed at its held amount, flagged
+    /// `unsettled`. Returns the events written.
+    async fn expire_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>>;
+    /// At start: settles the open holds this process can no longer finish (for a single-process
+    /// backend, all of them) like expired ones.
+    async fn recover_open_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>>;
+
+    /// Verifies the ledger invariants (SPEC section 3) over the whole database.
+    async fn audit(&self) -> StoreResult<Audit>;
+}

@@ -1,0 +1,352 @@
+//! The records the store keeps and the requests it takes.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use tollgate_core::{Cycle, Nanos, PoolKind, PoolPolicy, Refusal, Usage};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub tier: String,
+    pub anchor: DateTime<Utc>,
+    pub timezone: Tz,
+    /// Per-account grants (enterprise): they replace the tier's grant of that pool.
+    pub interactive_grant: Option<Nanos>,
+    pub programmatic_grant: Option<Nanos>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Account {
+    pub fn cycle_anchor(&self) -> tollgate_core::CycleAnchor {
+        tollgate_core::CycleAnchor::new(self.anchor, self.timezone)
+    }
+
+    pub fn grant_override(&self, pool: PoolKind) -> Option<Nanos> {
+        match pool {
+            PoolKind::Interactive => self.interactive_grant,
+            PoolKind::Programmatic => self.programmatic_grant,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewAccount {
+    pub id: String,
+    pub tier: String,
+    /// None: the creation day at 00:00 in the account's timezone.
+    pub anchor: Option<DateTime<Utc>>,
+    pub timezone: Tz,
+    pub interactive_grant: Option<Nanos>,
+    pub programmatic_grant: Option<Nanos>,
+}
+
+/// Fields to change; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountUpdate {
+    pub tier: Option<String>,
+    pub anchor: Option<DateTime<Utc>>,
+    pub timezone: Option<Tz>,
+    pub interactive_grant: Option<Option<Nanos>>,
+    pub programmatic_grant: Option<Option<Nanos>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantKind {
+    /// The tier's grant, created with the cycle.
+    Tier,
+    /// Extra credit added by an operator.
+    TopUp,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Tier => "tier",
+            GrantKind::TopUp => "top_up",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub id: i64,
+    pub account: String,
+    pub pool: PoolKind,
+    pub kind: GrantKind,
+    pub amount: Nanos,
+    pub cycle_start: DateTime<Utc>,
+    /// Every grant expires at its cycle's end.
+    pub expires_at: DateTime<Utc>,
+    pub note: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewGrant {
+    pub account: String,
+    pub pool: PoolKind,
+    pub amount: Nanos,
+    pub note: Option<String>,
+}
+
+/// Which pool a key's calls go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPool {
+    Fixed(PoolKind),
+    /// Classified per call (header, rules, User-Agent).
+    Auto,
+}
+
+impl KeyPool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyPool::Fixed(p) => p.as_str(),
+            KeyPool::Auto => "auto",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyPool> {
+        if s == "auto" { Some(KeyPool::Auto) } else { PoolKind::parse(s).map(KeyPool::Fixed) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub id: String,
+    pub account: String,
+    pub name: Option<String>,
+    pub pool: KeyPool,
+    pub labels: BTreeMap<String, String>,
+    /// The key's own monthly cap.
+    pub cap: Option<Nanos>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewKey {
+    pub id: String,
+    pub account: String,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_hash: String,
+    pub name: Option<String>,
+    pub pool: KeyPool,
+    pub labels: BTreeMap<String, String>,
+    pub cap: Option<Nanos>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolBalance {
+    pub pool: PoolKind,
+    pub policy: PoolPolicy,
+    pub grants: Nanos,
+    pub used: Nanos,
+    pub overage: Nanos,
+    pub held: Nanos,
+    pub limit: Option<Nanos>,
+}
+
+impl PoolBalance {
+    pub fn remaining(&self) -> Option<Nanos> {
+        self.limit.map(|l| Nanos(l.0 - self.used.0 - self.overage.0 - self.held.0))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub account: String,
+    pub tier: String,
+    pub cycle: Cycle,
+    /// Interactive first, then programmatic.
+    pub pools: [PoolBalance; 2],
+}
+
+impl Balance {
+    pub fn pool(&self, pool: PoolKind) -> &PoolBalance {
+        &self.pools[pool as usize]
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub account: String,
+    /// Idempotency id, unique per account.
+    pub id: String,
+    pub pool: PoolKind,
+    pub key: Option<String>,
+    pub amount: Nanos,
+    pub ttl_s: u64,
+    /// The model and source of the call, kept for the event written if the hold expires.
+    pub model: Option<String>,
+    pub source: Option<String>,
+    /// Digest of the request's content, to tell a repeat from a conflicting reuse of the id.
+    pub fingerprint: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldState {
+    Open,
+    Settled,
+    Voided,
+    Expired,
+}
+
+impl HoldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Open => "open",
+            HoldState::Settled => "settled",
+            HoldState::Voided => "voided",
+            HoldState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HoldState> {
+        match s {
+            "open" => Some(HoldState::Open),
+            "settled" => Some(HoldState::Settled),
+            "voided" => Some(HoldState::Voided),
+            "expired" => Some(HoldState::Expired),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub id: String,
+    pub account: String,
+    pub pool: PoolKind,
+    pub key: Option<String>,
+    pub amount: Nanos,
+    pub model: Option<String>,
+    pub source: Option<String>,
+    pub state: HoldState,
+    pub cycle_start: DateTime<Utc>,
+    pub cycle_end: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The pool's remaining right after the hold was made (None: unlimited).
+    pub remaining_after: Option<Nanos>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldOutcome {
+    Held(Hold),
+    /// Same id and content as an earlier hold: that hold, as it is now.
+    Replayed(Hold),
+    Refused {
+        refusal: Refusal,
+        /// When the pool's cycle resets (the refusal's `retry-after`).
+        resets_at: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleRequest {
+    pub account: String,
+    pub hold_id: String,
+    /// The event to record; its id defaults to the hold id. Pool and key come from the hold.
+    pub event: NewEvent,
+}
+
+/// One metered call to record. `cost` is the list-price cost computed by the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: String,
+    pub account: String,
+    pub pool: PoolKind,
+    pub model: String,
+    pub usage: Usage,
+    pub cost: Nanos,
+    pub service_tier: Option<String>,
+    pub inference_geo: Option<String>,
+    pub speed: Option<String>,
+    pub source: Option<String>,
+    pub key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub timestamp: DateTime<Utc>,
+    pub latency_ms: Option<u64>,
+    pub ttft_ms: Option<u64>,
+    pub partial: bool,
+    pub fingerprint: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Store-wide order of recording, for paging.
+    pub seq: i64,
+    pub id: String,
+    pub account: String,
+    pub pool: PoolKind,
+    pub model: String,
+    pub usage: Usage,
+    /// The list-price cost.
+    pub cost: Nanos,
+    /// What the cycle's grants paid.
+    pub grant_part: Nanos,
+    /// What went beyond the grants (at list × PAYG multiplier).
+    pub overage_part: Nanos,
+    /// Charge above the call's hold.
+    pub overshoot: Nanos,
+    pub service_tier: Option<String>,
+    pub inference_geo: Option<String>,
+    pub speed: Option<String>,
+    pub source: Option<String>,
+    pub key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub timestamp: DateTime<Utc>,
+    pub cycle_start: DateTime<Utc>,
+    pub hold_id: Option<String>,
+    pub latency_ms: Option<u64>,
+    pub ttft_ms: Option<u64>,
+    pub partial: bool,
+    /// Charged at its held amount because it was never settled.
+    pub unsettled: bool,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn charged(&self) -> Nanos {
+        self.grant_part.saturating_add(self.overage_part)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventOutcome {
+    Recorded(Event),
+    /// Same id and content as an earlier event: that event.
+    Duplicate(Event),
+}
+
+impl EventOutcome {
+    pub fn event(&self) -> &Event {
+        match self {
+            EventOutcome::Recorded(e) | EventOutcome::Duplicate(e) => e,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    pub account: String,
+    pub pool: Option<PoolKind>,
+    pub model: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only events recorded after this `seq` (the paging cursor).
+    pub after_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// The result of checking the ledger invariants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    pub pools_checked: u64,
+    pub events_checked: u64,
+    pub holds_open: u64,
+    /// One sentence per breach, naming account, pool and cycle.
+    pub breaches: Vec<String>,
+}
