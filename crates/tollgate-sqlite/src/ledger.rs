@@ -1,0 +1,479 @@
+//! The ledger's writes, run by the single writer inside its transaction. Each reads the state it
+//! needs, asks `tollgate-core` for the decision, and writes the result.
+
+use chrono::{DateTime, Duration, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use tollgate_core::ledger::{self, PoolScope, Replay};
+use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
+use tollgate_store::{
+    Account, Event, EventOutcome, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest,
+    StoreError, StoreResult,
+};
+
+use crate::rows::{self, backend, us};
+
+/// A pool's state in one cycle, plus what settling needs from its tier.
+pub struct PoolCycle {
+    pub scope: PoolScope,
+    pub payg_multiplier_ppm: u64,
+}
+
+/// The tier grant of a pool: the account's own grant if set, else its tier's.
+fn tier_grant(conn: &Connection, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
+    let tier = rows::load_tier(conn, &account.tier)?
+        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    Ok((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+}
+
+/// Reads the pool's cycle row, creating it with the tier's grant when its time has come.
+pub fn pool_cycle(conn: &Connection, account: &Account, pool: PoolKind, cycle: &Cycle) -> StoreResult<PoolCycle> {
+    let existing = conn
+        .prepare_cached(
+            "SELECT grants, used, overage, held FROM pool_cycles
+             WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![account.id, pool.as_str(), us(cycle.start)], |r| {
+                Ok((Nanos(r.get(0)?), Nanos(r.get(1)?), Nanos(r.get(2)?), Nanos(r.get(3)?)))
+            })
+            .optional()
+        })
+        .map_err(backend)?;
+    let (grant, ppm) = tier_grant(conn, account, pool)?;
+    let (grants, used, overage, held) = match existing {
+        Some(row) => row,
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, 0)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![account.id, pool.as_str(), us(cycle.start), us(cycle.end), grant.0])
+            })
+            .map_err(backend)?;
+            insert_grant(conn, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start)?;
+            (grant, Nanos::ZERO, Nanos::ZERO, Nanos::ZERO)
+        }
+    };
+    let policy = rows::load_policy(conn, &account.id, pool)?;
+    Ok(PoolCycle {
+        scope: PoolScope { limit: policy.limit(grants), grants, used, overage, held },
+        payg_multiplier_ppm: ppm,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn insert_grant(
+    conn: &Connection,
+    account: &str,
+    pool: PoolKind,
+    kind: GrantKind,
+    amount: Nanos,
+    cycle: &Cycle,
+    note: Option<&str>,
+    created: DateTime<Utc>,
+) -> StoreResult<i64> {
+    conn.prepare_cached(
+        "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            account,
+            pool.as_str(),
+            kind.as_str(),
+            amount.0,
+            us(cycle.start),
+            us(cycle.end),
+            note,
+            us(created)
+        ])
+    })
+    .map_err(backend)?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn add_to_pool(
+    conn: &Connection,
+    account: &str,
+    pool: PoolKind,
+    cycle_start: DateTime<Utc>,
+    used: Nanos,
+    overage: Nanos,
+    held: Nanos,
+) -> StoreResult<()> {
+    conn.prepare_cached(
+        "UPDATE pool_cycles SET used = used + ?4, overage = overage + ?5, held = held + ?6
+         WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
+    )
+    .and_then(|mut s| s.execute(params![account, pool.as_str(), us(cycle_start), used.0, overage.0, held.0]))
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Reads a key's scope in a cycle, creating its row.
+fn key_cycle(conn: &Connection, key_id: &str, cap: Option<Nanos>, cycle_start: DateTime<Utc>) -> StoreResult<KeyScope> {
+    conn.prepare_cached("INSERT OR IGNORE INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, 0, 0)")
+        .and_then(|mut s| s.execute(params![key_id, us(cycle_start)]))
+        .map_err(backend)?;
+    let (charged, held) = conn
+        .prepare_cached("SELECT charged, held FROM key_cycles WHERE key_id = ?1 AND cycle_start_us = ?2")
+        .and_then(|mut s| s.query_row(params![key_id, us(cycle_start)], |r| Ok((Nanos(r.get(0)?), Nanos(r.get(1)?)))))
+        .map_err(backend)?;
+    Ok(KeyScope { cap, charged, held })
+}
+
+fn add_to_key(conn: &Connection, key_id: &str, cycle_start: DateTime<Utc>, charged: Nanos, held: Nanos) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (key_id, cycle_start_us) DO UPDATE SET charged = charged + ?3, held = held + ?4",
+    )
+    .and_then(|mut s| s.execute(params![key_id, us(cycle_start), charged.0, held.0]))
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// The cap of a key of `account`; `Invalid` if the account has no such key.
+fn key_cap(conn: &Connection, account: &str, key_id: &str) -> StoreResult<Option<Nanos>> {
+    conn.prepare_cached("SELECT cap FROM keys WHERE id = ?1 AND account = ?2")
+        .and_then(|mut s| s.query_row([key_id, account], |r| r.get::<_, Option<i64>>(0)).optional())
+        .map_err(backend)?
+        .map(|cap| cap.map(Nanos))
+        .ok_or_else(|| StoreError::Invalid(format!("account {account:?} has no key {key_id:?}")))
+}
+
+pub fn hold(conn: &Connection, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
+    let existing = rows::load_hold(conn, &req.account, &req.id)?;
+    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
+        Replay::Same(hold) => return Ok(HoldOutcome::Replayed(hold)),
+        Replay::Conflict => {
+            return Err(StoreError::Conflict(format!(
+                "hold id {:?} was already used for a different request; use a new id",
+                req.id
+            )));
+        }
+        Replay::New => {}
+    }
+    let account = rows::require_account(conn, &req.account)?;
+    let cycle = account.cycle_anchor().cycle_at(now);
+    let pool = pool_cycle(conn, &account, req.pool, &cycle)?;
+    let key = match &req.key {
+        Some(id) => Some((id.as_str(), key_cycle(conn, id, key_cap(conn, &req.account, id)?, cycle.start)?)),
+        None => None,
+    };
+    let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, k)| k), req.amount) {
+        Ok(d) => d,
+        Err(refusal) => return Ok(HoldOutcome::Refused { refusal, resets_at: cycle.end }),
+    };
+    let hold = Hold {
+        id: req.id.clone(),
+        account: req.account.clone(),
+        pool: req.pool,
+        key: req.key.clone(),
+        amount: req.amount,
+        model: req.model.clone(),
+        source: req.source.clone(),
+        state: HoldState::Open,
+        cycle_start: cycle.start,
+        cycle_end: cycle.end,
+        created_at: now,
+        expires_at: now + Duration::seconds(req.ttl_s as i64),
+        remaining_after: decision.pool_remaining,
+    };
+    conn.prepare_cached(
+        "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
+                            created_us, expires_us, remaining_after, fingerprint)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            hold.account,
+            hold.id,
+            hold.pool.as_str(),
+            hold.key,
+            hold.amount.0,
+            hold.model,
+            hold.source,
+            us(hold.cycle_start),
+            us(hold.cycle_end),
+            us(hold.created_at),
+            us(hold.expires_at),
+            hold.remaining_after.map(|n| n.0),
+            req.fingerprint
+        ])
+    })
+    .map_err(backend)?;
+    add_to_pool(conn, &hold.account, hold.pool, cycle.start, Nanos::ZERO, Nanos::ZERO, hold.amount)?;
+    if let Some((id, _)) = key {
+        add_to_key(conn, id, cycle.start, Nanos::ZERO, hold.amount)?;
+    }
+    Ok(HoldOutcome::Held(hold))
+}
+
+/// Loads an open hold for settling or voiding, or explains why it cannot be.
+fn open_hold(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<rows::HoldRow> {
+    rows::load_hold(conn, account, hold_id)?.ok_or_else(|| StoreError::NotFound(format!("hold {hold_id:?}")))
+}
+
+pub fn settle(conn: &Connection, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
+    let row = open_hold(conn, &req.account, &req.hold_id)?;
+    match row.hold.state {
+        HoldState::Open => {}
+        HoldState::Settled => {
+            let first = rows::load_event_by_seq(conn, row.event_seq.expect("a settled hold has its event"))?;
+            return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
+                Replay::Same(event) => Ok(event),
+                _ => Err(StoreError::Conflict(format!(
+                    "hold {:?} is already settled with a different usage",
+                    req.hold_id
+                ))),
+            };
+        }
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {:?} is {} and can no longer be settled",
+                req.hold_id,
+                state.as_str()
+            )));
+        }
+    }
+    if rows::load_event(conn, &req.account, &req.event.id)?.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "event id {:?} is already recorded; settle with another event id",
+            req.event.id
+        )));
+    }
+    let mut event = req.event.clone();
+    event.pool = row.hold.pool;
+    event.key = row.hold.key.clone();
+    charge_hold(conn, &row.hold, event, false, now)
+}
+
+/// Charges a hold with an event's cost, releases the hold, records the event.
+fn charge_hold(conn: &Connection, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
+    let account = rows::require_account(conn, &hold.account)?;
+    let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
+    let pool = pool_cycle(conn, &account, hold.pool, &cycle)?;
+    // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
+    let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
+    let settlement = ledger::settle(hold.amount, event.cost, &pool.scope, ppm).map_err(overflow)?;
+    let split = settlement.split;
+    add_to_pool(conn, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-hold.amount.0))?;
+    if let Some(key) = &hold.key {
+        add_to_key(conn, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
+    }
+    let recorded = insert_event(
+        conn,
+        &event,
+        hold.cycle_start,
+        split,
+        settlement.overshoot,
+        Some(&hold.id),
+        unsettled,
+        now,
+    )?;
+    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
+    conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))
+        .map_err(backend)?;
+    Ok(recorded)
+}
+
+fn overflow(refusal: tollgate_core::Refusal) -> StoreError {
+    StoreError::Invalid(format!("amount out of range ({})", refusal.code()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_event(
+    conn: &Connection,
+    e: &NewEvent,
+    cycle_start: DateTime<Utc>,
+    split: ledger::Split,
+    overshoot: Nanos,
+    hold_id: Option<&str>,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> StoreResult<Event> {
+    let labels = rows::labels_to_text(&e.labels);
+    conn.prepare_cached(
+        "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
+             cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
+             grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22,
+             ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            e.account,
+            e.id,
+            e.pool.as_str(),
+            e.model,
+            e.usage.input_tokens as i64,
+            e.usage.cache_creation_5m_input_tokens as i64,
+            e.usage.cache_creation_1h_input_tokens as i64,
+            e.usage.cache_read_input_tokens as i64,
+            e.usage.output_tokens as i64,
+            e.usage.web_search_requests as i64,
+            e.cost.0,
+            split.grant.0,
+            split.overage.0,
+            overshoot.0,
+            e.service_tier,
+            e.inference_geo,
+            e.speed,
+            e.source,
+            e.key,
+            labels,
+            us(e.timestamp),
+            us(cycle_start),
+            hold_id,
+            e.latency_ms.map(|v| v as i64),
+            e.ttft_ms.map(|v| v as i64),
+            e.partial,
+            unsettled,
+            us(now),
+            e.fingerprint
+        ])
+    })
+    .map_err(backend)?;
+    Ok(Event {
+        seq: conn.last_insert_rowid(),
+        id: e.id.clone(),
+        account: e.account.clone(),
+        pool: e.pool,
+        model: e.model.clone(),
+        usage: e.usage,
+        cost: e.cost,
+        grant_part: split.grant,
+        overage_part: split.overage,
+        overshoot,
+        service_tier: e.service_tier.clone(),
+        inference_geo: e.inference_geo.clone(),
+        speed: e.speed.clone(),
+        source: e.source.clone(),
+        key: e.key.clone(),
+        labels: e.labels.clone(),
+        timestamp: e.timestamp,
+        cycle_start,
+        hold_id: hold_id.map(str::to_string),
+        latency_ms: e.latency_ms,
+        ttft_ms: e.ttft_ms,
+        partial: e.partial,
+        unsettled,
+        recorded_at: now,
+    })
+}
+
+pub fn void(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<Hold> {
+    let row = open_hold(conn, account, hold_id)?;
+    match row.hold.state {
+        HoldState::Open => {}
+        HoldState::Voided => return Ok(row.hold),
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {hold_id:?} is {} and can no longer be voided",
+                state.as_str()
+            )));
+        }
+    }
+    let h = &row.hold;
+    add_to_pool(conn, account, h.pool, h.cycle_start, Nanos::ZERO, Nanos::ZERO, Nanos(-h.amount.0))?;
+    if let Some(key) = &h.key {
+        add_to_key(conn, key, h.cycle_start, Nanos::ZERO, Nanos(-h.amount.0))?;
+    }
+    conn.prepare_cached("UPDATE holds SET state = 'voided' WHERE account = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute([account, hold_id]))
+        .map_err(backend)?;
+    Ok(Hold { state: HoldState::Voided, ..row.hold })
+}
+
+pub fn extend(conn: &Connection, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
+    let row = open_hold(conn, account, hold_id)?;
+    if row.hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", row.hold.state.as_str())));
+    }
+    let expires_at = now + Duration::seconds(ttl_s as i64);
+    conn.prepare_cached("UPDATE holds SET expires_us = ?3 WHERE account = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![account, hold_id, us(expires_at)]))
+        .map_err(backend)?;
+    Ok(Hold { expires_at, ..row.hold })
+}
+
+/// Records one event; the caller runs a batch inside one savepoint so a conflict undoes it all.
+pub fn record_event(conn: &Connection, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<EventOutcome> {
+    let existing = rows::load_event(conn, &e.account, &e.id)?;
+    match ledger::replay(existing.map(|r| (r.fingerprint, r.event)), &e.fingerprint) {
+        Replay::Same(event) => return Ok(EventOutcome::Duplicate(event)),
+        Replay::Conflict => {
+            return Err(StoreError::Conflict(format!(
+                "event id {:?} was already recorded with different content; use a new id",
+                e.id
+            )));
+        }
+        Replay::New => {}
+    }
+    let account = rows::require_account(conn, &e.account)?;
+    if let Some(key) = &e.key {
+        key_cap(conn, &e.account, key)?;
+    }
+    let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+    let pool = pool_cycle(conn, &account, e.pool, &cycle)?;
+    let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
+    add_to_pool(conn, &e.account, e.pool, cycle.start, split.grant, split.overage, Nanos::ZERO)?;
+    if let Some(key) = &e.key {
+        add_to_key(conn, key, cycle.start, split.total(), Nanos::ZERO)?;
+    }
+    insert_event(conn, e, cycle.start, split, Nanos::ZERO, None, false, now).map(EventOutcome::Recorded)
+}
+
+/// Settles open holds at their held amount, flagged `unsettled`: those expired by `now`, or all.
+pub fn expire(conn: &Connection, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>> {
+    let sql = if all {
+        format!("SELECT {} FROM holds WHERE state = 'open'", rows::HOLD_COLUMNS)
+    } else {
+        format!("SELECT {} FROM holds WHERE state = 'open' AND expires_us <= ?1", rows::HOLD_COLUMNS)
+    };
+    let holds: Vec<Hold> = {
+        let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
+        let mapped = if all { stmt.query_map([], rows::hold) } else { stmt.query_map([us(now)], rows::hold) };
+        mapped.and_then(|rows| rows.map(|r| r.map(|h| h.hold)).collect()).map_err(backend)?
+    };
+    let mut events = Vec::with_capacity(holds.len());
+    for hold in holds {
+        let event = NewEvent {
+            id: hold.id.clone(),
+            account: hold.account.clone(),
+            pool: hold.pool,
+            model: hold.model.clone().unwrap_or_else(|| "unknown".to_string()),
+            usage: Default::default(),
+            cost: hold.amount,
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: hold.source.clone(),
+            key: hold.key.clone(),
+            labels: Default::default(),
+            timestamp: hold.created_at,
+            latency_ms: None,
+            ttft_ms: None,
+            partial: false,
+            fingerprint: format!("unsettled:{}", hold.id),
+        };
+        if rows::load_event(conn, &hold.account, &hold.id)?.is_some() {
+            // An event already took the hold's id: keep it and name this one after the hold.
+            let event = NewEvent { id: format!("{}#unsettled", hold.id), ..event };
+            events.push(charge_hold(conn, &hold, event, true, now)?);
+        } else {
+            events.push(charge_hold(conn, &hold, event, true, now)?);
+        }
+    }
+    Ok(events)
+}
+
+/// True when the account has any ledger state (so its cycles must not move).
+pub fn has_ledger_state(conn: &Connection, account: &str) -> StoreResult<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM pool_cycles WHERE account = ?1)")
+        .and_then(|mut s| s.query_row([account], |r| r.get(0)))
+        .map_err(backend)
+}

@@ -1,0 +1,595 @@
+//! The embedded SQLite backend of the store, tollgate's default.
+//!
+//! One writer thread owns the only write connection. Callers hand it jobs through a channel; it
+//! takes every job waiting, runs them in one transaction (each inside its own savepoint, so a
+//! failed job undoes only itself), commits with a full fsync (WAL, `synchronous = FULL`) and
+//! only then replies. That group commit is what makes durable writes fast, and running every
+//! ledger decision on the one writer inside the transaction is what makes holds atomic against
+//! the limit. Reads use a small pool of separate connections (WAL readers never block the
+//! writer). A lock file keeps a second process from writing the same database.
+
+mod audit;
+mod ledger;
+mod rows;
+mod schema;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
+use tollgate_store::{
+    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome,
+    HoldRequest, Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
+    StoreResult,
+};
+
+use crate::rows::{backend, us};
+
+/// Most jobs in one group commit.
+const BATCH_JOBS_MAX: usize = 1024;
+const READERS: usize = 4;
+
+type Reply = Box<dyn FnOnce(Option<StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
+
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    _lock: Option<File>,
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "busy_timeout", 5000)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, runs migrations, seeds the built-in
+    /// tiers that are missing, and starts the writer. Fails if another process has it open.
+    pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let lock_path = path.with_extension("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", lock_path.display())))?;
+        lock.try_lock().map_err(|_| {
+            StoreError::Backend(format!(
+                "{} is in use by another tollgate process (lock {}); one process per SQLite file — use PostgreSQL \
+                 to run several",
+                path.display(),
+                lock_path.display()
+            ))
+        })?;
+        let mut conn = Connection::open(path).map_err(backend)?;
+        configure(&conn).map_err(backend)?;
+        schema::migrate(&mut conn).map_err(backend)?;
+        for tier in Tier::builtins() {
+            conn.execute(
+                "INSERT OR IGNORE INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![tier.id, tier.interactive.0, tier.programmatic.0, tier.monthly_price.map(|n| n.0), tier.payg_multiplier_ppm as i64],
+            )
+            .map_err(backend)?;
+        }
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(backend)?;
+            r.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
+            readers.push(r);
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tollgate-sqlite-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore { jobs: tx, readers: Arc::new(Mutex::new(readers)), path: path.to_path_buf(), _lock: Some(lock) })
+    }
+
+    /// Opens a database read-only for inspection (`tollgate check`), without taking the lock.
+    pub fn audit_file(path: &Path) -> StoreResult<Audit> {
+        if !path.exists() {
+            return Err(StoreError::NotFound(format!("database {}", path.display())));
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+        audit::audit(&conn)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer inside the current group commit; replies after the commit.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    Some(e) => Err(e),
+                    None => result,
+                });
+            });
+            (reply, ok)
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().expect("reader pool lock").pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => return Err(StoreError::Backend("no reader connection available".into())),
+            };
+            let result = conn
+                .execute_batch("BEGIN")
+                .map_err(backend)
+                .and_then(|_| f(&conn))
+                .and_then(|v| conn.execute_batch("COMMIT").map(|_| v).map_err(backend));
+            if result.is_err() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            readers.lock().expect("reader pool lock").push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
+    }
+}
+
+/// The writer loop: one transaction per batch of waiting jobs, replies after the commit.
+fn writer(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_JOBS_MAX {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let err = backend(e);
+            for job in batch {
+                let (reply, _) = run_failed(job, &err);
+                reply(Some(err.clone()));
+            }
+            continue;
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let (reply, ok) = job(&conn);
+            if savepoint.is_ok() {
+                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                if let Err(e) = conn.execute_batch(end) {
+                    tracing::error!(error = %e, "savepoint failed");
+                }
+            }
+            replies.push(reply);
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => replies.into_iter().for_each(|r| r(None)),
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; every write in it is refused");
+                let _ = conn.execute_batch("ROLLBACK");
+                let err = backend(e);
+                replies.into_iter().for_each(|r| r(Some(err.clone())));
+            }
+        }
+    }
+}
+
+/// Gets the reply handle of a job whose transaction could not start. The job runs against a
+/// scratch in-memory database, never the real file, and its reply carries the error.
+fn run_failed(job: Job, _err: &StoreError) -> (Reply, bool) {
+    let scratch = Connection::open_in_memory().expect("in-memory SQLite opens");
+    job(&scratch)
+}
+
+fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    let local_day = now.with_timezone(&tz).date_naive();
+    tz.from_local_datetime(&local_day.and_time(NaiveTime::MIN))
+        .earliest()
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
+}
+
+fn grant_row(r: &rusqlite::Row) -> rusqlite::Result<Grant> {
+    let pool: String = r.get(2)?;
+    let kind: String = r.get(3)?;
+    Ok(Grant {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        pool: rows::pool_of(&pool)?,
+        kind: if kind == "tier" { GrantKind::Tier } else { GrantKind::TopUp },
+        amount: Nanos(r.get(4)?),
+        cycle_start: rows::time(r.get(5)?),
+        expires_at: rows::time(r.get(6)?),
+        note: r.get(7)?,
+        created_at: rows::time(r.get(8)?),
+    })
+}
+
+const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, expires_us, note, created_us";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET interactive = ?2, programmatic = ?3, monthly_price = ?4,
+                     payg_multiplier_ppm = ?5",
+                params![tier.id, tier.interactive.0, tier.programmatic.0, tier.monthly_price.map(|n| n.0), tier.payg_multiplier_ppm as i64],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tiers(&self) -> StoreResult<Vec<Tier>> {
+        self.read(|conn| {
+            let mut s = conn.prepare_cached(&format!("SELECT {} FROM tiers ORDER BY id", rows::TIER_COLUMNS)).map_err(backend)?;
+            s.query_map([], rows::tier).and_then(|r| r.collect()).map_err(backend)
+        })
+        .await
+    }
+
+    async fn create_account(&self, a: NewAccount, now: DateTime<Utc>) -> StoreResult<Account> {
+        self.write(move |conn| {
+            if rows::load_tier(conn, &a.tier)?.is_none() {
+                return Err(StoreError::Invalid(format!("unknown tier {:?}: create it first or pick an existing one", a.tier)));
+            }
+            if rows::load_account(conn, &a.id)?.is_some() {
+                return Err(StoreError::Conflict(format!("account {:?} already exists", a.id)));
+            }
+            let account = Account {
+                anchor: a.anchor.unwrap_or_else(|| default_anchor(now, a.timezone)),
+                id: a.id,
+                tier: a.tier,
+                timezone: a.timezone,
+                interactive_grant: a.interactive_grant,
+                programmatic_grant: a.programmatic_grant,
+                created_at: now,
+            };
+            conn.execute(
+                "INSERT INTO accounts (id, tier, anchor_us, timezone, interactive_grant, programmatic_grant, created_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    account.id,
+                    account.tier,
+                    us(account.anchor),
+                    account.timezone.name(),
+                    account.interactive_grant.map(|n| n.0),
+                    account.programmatic_grant.map(|n| n.0),
+                    us(now)
+                ],
+            )
+            .map_err(backend)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn update_account(&self, id: &str, u: AccountUpdate) -> StoreResult<Account> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            let mut account = rows::require_account(conn, &id)?;
+            if let Some(tier) = u.tier {
+                if rows::load_tier(conn, &tier)?.is_none() {
+                    return Err(StoreError::Invalid(format!("unknown tier {tier:?}")));
+                }
+                account.tier = tier;
+            }
+            let moves_cycles = u.anchor.is_some_and(|a| a != account.anchor)
+                || u.timezone.is_some_and(|t| t != account.timezone);
+            if moves_cycles && ledger::has_ledger_state(conn, &id)? {
+                return Err(StoreError::Conflict(format!(
+                    "account {id:?} already has ledger state: its anchor and timezone can no longer change, or cycles \
+                     it was billed in would move"
+                )));
+            }
+            account.anchor = u.anchor.unwrap_or(account.anchor);
+            account.timezone = u.timezone.unwrap_or(account.timezone);
+            if let Some(g) = u.interactive_grant {
+                account.interactive_grant = g;
+            }
+            if let Some(g) = u.programmatic_grant {
+                account.programmatic_grant = g;
+            }
+            conn.execute(
+                "UPDATE accounts SET tier = ?2, anchor_us = ?3, timezone = ?4, interactive_grant = ?5,
+                     programmatic_grant = ?6 WHERE id = ?1",
+                params![
+                    account.id,
+                    account.tier,
+                    us(account.anchor),
+                    account.timezone.name(),
+                    account.interactive_grant.map(|n| n.0),
+                    account.programmatic_grant.map(|n| n.0)
+                ],
+            )
+            .map_err(backend)?;
+            Ok(account)
+        })
+        .await
+    }
+
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
+        let id = id.to_string();
+        self.read(move |conn| rows::load_account(conn, &id)).await
+    }
+
+    async fn accounts(&self) -> StoreResult<Vec<Account>> {
+        self.read(|conn| {
+            let mut s =
+                conn.prepare_cached(&format!("SELECT {} FROM accounts ORDER BY id", rows::ACCOUNT_COLUMNS)).map_err(backend)?;
+            s.query_map([], rows::account).and_then(|r| r.collect()).map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_policy(&self, account: &str, pool: PoolKind, p: PoolPolicy) -> StoreResult<()> {
+        let account = account.to_string();
+        self.write(move |conn| {
+            rows::require_account(conn, &account)?;
+            conn.execute(
+                "INSERT INTO policies (account, pool, on_exhausted, overage_cap, spend_cap) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (account, pool) DO UPDATE SET on_exhausted = ?3, overage_cap = ?4, spend_cap = ?5",
+                params![account, pool.as_str(), p.on_exhausted.as_str(), p.overage_cap.map(|n| n.0), p.spend_cap.map(|n| n.0)],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn policy(&self, account: &str, pool: PoolKind) -> StoreResult<PoolPolicy> {
+        let account = account.to_string();
+        self.read(move |conn| {
+            rows::require_account(conn, &account)?;
+            rows::load_policy(conn, &account, pool)
+        })
+        .await
+    }
+
+    async fn add_grant(&self, g: NewGrant, now: DateTime<Utc>) -> StoreResult<Grant> {
+        self.write(move |conn| {
+            if g.amount <= Nanos::ZERO {
+                return Err(StoreError::Invalid("a grant's amount must be positive".into()));
+            }
+            let account = rows::require_account(conn, &g.account)?;
+            let cycle = account.cycle_anchor().cycle_at(now);
+            ledger::pool_cycle(conn, &account, g.pool, &cycle)?;
+            let id = ledger::insert_grant(conn, &g.account, g.pool, GrantKind::TopUp, g.amount, &cycle, g.note.as_deref(), now)?;
+            conn.execute(
+                "UPDATE pool_cycles SET grants = grants + ?4 WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
+                params![g.account, g.pool.as_str(), us(cycle.start), g.amount.0],
+            )
+            .map_err(backend)?;
+            Ok(Grant {
+                id,
+                account: g.account,
+                pool: g.pool,
+                kind: GrantKind::TopUp,
+                amount: g.amount,
+                cycle_start: cycle.start,
+                expires_at: cycle.end,
+                note: g.note,
+                created_at: now,
+            })
+        })
+        .await
+    }
+
+    async fn grants(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Vec<Grant>> {
+        let account = account.to_string();
+        self.read(move |conn| {
+            let a = rows::require_account(conn, &account)?;
+            let cycle = a.cycle_anchor().cycle_at(now);
+            let mut s = conn
+                .prepare_cached(&format!(
+                    "SELECT {GRANT_COLUMNS} FROM grants WHERE account = ?1 AND cycle_start_us = ?2 ORDER BY id"
+                ))
+                .map_err(backend)?;
+            s.query_map(params![account, us(cycle.start)], grant_row).and_then(|r| r.collect()).map_err(backend)
+        })
+        .await
+    }
+
+    async fn create_key(&self, k: NewKey, now: DateTime<Utc>) -> StoreResult<Key> {
+        self.write(move |conn| {
+            rows::require_account(conn, &k.account)?;
+            conn.execute(
+                "INSERT INTO keys (id, account, secret_hash, name, pool, labels, cap, created_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![k.id, k.account, k.secret_hash, k.name, k.pool.as_str(), rows::labels_to_text(&k.labels), k.cap.map(|n| n.0), us(now)],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict(format!("key {:?} already exists", k.id))
+                }
+                e => backend(e),
+            })?;
+            Ok(Key {
+                id: k.id,
+                account: k.account,
+                name: k.name,
+                pool: k.pool,
+                labels: k.labels,
+                cap: k.cap,
+                created_at: now,
+                revoked_at: None,
+            })
+        })
+        .await
+    }
+
+    async fn keys(&self, account: &str) -> StoreResult<Vec<Key>> {
+        let account = account.to_string();
+        self.read(move |conn| {
+            rows::require_account(conn, &account)?;
+            let mut s = conn
+                .prepare_cached(&format!("SELECT {} FROM keys WHERE account = ?1 ORDER BY created_us, id", rows::KEY_COLUMNS))
+                .map_err(backend)?;
+            s.query_map([account], rows::key).and_then(|r| r.collect()).map_err(backend)
+        })
+        .await
+    }
+
+    async fn key_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Key>> {
+        let hash = secret_hash.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("SELECT {} FROM keys WHERE secret_hash = ?1", rows::KEY_COLUMNS))
+                .and_then(|mut s| s.query_row([hash], rows::key).optional())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, account: &str, key_id: &str, now: DateTime<Utc>) -> StoreResult<Key> {
+        let (account, key_id) = (account.to_string(), key_id.to_string());
+        self.write(move |conn| {
+            let key = conn
+                .prepare_cached(&format!("SELECT {} FROM keys WHERE id = ?1 AND account = ?2", rows::KEY_COLUMNS))
+                .and_then(|mut s| s.query_row([&key_id, &account], rows::key).optional())
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::NotFound(format!("key {key_id:?}")))?;
+            if key.revoked_at.is_some() {
+                return Ok(key);
+            }
+            conn.execute("UPDATE keys SET revoked_us = ?2 WHERE id = ?1", params![key_id, us(now)]).map_err(backend)?;
+            Ok(Key { revoked_at: Some(now), ..key })
+        })
+        .await
+    }
+
+    async fn balance(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Balance> {
+        let account = account.to_string();
+        self.read(move |conn| {
+            let a = rows::require_account(conn, &account)?;
+            let cycle = a.cycle_anchor().cycle_at(now);
+            let tier = rows::load_tier(conn, &a.tier)?.ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
+            let pool = |kind: PoolKind| -> StoreResult<PoolBalance> {
+                let policy = rows::load_policy(conn, &account, kind)?;
+                let row = conn
+                    .prepare_cached(
+                        "SELECT grants, used, overage, held FROM pool_cycles
+                         WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![account, kind.as_str(), us(cycle.start)], |r| {
+                            Ok((Nanos(r.get(0)?), Nanos(r.get(1)?), Nanos(r.get(2)?), Nanos(r.get(3)?)))
+                        })
+                        .optional()
+                    })
+                    .map_err(backend)?;
+                let tier_grant = a.grant_override(kind).unwrap_or(tier.grant(kind));
+                let (grants, used, overage, held) = row.unwrap_or((tier_grant, Nanos::ZERO, Nanos::ZERO, Nanos::ZERO));
+                Ok(PoolBalance { pool: kind, policy, grants, used, overage, held, limit: policy.limit(grants) })
+            };
+            Ok(Balance {
+                account: a.id.clone(),
+                tier: a.tier.clone(),
+                cycle,
+                pools: [pool(PoolKind::Interactive)?, pool(PoolKind::Programmatic)?],
+            })
+        })
+        .await
+    }
+
+    async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
+        self.write(move |conn| ledger::hold(conn, &request, now)).await
+    }
+
+    async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
+        self.write(move |conn| ledger::settle(conn, &request, now)).await
+    }
+
+    async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
+        let (account, hold_id) = (account.to_string(), hold_id.to_string());
+        self.write(move |conn| ledger::void(conn, &account, &hold_id)).await
+    }
+
+    async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
+        let (account, hold_id) = (account.to_string(), hold_id.to_string());
+        self.write(move |conn| ledger::extend(conn, &account, &hold_id, ttl_s, now)).await
+    }
+
+    async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {
+        let (account, hold_id) = (account.to_string(), hold_id.to_string());
+        self.read(move |conn| Ok(rows::load_hold(conn, &account, &hold_id)?.map(|r| r.hold))).await
+    }
+
+    async fn record_events(&self, events: Vec<NewEvent>, now: DateTime<Utc>) -> StoreResult<Vec<EventOutcome>> {
+        // The writer runs the whole batch in one savepoint: a failure undoes all of it.
+        self.write(move |conn| events.iter().map(|e| ledger::record_event(conn, e, now)).collect()).await
+    }
+
+    async fn events(&self, q: EventQuery) -> StoreResult<Vec<Event>> {
+        self.read(move |conn| {
+            let mut sql = format!("SELECT {} FROM events WHERE account = ?1", rows::EVENT_COLUMNS);
+            let mut args: Vec<rusqlite::types::Value> = vec![q.account.clone().into()];
+            let mut push = |cond: &str, v: rusqlite::types::Value| {
+                args.push(v);
+                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+            };
+            if let Some(p) = q.pool {
+                push("pool =", p.as_str().to_string().into());
+            }
+            if let Some(m) = &q.model {
+                push("model =", m.clone().into());
+            }
+            if let Some(t) = q.since {
+                push("ts_us >=", us(t).into());
+            }
+            if let Some(t) = q.until {
+                push("ts_us <", us(t).into());
+            }
+            if let Some(s) = q.after_seq {
+                push("seq >", s.into());
+            }
+            sql.push_str(&format!(" ORDER BY seq LIMIT {}", q.limit.clamp(1, 10_000)));
+            let mut s = conn.prepare(&sql).map_err(backend)?;
+            s.query_map(rusqlite::params_from_iter(args), |r| rows::event(r).map(|e| e.event))
+                .and_then(|r| r.collect())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn expire_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>> {
+        self.write(move |conn| ledger::expire(conn, now, false)).await
+    }
+
+    async fn recover_open_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>> {
+        self.write(move |conn| ledger::expire(conn, now, true)).await
+    }
+
+    async fn audit(&self) -> StoreResult<Audit> {
+        self.read(audit::audit).await
+    }
+}

@@ -1,0 +1,139 @@
+//! Migrations, applied in order on open. `PRAGMA user_version` records how many have run.
+//! Times are microseconds since the Unix epoch (UTC); amounts are nano-USD integers.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tiers (
+    id TEXT PRIMARY KEY,
+    interactive INTEGER NOT NULL,
+    programmatic INTEGER NOT NULL,
+    monthly_price INTEGER,
+    payg_multiplier_ppm INTEGER NOT NULL
+);
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    tier TEXT NOT NULL,
+    anchor_us INTEGER NOT NULL,
+    timezone TEXT NOT NULL,
+    interactive_grant INTEGER,
+    programmatic_grant INTEGER,
+    created_us INTEGER NOT NULL
+);
+CREATE TABLE policies (
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    on_exhausted TEXT NOT NULL,
+    overage_cap INTEGER,
+    spend_cap INTEGER,
+    PRIMARY KEY (account, pool)
+) WITHOUT ROWID;
+CREATE TABLE pool_cycles (
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    cycle_end_us INTEGER NOT NULL,
+    grants INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    overage INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    PRIMARY KEY (account, pool, cycle_start_us)
+) WITHOUT ROWID;
+CREATE TABLE grants (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    expires_us INTEGER NOT NULL,
+    note TEXT,
+    created_us INTEGER NOT NULL
+);
+CREATE INDEX grants_cycle ON grants (account, cycle_start_us);
+CREATE TABLE keys (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    name TEXT,
+    pool TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    cap INTEGER,
+    created_us INTEGER NOT NULL,
+    revoked_us INTEGER
+);
+CREATE INDEX keys_account ON keys (account);
+CREATE TABLE key_cycles (
+    key_id TEXT NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    charged INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    PRIMARY KEY (key_id, cycle_start_us)
+) WITHOUT ROWID;
+CREATE TABLE holds (
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    key_id TEXT,
+    amount INTEGER NOT NULL,
+    model TEXT,
+    source TEXT,
+    state TEXT NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    cycle_end_us INTEGER NOT NULL,
+    created_us INTEGER NOT NULL,
+    expires_us INTEGER NOT NULL,
+    remaining_after INTEGER,
+    fingerprint TEXT NOT NULL,
+    event_seq INTEGER,
+    PRIMARY KEY (account, id)
+);
+CREATE INDEX holds_open ON holds (expires_us) WHERE state = 'open';
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cache_creation_5m_input_tokens INTEGER NOT NULL,
+    cache_creation_1h_input_tokens INTEGER NOT NULL,
+    cache_read_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    web_search_requests INTEGER NOT NULL,
+    cost INTEGER NOT NULL,
+    grant_part INTEGER NOT NULL,
+    overage_part INTEGER NOT NULL,
+    overshoot INTEGER NOT NULL,
+    service_tier TEXT,
+    inference_geo TEXT,
+    speed TEXT,
+    source TEXT,
+    key_id TEXT,
+    labels TEXT NOT NULL,
+    ts_us INTEGER NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    hold_id TEXT,
+    latency_ms INTEGER,
+    ttft_ms INTEGER,
+    partial INTEGER NOT NULL,
+    unsettled INTEGER NOT NULL,
+    recorded_us INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    UNIQUE (account, id)
+);
+CREATE INDEX events_account_ts ON events (account, ts_us);
+CREATE INDEX events_pool_cycle ON events (account, pool, cycle_start_us);
+"#];
+
+/// Runs the migrations not yet applied, each in its own transaction.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
