@@ -163,12 +163,18 @@ impl PriceEntry {
                 .and_then(|t| sum.checked_add(t))
                 .ok_or(PriceError::Overflow)?;
         }
-        let tools = i128::from(usage.web_search_requests)
-            .checked_mul(i128::from(self.web_search_per_request.0))
-            .and_then(|t| t.checked_mul(MTOK))
-            .ok_or(PriceError::Overflow)?;
-        sum = sum.checked_add(tools).ok_or(PriceError::Overflow)?;
-        self.apply_modifiers(sum, MTOK, modifiers, Rounding::HalfUp)
+        // Server tools have a flat price per request: token modifiers (batch, geo, fast) do not
+        // scale them, and they are whole nano-USD, so the single rounding stays the tokens'.
+        let tools = self.tools_cost(usage.web_search_requests)?;
+        self.apply_modifiers(sum, MTOK, modifiers, Rounding::HalfUp)?.checked_add(tools).ok_or(PriceError::Overflow)
+    }
+
+    fn tools_cost(&self, web_search_requests: u64) -> Result<Nanos, PriceError> {
+        i64::try_from(web_search_requests)
+            .ok()
+            .and_then(|n| n.checked_mul(self.web_search_per_request.0))
+            .map(Nanos)
+            .ok_or(PriceError::Overflow)
     }
 
     /// Scales `numerator / denominator` nano-USD by the modifiers and rounds once.
@@ -198,9 +204,11 @@ impl PriceEntry {
             scale(i128::from(ppm), PPM)?;
         }
         let rounded = match rounding {
-            Rounding::HalfUp => (num + den / 2) / den,
-            Rounding::Up => (num + den - 1) / den,
-        };
+            Rounding::HalfUp => num.checked_add(den / 2),
+            Rounding::Up => num.checked_add(den - 1),
+        }
+        .ok_or(PriceError::Overflow)?
+            / den;
         i64::try_from(rounded).map(Nanos).map_err(|_| PriceError::Overflow)
     }
 
@@ -220,13 +228,10 @@ impl PriceEntry {
         let sum = i128::from(input_tokens)
             .checked_mul(i128::from(input_rate))
             .and_then(|i| i.checked_add(i128::from(bound.max_tokens).checked_mul(i128::from(output_rate))?))
-            .and_then(|s| {
-                let tools = i128::from(bound.web_search_max_uses) * i128::from(self.web_search_per_request.0) * MTOK;
-                s.checked_add(tools)
-            })
             .ok_or(PriceError::Overflow)?;
         // Round up, not half-up: a bound must never be below the true worst case.
-        self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)
+        let tokens = self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)?;
+        tokens.checked_add(self.tools_cost(bound.web_search_max_uses)?).ok_or(PriceError::Overflow)
     }
 }
 
