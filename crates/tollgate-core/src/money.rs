@@ -113,6 +113,21 @@ impl Nanos {
         Ok(Nanos(if negative { -value } else { value }))
     }
 
+    /// Formats for people: `$50.00`, `$0.50`, `$0.000123` (at least two decimals).
+    pub fn to_dollars(self) -> String {
+        let plain = self.to_string();
+        let (sign, digits) = match plain.strip_prefix('-') {
+            Some(d) => ("-", d.to_string()),
+            None => ("", plain),
+        };
+        let padded = match digits.split_once('.') {
+            None => format!("{digits}.00"),
+            Some((w, f)) if f.len() < 2 => format!("{w}.{f:0<2}"),
+            Some(_) => digits,
+        };
+        format!("{sign}${padded}")
+    }
+
     /// Multiplies by `num / den` and rounds half away from zero, exactly.
     pub fn mul_ratio_round(self, num: u64, den: u64) -> Option<Nanos> {
         debug_assert!(den > 0);
@@ -175,6 +190,14 @@ mod tests {
         }
         assert!(matches!(Nanos::parse_usd("0.0000000001"), Err(MoneyError::TooPrecise(_))));
         assert!(matches!(Nanos::parse_usd("10000000000"), Err(MoneyError::TooLarge(_))));
+    }
+
+    #[test]
+    fn dollars_for_people() {
+        assert_eq!(Nanos::from_usd(50).to_dollars(), "$50.00");
+        assert_eq!(Nanos(500_000_000).to_dollars(), "$0.50");
+        assert_eq!(Nanos(123_000).to_dollars(), "$0.000123");
+        assert_eq!(Nanos(-1_500_000_000).to_dollars(), "-$1.50");
     }
 
     #[test]

@@ -63,9 +63,11 @@ pub fn audit(conn: &Connection) -> StoreResult<Audit> {
             }
         }
     }
-    audit.events_checked = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)).map_err(backend)? as u64;
-    audit.holds_open =
-        conn.query_row("SELECT COUNT(*) FROM holds WHERE state = 'open'", [], |r| r.get::<_, i64>(0)).map_err(backend)? as u64;
+    audit.events_checked =
+        conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)).map_err(backend)? as u64;
+    audit.holds_open = conn
+        .query_row("SELECT COUNT(*) FROM holds WHERE state = 'open'", [], |r| r.get::<_, i64>(0))
+        .map_err(backend)? as u64;
     let twice: i64 = conn
         .query_row(
             "SELECT COUNT(*) FROM (SELECT hold_id FROM events WHERE hold_id IS NOT NULL

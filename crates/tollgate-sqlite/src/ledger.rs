@@ -47,9 +47,7 @@ pub fn pool_cycle(conn: &Connection, account: &Account, pool: PoolKind, cycle: &
                 "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, 0)",
             )
-            .and_then(|mut s| {
-                s.execute(params![account.id, pool.as_str(), us(cycle.start), us(cycle.end), grant.0])
-            })
+            .and_then(|mut s| s.execute(params![account.id, pool.as_str(), us(cycle.start), us(cycle.end), grant.0]))
             .map_err(backend)?;
             insert_grant(conn, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start)?;
             (grant, Nanos::ZERO, Nanos::ZERO, Nanos::ZERO)
@@ -113,9 +111,11 @@ fn add_to_pool(
 
 /// Reads a key's scope in a cycle, creating its row.
 fn key_cycle(conn: &Connection, key_id: &str, cap: Option<Nanos>, cycle_start: DateTime<Utc>) -> StoreResult<KeyScope> {
-    conn.prepare_cached("INSERT OR IGNORE INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, 0, 0)")
-        .and_then(|mut s| s.execute(params![key_id, us(cycle_start)]))
-        .map_err(backend)?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, 0, 0)",
+    )
+    .and_then(|mut s| s.execute(params![key_id, us(cycle_start)]))
+    .map_err(backend)?;
     let (charged, held) = conn
         .prepare_cached("SELECT charged, held FROM key_cycles WHERE key_id = ?1 AND cycle_start_us = ?2")
         .and_then(|mut s| s.query_row(params![key_id, us(cycle_start)], |r| Ok((Nanos(r.get(0)?), Nanos(r.get(1)?)))))
@@ -123,7 +123,13 @@ fn key_cycle(conn: &Connection, key_id: &str, cap: Option<Nanos>, cycle_start: D
     Ok(KeyScope { cap, charged, held })
 }
 
-fn add_to_key(conn: &Connection, key_id: &str, cycle_start: DateTime<Utc>, charged: Nanos, held: Nanos) -> StoreResult<()> {
+fn add_to_key(
+    conn: &Connection,
+    key_id: &str,
+    cycle_start: DateTime<Utc>,
+    charged: Nanos,
+    held: Nanos,
+) -> StoreResult<()> {
     conn.prepare_cached(
         "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (key_id, cycle_start_us) DO UPDATE SET charged = charged + ?3, held = held + ?4",
@@ -237,20 +243,32 @@ pub fn settle(conn: &Connection, req: &SettleRequest, now: DateTime<Utc>) -> Sto
             )));
         }
     }
-    if rows::load_event(conn, &req.account, &req.event.id)?.is_some() {
+    let event_id = if req.event.id.is_empty() { &req.hold_id } else { &req.event.id };
+    if rows::load_event(conn, &req.account, event_id)?.is_some() {
         return Err(StoreError::Conflict(format!(
             "event id {:?} is already recorded; settle with another event id",
             req.event.id
         )));
     }
     let mut event = req.event.clone();
+    // The hold decides where the charge goes: its account, pool and key, never the event's.
+    event.account = row.hold.account.clone();
+    if event.id.is_empty() {
+        event.id = row.hold.id.clone();
+    }
     event.pool = row.hold.pool;
     event.key = row.hold.key.clone();
     charge_hold(conn, &row.hold, event, false, now)
 }
 
 /// Charges a hold with an event's cost, releases the hold, records the event.
-fn charge_hold(conn: &Connection, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
+fn charge_hold(
+    conn: &Connection,
+    hold: &Hold,
+    event: NewEvent,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> StoreResult<Event> {
     let account = rows::require_account(conn, &hold.account)?;
     let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
     let pool = pool_cycle(conn, &account, hold.pool, &cycle)?;
@@ -262,16 +280,8 @@ fn charge_hold(conn: &Connection, hold: &Hold, event: NewEvent, unsettled: bool,
     if let Some(key) = &hold.key {
         add_to_key(conn, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
     }
-    let recorded = insert_event(
-        conn,
-        &event,
-        hold.cycle_start,
-        split,
-        settlement.overshoot,
-        Some(&hold.id),
-        unsettled,
-        now,
-    )?;
+    let recorded =
+        insert_event(conn, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)?;
     let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
     conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
         .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))

@@ -33,6 +33,15 @@ use crate::rows::{backend, us};
 /// Most jobs in one group commit.
 const BATCH_JOBS_MAX: usize = 1024;
 const READERS: usize = 4;
+/// Most idle reader connections kept after a burst.
+const READERS_IDLE_MAX: usize = 16;
+
+fn open_reader(path: &Path) -> StoreResult<Connection> {
+    let r = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(backend)?;
+    r.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
+    Ok(r)
+}
 
 type Reply = Box<dyn FnOnce(Option<StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
@@ -78,14 +87,21 @@ impl SqliteStore {
             conn.execute(
                 "INSERT OR IGNORE INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![tier.id, tier.interactive.0, tier.programmatic.0, tier.monthly_price.map(|n| n.0), tier.payg_multiplier_ppm as i64],
+                params![
+                    tier.id,
+                    tier.interactive.0,
+                    tier.programmatic.0,
+                    tier.monthly_price.map(|n| n.0),
+                    tier.payg_multiplier_ppm as i64
+                ],
             )
             .map_err(backend)?;
         }
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
-            let r = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(backend)?;
+            let r =
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                    .map_err(backend)?;
             r.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
             readers.push(r);
         }
@@ -94,7 +110,12 @@ impl SqliteStore {
             .name("tollgate-sqlite-writer".into())
             .spawn(move || writer(conn, rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore { jobs: tx, readers: Arc::new(Mutex::new(readers)), path: path.to_path_buf(), _lock: Some(lock) })
+        Ok(SqliteStore {
+            jobs: tx,
+            readers: Arc::new(Mutex::new(readers)),
+            path: path.to_path_buf(),
+            _lock: Some(lock),
+        })
     }
 
     /// Opens a database read-only for inspection (`tollgate check`), without taking the lock.
@@ -136,11 +157,13 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let readers = self.readers.clone();
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().expect("reader pool lock").pop();
-            let conn = match conn {
+            // Every reader busy: open another one rather than fail; it joins the pool after.
+            let pooled = readers.lock().expect("reader pool lock").pop();
+            let conn = match pooled {
                 Some(c) => c,
-                None => return Err(StoreError::Backend("no reader connection available".into())),
+                None => open_reader(&path)?,
             };
             let result = conn
                 .execute_batch("BEGIN")
@@ -150,7 +173,10 @@ impl SqliteStore {
             if result.is_err() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
-            readers.lock().expect("reader pool lock").push(conn);
+            let mut pool = readers.lock().expect("reader pool lock");
+            if pool.len() < READERS_IDLE_MAX {
+                pool.push(conn);
+            }
             result
         })
         .await
@@ -242,7 +268,13 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET interactive = ?2, programmatic = ?3, monthly_price = ?4,
                      payg_multiplier_ppm = ?5",
-                params![tier.id, tier.interactive.0, tier.programmatic.0, tier.monthly_price.map(|n| n.0), tier.payg_multiplier_ppm as i64],
+                params![
+                    tier.id,
+                    tier.interactive.0,
+                    tier.programmatic.0,
+                    tier.monthly_price.map(|n| n.0),
+                    tier.payg_multiplier_ppm as i64
+                ],
             )
             .map_err(backend)?;
             Ok(())
@@ -252,7 +284,9 @@ impl Store for SqliteStore {
 
     async fn tiers(&self) -> StoreResult<Vec<Tier>> {
         self.read(|conn| {
-            let mut s = conn.prepare_cached(&format!("SELECT {} FROM tiers ORDER BY id", rows::TIER_COLUMNS)).map_err(backend)?;
+            let mut s = conn
+                .prepare_cached(&format!("SELECT {} FROM tiers ORDER BY id", rows::TIER_COLUMNS))
+                .map_err(backend)?;
             s.query_map([], rows::tier).and_then(|r| r.collect()).map_err(backend)
         })
         .await
@@ -261,7 +295,10 @@ impl Store for SqliteStore {
     async fn create_account(&self, a: NewAccount, now: DateTime<Utc>) -> StoreResult<Account> {
         self.write(move |conn| {
             if rows::load_tier(conn, &a.tier)?.is_none() {
-                return Err(StoreError::Invalid(format!("unknown tier {:?}: create it first or pick an existing one", a.tier)));
+                return Err(StoreError::Invalid(format!(
+                    "unknown tier {:?}: create it first or pick an existing one",
+                    a.tier
+                )));
             }
             if rows::load_account(conn, &a.id)?.is_some() {
                 return Err(StoreError::Conflict(format!("account {:?} already exists", a.id)));
@@ -304,8 +341,8 @@ impl Store for SqliteStore {
                 }
                 account.tier = tier;
             }
-            let moves_cycles = u.anchor.is_some_and(|a| a != account.anchor)
-                || u.timezone.is_some_and(|t| t != account.timezone);
+            let moves_cycles =
+                u.anchor.is_some_and(|a| a != account.anchor) || u.timezone.is_some_and(|t| t != account.timezone);
             if moves_cycles && ledger::has_ledger_state(conn, &id)? {
                 return Err(StoreError::Conflict(format!(
                     "account {id:?} already has ledger state: its anchor and timezone can no longer change, or cycles \
@@ -345,8 +382,9 @@ impl Store for SqliteStore {
 
     async fn accounts(&self) -> StoreResult<Vec<Account>> {
         self.read(|conn| {
-            let mut s =
-                conn.prepare_cached(&format!("SELECT {} FROM accounts ORDER BY id", rows::ACCOUNT_COLUMNS)).map_err(backend)?;
+            let mut s = conn
+                .prepare_cached(&format!("SELECT {} FROM accounts ORDER BY id", rows::ACCOUNT_COLUMNS))
+                .map_err(backend)?;
             s.query_map([], rows::account).and_then(|r| r.collect()).map_err(backend)
         })
         .await
@@ -359,7 +397,13 @@ impl Store for SqliteStore {
             conn.execute(
                 "INSERT INTO policies (account, pool, on_exhausted, overage_cap, spend_cap) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (account, pool) DO UPDATE SET on_exhausted = ?3, overage_cap = ?4, spend_cap = ?5",
-                params![account, pool.as_str(), p.on_exhausted.as_str(), p.overage_cap.map(|n| n.0), p.spend_cap.map(|n| n.0)],
+                params![
+                    account,
+                    pool.as_str(),
+                    p.on_exhausted.as_str(),
+                    p.overage_cap.map(|n| n.0),
+                    p.spend_cap.map(|n| n.0)
+                ],
             )
             .map_err(backend)?;
             Ok(())
@@ -384,7 +428,16 @@ impl Store for SqliteStore {
             let account = rows::require_account(conn, &g.account)?;
             let cycle = account.cycle_anchor().cycle_at(now);
             ledger::pool_cycle(conn, &account, g.pool, &cycle)?;
-            let id = ledger::insert_grant(conn, &g.account, g.pool, GrantKind::TopUp, g.amount, &cycle, g.note.as_deref(), now)?;
+            let id = ledger::insert_grant(
+                conn,
+                &g.account,
+                g.pool,
+                GrantKind::TopUp,
+                g.amount,
+                &cycle,
+                g.note.as_deref(),
+                now,
+            )?;
             conn.execute(
                 "UPDATE pool_cycles SET grants = grants + ?4 WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
                 params![g.account, g.pool.as_str(), us(cycle.start), g.amount.0],
@@ -426,7 +479,16 @@ impl Store for SqliteStore {
             conn.execute(
                 "INSERT INTO keys (id, account, secret_hash, name, pool, labels, cap, created_us)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![k.id, k.account, k.secret_hash, k.name, k.pool.as_str(), rows::labels_to_text(&k.labels), k.cap.map(|n| n.0), us(now)],
+                params![
+                    k.id,
+                    k.account,
+                    k.secret_hash,
+                    k.name,
+                    k.pool.as_str(),
+                    rows::labels_to_text(&k.labels),
+                    k.cap.map(|n| n.0),
+                    us(now)
+                ],
             )
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -453,7 +515,10 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             rows::require_account(conn, &account)?;
             let mut s = conn
-                .prepare_cached(&format!("SELECT {} FROM keys WHERE account = ?1 ORDER BY created_us, id", rows::KEY_COLUMNS))
+                .prepare_cached(&format!(
+                    "SELECT {} FROM keys WHERE account = ?1 ORDER BY created_us, id",
+                    rows::KEY_COLUMNS
+                ))
                 .map_err(backend)?;
             s.query_map([account], rows::key).and_then(|r| r.collect()).map_err(backend)
         })
@@ -492,7 +557,8 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let a = rows::require_account(conn, &account)?;
             let cycle = a.cycle_anchor().cycle_at(now);
-            let tier = rows::load_tier(conn, &a.tier)?.ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
+            let tier = rows::load_tier(conn, &a.tier)?
+                .ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
             let pool = |kind: PoolKind| -> StoreResult<PoolBalance> {
                 let policy = rows::load_policy(conn, &account, kind)?;
                 let row = conn

@@ -1,0 +1,81 @@
+//! The one error type of the management API and its single mapping to HTTP:
+//! `{"error":{"code":…,"message":…}}`. Internal details go to the log, never to the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tollgate_store::StoreError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed or invalid; the message says what to fix.
+    BadRequest(String),
+    /// 401: no credential, or one tollgate does not know.
+    Unauthorized(String),
+    /// 403: a valid credential that may not do this.
+    Forbidden(String),
+    /// 404: no such thing, or not the caller's to see.
+    NotFound(String),
+    /// 409: an idempotency id reused with different content, or a state that forbids the change.
+    Conflict(String),
+    /// 413.
+    TooLarge(String),
+    /// 429: the credit does not cover the hold. `details` are extra fields of the error object.
+    Refused { code: &'static str, message: String, retry_after_s: u64, details: Value },
+    /// 500: ours; logged, not shown.
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError::BadRequest(msg.into())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid(m) => ApiError::BadRequest(m),
+            StoreError::Backend(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message, extra) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m, None),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m, None),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m, None),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m, None),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", m, None),
+            ApiError::Refused { code, message, retry_after_s, details } => {
+                (StatusCode::TOO_MANY_REQUESTS, code, message, Some((retry_after_s, details)))
+            }
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".to_string(), None)
+            }
+        };
+        let mut error = json!({"code": code, "message": message});
+        let mut response = match extra {
+            Some((retry_after_s, details)) => {
+                if let (Value::Object(e), Value::Object(d)) = (&mut error, details) {
+                    e.extend(d);
+                }
+                let mut r = (status, axum::Json(json!({"error": error}))).into_response();
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                r.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+                r
+            }
+            None => (status, axum::Json(json!({"error": error}))).into_response(),
+        };
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,138 @@
+//! Starting the server: open the store, apply configured tiers, recover holds left open,
+//! resolve the admin token, start the sweeper, serve until SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_config::{Env, Settings, StoreUrl};
+use tollgate_sqlite::SqliteStore;
+use tollgate_store::Store;
+
+use crate::{AdminToken, AppState, Clock, router};
+
+/// The file `serve` writes a generated admin token to, in its working directory.
+pub const ADMIN_TOKEN_FILE: &str = ".tollgate-admin-token";
+
+pub struct ServeOptions {
+    pub settings: Settings,
+    pub clock: Clock,
+    /// Where the admin token file goes (the working directory).
+    pub work_dir: PathBuf,
+}
+
+fn generate_token() -> Result<String, String> {
+    let mut buf = [0u8; 24];
+    getrandom::fill(&mut buf).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(format!("tga_{}", hex::encode(buf)))
+}
+
+/// The configured admin token, else the one in the token file, else a new one: printed once
+/// and written to the token file (mode 0600).
+fn admin_token(settings: &Settings, env: &dyn Env, work_dir: &std::path::Path) -> Result<AdminToken, String> {
+    if let Some(token) = env.var(&settings.file.server.admin_token_env) {
+        return Ok(AdminToken::from_secret(&token));
+    }
+    let path = work_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && !existing.trim().is_empty()
+    {
+        tracing::info!(file = %path.display(), "admin token read from file");
+        return Ok(AdminToken::from_secret(existing.trim()));
+    }
+    let token = generate_token()?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(token.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // Printed once, on stdout, so the operator can copy it; never logged.
+    println!("tollgate: generated admin token (also in {}):\n{token}", path.display());
+    Ok(AdminToken::from_secret(&token))
+}
+
+pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>, String> {
+    match url {
+        StoreUrl::Sqlite(path) => {
+            let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Postgres(_) => Err("PostgreSQL is not supported by this build yet: use a sqlite:// store url".into()),
+    }
+}
+
+/// Runs `tollgate serve` until a shutdown signal.
+pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
+    let ServeOptions { settings, clock, work_dir } = options;
+    let store = open_store(&settings.store).await?;
+    for tier in &settings.tiers {
+        store.put_tier(tier.clone()).await.map_err(|e| e.to_string())?;
+    }
+    let recovered = store.recover_open_holds(clock()).await.map_err(|e| e.to_string())?;
+    if !recovered.is_empty() {
+        tracing::warn!(
+            holds = recovered.len(),
+            "holds left open by an earlier run settled at their held amount as unsettled"
+        );
+    }
+    let admin = admin_token(&settings, env, &work_dir)?;
+    let state = AppState {
+        store: store.clone(),
+        prices: Arc::new(settings.prices.clone()),
+        unknown_model: settings.unknown_model.clone(),
+        admin,
+        clock: clock.clone(),
+        hold_ttl_s: settings.file.server.hold_ttl_s,
+        api_body_size_bytes_max: settings.file.server.api_body_size_bytes_max,
+    };
+    let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    tracing::info!(listen = %settings.listen, "tollgate serving");
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    sweeper.abort();
+    result.map_err(|e| format!("server error: {e}"))
+}
+
+/// Expires holds past their time to live. With the SQLite store there is one process, so this
+/// one sweeper is the only one.
+async fn sweep(store: Arc<dyn Store>, clock: Clock, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match store.expire_holds(clock()).await {
+            Ok(events) if !events.is_empty() => {
+                tracing::warn!(holds = events.len(), "expired holds settled at their held amount as unsettled")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "hold sweep failed"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,384 @@
+//! Management commands: each is one or a few API calls, printed as a table or as JSON.
+
+use std::io::BufRead;
+
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use super::{Outcome, usage};
+use crate::cli::{AccountCmd, EventsCmd, GrantCmd, KeyCmd, PoolCmd, TierCmd};
+use crate::client::{Client, seg};
+use crate::table;
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+}
+
+fn s(v: &Value, field: &str) -> String {
+    match v.get(field) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn opt_insert(m: &mut Map<String, Value>, field: &str, v: Option<String>) {
+    if let Some(v) = v {
+        m.insert(field.into(), Value::String(v));
+    }
+}
+
+fn accounts_table(list: &[Value]) -> String {
+    let rows: Vec<Vec<String>> =
+        list.iter().map(|a| vec![s(a, "id"), s(a, "tier"), s(a, "anchor"), s(a, "timezone")]).collect();
+    table::render(&["account", "tier", "anchor", "timezone"], &rows)
+}
+
+pub async fn account(c: &Client, cmd: AccountCmd, json: bool) -> Outcome<()> {
+    let v = match cmd {
+        AccountCmd::Create { id, tier, anchor, timezone, interactive_grant_usd, programmatic_grant_usd } => {
+            let mut body = Map::new();
+            body.insert("id".into(), id.into());
+            body.insert("tier".into(), tier.into());
+            opt_insert(&mut body, "anchor", anchor);
+            opt_insert(&mut body, "timezone", timezone);
+            opt_insert(&mut body, "interactive_grant_usd", interactive_grant_usd);
+            opt_insert(&mut body, "programmatic_grant_usd", programmatic_grant_usd);
+            c.post("/api/v1/accounts", Value::Object(body)).await?
+        }
+        AccountCmd::List => {
+            let v = c.get("/api/v1/accounts").await?;
+            if !json {
+                println!("{}", accounts_table(v["accounts"].as_array().map(Vec::as_slice).unwrap_or_default()));
+                return Ok(());
+            }
+            v
+        }
+        AccountCmd::Show { id } => c.get(&format!("/api/v1/accounts/{}", seg(&id))).await?,
+        AccountCmd::Update { id, tier, anchor, timezone } => {
+            let mut body = Map::new();
+            opt_insert(&mut body, "tier", tier);
+            opt_insert(&mut body, "anchor", anchor);
+            opt_insert(&mut body, "timezone", timezone);
+            c.call(Method::PATCH, &format!("/api/v1/accounts/{}", seg(&id)), Some(Value::Object(body))).await?
+        }
+    };
+    if json {
+        print_json(&v)
+    } else {
+        println!("{}", accounts_table(std::slice::from_ref(&v)))
+    }
+    Ok(())
+}
+
+/// `none` clears a cap; anything else is sent as the amount.
+fn cap_value(v: String) -> Value {
+    if v == "none" { Value::Null } else { Value::String(v) }
+}
+
+pub async fn pool(c: &Client, cmd: PoolCmd, json: bool) -> Outcome<()> {
+    let v = match cmd {
+        PoolCmd::Set { account, pool, on_exhausted, overage_cap_usd, spend_cap_usd } => {
+            let mut body = Map::new();
+            opt_insert(&mut body, "on_exhausted", on_exhausted);
+            if let Some(v) = overage_cap_usd {
+                body.insert("overage_cap_usd".into(), cap_value(v));
+            }
+            if let Some(v) = spend_cap_usd {
+                body.insert("spend_cap_usd".into(), cap_value(v));
+            }
+            let p = c
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/accounts/{}/pools/{}", seg(&account), seg(&pool)),
+                    Some(Value::Object(body)),
+                )
+                .await?;
+            json!({ pool: p })
+        }
+        PoolCmd::Show { account } => c.get(&format!("/api/v1/accounts/{}/pools", seg(&account))).await?,
+    };
+    if json {
+        print_json(&v);
+    } else if let Value::Object(pools) = &v {
+        let rows: Vec<Vec<String>> = pools
+            .iter()
+            .map(|(name, p)| vec![name.clone(), s(p, "on_exhausted"), s(p, "overage_cap_usd"), s(p, "spend_cap_usd")])
+            .collect();
+        println!("{}", table::render(&["pool", "on_exhausted", "overage_cap_usd", "spend_cap_usd"], &rows));
+    }
+    Ok(())
+}
+
+fn grants_table(list: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|g| vec![s(g, "id"), s(g, "pool"), s(g, "kind"), s(g, "amount_usd"), s(g, "expires_at"), s(g, "note")])
+        .collect();
+    table::render(&["grant", "pool", "kind", "amount_usd", "expires_at", "note"], &rows)
+}
+
+pub async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Outcome<()> {
+    let (v, list) = match cmd {
+        GrantCmd::Add { account, pool, amount_usd, note } => {
+            let mut body = Map::new();
+            body.insert("pool".into(), pool.into());
+            body.insert("amount_usd".into(), amount_usd.into());
+            opt_insert(&mut body, "note", note);
+            let v = c.post(&format!("/api/v1/accounts/{}/grants", seg(&account)), Value::Object(body)).await?;
+            (v.clone(), vec![v])
+        }
+        GrantCmd::List { account } => {
+            let v = c.get(&format!("/api/v1/accounts/{}/grants", seg(&account))).await?;
+            let list = v["grants"].as_array().cloned().unwrap_or_default();
+            (v, list)
+        }
+    };
+    if json {
+        print_json(&v)
+    } else {
+        println!("{}", grants_table(&list))
+    }
+    Ok(())
+}
+
+fn keys_table(list: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|k| vec![s(k, "id"), s(k, "name"), s(k, "pool"), s(k, "cap_usd"), s(k, "created_at"), s(k, "revoked_at")])
+        .collect();
+    table::render(&["key", "name", "pool", "cap_usd", "created_at", "revoked_at"], &rows)
+}
+
+pub async fn key(c: &Client, cmd: KeyCmd, json: bool) -> Outcome<()> {
+    match cmd {
+        KeyCmd::Create { account, pool, name, labels, cap_usd } => {
+            let mut label_map = Map::new();
+            for l in labels {
+                let (k, v) = l.split_once('=').ok_or_else(|| usage(format!("--label {l:?} must be k=v")))?;
+                label_map.insert(k.to_string(), v.into());
+            }
+            let mut body = Map::new();
+            opt_insert(&mut body, "pool", pool);
+            opt_insert(&mut body, "name", name);
+            opt_insert(&mut body, "cap_usd", cap_usd);
+            body.insert("labels".into(), Value::Object(label_map));
+            let v = c.post(&format!("/api/v1/accounts/{}/keys", seg(&account)), Value::Object(body)).await?;
+            if json {
+                print_json(&v);
+            } else {
+                // The secret alone on stdout, so `$(tollgate key create …)` captures it.
+                println!("{}", s(&v, "key"));
+                eprintln!("key {} created; the secret above is shown only once", s(&v, "id"));
+            }
+        }
+        KeyCmd::List { account } => {
+            let v = c.get(&format!("/api/v1/accounts/{}/keys", seg(&account))).await?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("{}", keys_table(v["keys"].as_array().map(Vec::as_slice).unwrap_or_default()))
+            }
+        }
+        KeyCmd::Revoke { account, key_id } => {
+            let v = c
+                .call(Method::DELETE, &format!("/api/v1/accounts/{}/keys/{}", seg(&account), seg(&key_id)), None)
+                .await?;
+            if json { print_json(&v) } else { println!("{}", keys_table(std::slice::from_ref(&v))) }
+        }
+    }
+    Ok(())
+}
+
+pub async fn tier(c: &Client, cmd: TierCmd, json: bool) -> Outcome<()> {
+    let list = match cmd {
+        TierCmd::List => {
+            let v = c.get("/api/v1/tiers").await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            v["tiers"].as_array().cloned().unwrap_or_default()
+        }
+        TierCmd::Set { id, interactive_usd, programmatic_usd, monthly_price_usd, payg_multiplier } => {
+            let mut body = Map::new();
+            body.insert("interactive_usd".into(), interactive_usd.into());
+            body.insert("programmatic_usd".into(), programmatic_usd.into());
+            opt_insert(&mut body, "monthly_price_usd", monthly_price_usd);
+            opt_insert(&mut body, "payg_multiplier", payg_multiplier);
+            let v = c.call(Method::PUT, &format!("/api/v1/tiers/{}", seg(&id)), Some(Value::Object(body))).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            vec![v]
+        }
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                s(t, "id"),
+                s(t, "interactive_usd"),
+                s(t, "programmatic_usd"),
+                s(t, "monthly_price_usd"),
+                s(t, "payg_multiplier"),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table::render(&["tier", "interactive_usd", "programmatic_usd", "monthly_price_usd", "payg_multiplier"], &rows)
+    );
+    Ok(())
+}
+
+/// `tollgate status ID --json` prints exactly the balance document of the API.
+pub async fn status(c: &Client, account: &str, json: bool) -> Outcome<()> {
+    let v = c.get(&format!("/api/v1/accounts/{}/balance", seg(account))).await?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "account {}  tier {}  cycle {} → {}",
+        s(&v, "account"),
+        s(&v, "tier"),
+        v.pointer("/cycle/start").and_then(Value::as_str).unwrap_or("-"),
+        v.pointer("/cycle/end").and_then(Value::as_str).unwrap_or("-"),
+    );
+    let rows: Vec<Vec<String>> = ["interactive", "programmatic"]
+        .iter()
+        .map(|name| {
+            let p = &v["pools"][name];
+            let mut row = vec![name.to_string()];
+            row.extend(
+                ["grant_usd", "used_usd", "overage_usd", "held_usd", "remaining_usd", "limit_usd", "on_exhausted"]
+                    .iter()
+                    .map(|f| s(p, f)),
+            );
+            row
+        })
+        .collect();
+    println!(
+        "{}",
+        table::render(&["pool", "grant", "used", "overage", "held", "remaining", "limit", "on_exhausted"], &rows)
+    );
+    Ok(())
+}
+
+pub async fn events(c: &Client, cmd: EventsCmd, json: bool) -> Outcome<()> {
+    match cmd {
+        EventsCmd::List { account, pool, model, since, until, limit } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (k, v) in [("pool", pool), ("model", model), ("since", since), ("until", until)] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", seg(&v)));
+                }
+            }
+            let v = c.get(&format!("/api/v1/accounts/{}/events?{}", seg(&account), query.join("&"))).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["events"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|e| {
+                    vec![s(e, "timestamp"), s(e, "id"), s(e, "pool"), s(e, "model"), s(e, "cost_usd"), s(e, "source")]
+                })
+                .collect();
+            println!("{}", table::render(&["timestamp", "event", "pool", "model", "cost_usd", "source"], &rows));
+        }
+        EventsCmd::Post { file } => {
+            let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&file).map_err(|e| usage(format!("cannot open {}: {e}", file.display())))?,
+                ))
+            };
+            let (mut recorded, mut duplicate) = (0usize, 0usize);
+            let mut batch = Vec::new();
+            let mut flush = async |batch: &mut Vec<Value>| -> Outcome<()> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let v = c.post("/api/v1/events", json!({"events": std::mem::take(batch)})).await?;
+                for r in v["results"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                    if r["status"] == "duplicate" { duplicate += 1 } else { recorded += 1 }
+                }
+                Ok(())
+            };
+            for (n, line) in reader.lines().enumerate() {
+                let line = line.map_err(|e| usage(format!("reading {}: {e}", file.display())))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: Value =
+                    serde_json::from_str(&line).map_err(|e| usage(format!("line {}: not JSON: {e}", n + 1)))?;
+                match v {
+                    Value::Array(items) => batch.extend(items),
+                    Value::Object(ref m) if m.contains_key("events") => {
+                        batch.extend(m["events"].as_array().cloned().unwrap_or_default())
+                    }
+                    other => batch.push(other),
+                }
+                if batch.len() >= 500 {
+                    flush(&mut batch).await?;
+                }
+            }
+            flush(&mut batch).await?;
+            if json {
+                print_json(&json!({"recorded": recorded, "duplicate": duplicate}));
+            } else {
+                println!("{recorded} events recorded, {duplicate} already present");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn prices(c: &Client, model: Option<String>, date: Option<String>, json: bool) -> Outcome<()> {
+    let list = match model {
+        Some(m) => {
+            let q = date.map(|d| format!("?date={}", seg(&d))).unwrap_or_default();
+            let v = c.get(&format!("/api/v1/prices/{}{q}", seg(&m))).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            vec![v]
+        }
+        None => {
+            let v = c.get("/api/v1/prices").await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            v["prices"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            [
+                "model",
+                "effective_from",
+                "input_usd_per_mtok",
+                "cache_write_5m_usd_per_mtok",
+                "cache_write_1h_usd_per_mtok",
+                "cache_read_usd_per_mtok",
+                "output_usd_per_mtok",
+            ]
+            .iter()
+            .map(|f| s(p, f))
+            .collect()
+        })
+        .collect();
+    println!("USD per million tokens");
+    println!("{}", table::render(&["model", "from", "input", "write 5m", "write 1h", "read", "output"], &rows));
+    Ok(())
+}

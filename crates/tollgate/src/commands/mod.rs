@@ -1,0 +1,124 @@
+//! What each command does. Every command returns `Ok(())` or a failure kind with a message;
+//! `main` turns the kind into the exit code (see docs/cli.md).
+
+mod manage;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tollgate_config::{ProcessEnv, Settings, StoreUrl};
+
+use crate::cli::{Cli, Command};
+use crate::client::Client;
+
+/// Why a command failed; each kind has its own exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// 1: the server or the check said no (error response, ledger breach).
+    Refused,
+    /// 2: bad arguments or configuration.
+    Usage,
+    /// 3: the server could not be reached.
+    Unreachable,
+    /// 4: something broke on our side.
+    Internal,
+}
+
+impl From<Failure> for ExitCode {
+    fn from(f: Failure) -> ExitCode {
+        ExitCode::from(match f {
+            Failure::Refused => 1,
+            Failure::Usage => 2,
+            Failure::Unreachable => 3,
+            Failure::Internal => 4,
+        })
+    }
+}
+
+pub type Outcome<T> = Result<T, (Failure, String)>;
+
+pub fn usage(msg: impl Into<String>) -> (Failure, String) {
+    (Failure::Usage, msg.into())
+}
+
+pub async fn run(cli: Cli) -> Outcome<()> {
+    let client = || Client::new(&cli.global.server, cli.global.token.clone());
+    let json = cli.global.json;
+    match cli.command {
+        Command::Serve { config } => serve(config).await,
+        Command::Init { path, force } => init(&path, force),
+        Command::Check { db, config } => check(db, config).await,
+        Command::Account(c) => manage::account(&client(), c, json).await,
+        Command::Pool(c) => manage::pool(&client(), c, json).await,
+        Command::Grant(c) => manage::grant(&client(), c, json).await,
+        Command::Key(c) => manage::key(&client(), c, json).await,
+        Command::Tier(c) => manage::tier(&client(), c, json).await,
+        Command::Status { account } => manage::status(&client(), &account, json).await,
+        Command::Events(c) => manage::events(&client(), c, json).await,
+        Command::Prices { model, date } => manage::prices(&client(), model, date, json).await,
+    }
+}
+
+fn config_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit.or_else(|| Some(PathBuf::from("tollgate.toml")).filter(|p| p.exists()))
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> Outcome<()> {
+    let settings = Settings::load(config_path(config).as_deref(), &ProcessEnv).map_err(|e| usage(e.to_string()))?;
+    init_logging(&settings.file.log.format);
+    let work_dir = std::env::current_dir().map_err(|e| (Failure::Internal, format!("no working directory: {e}")))?;
+    let options = tollgate_server::ServeOptions { settings, clock: tollgate_server::system_clock(), work_dir };
+    tollgate_server::serve(options, &ProcessEnv).await.map_err(|e| (Failure::Internal, e))
+}
+
+const INIT_TEMPLATE: &str = include_str!("../../tollgate.example.toml");
+
+fn init(path: &Path, force: bool) -> Outcome<()> {
+    if path.exists() && !force {
+        return Err(usage(format!("{} exists; pass --force to overwrite it", path.display())));
+    }
+    std::fs::write(path, INIT_TEMPLATE)
+        .map_err(|e| (Failure::Internal, format!("cannot write {}: {e}", path.display())))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+async fn check(db: Option<String>, config: Option<PathBuf>) -> Outcome<()> {
+    let url = match db {
+        Some(url) => StoreUrl::parse(&url).map_err(|e| usage(e.to_string()))?,
+        None => Settings::load(config_path(config).as_deref(), &ProcessEnv).map_err(|e| usage(e.to_string()))?.store,
+    };
+    let audit = match &url {
+        StoreUrl::Sqlite(path) => tollgate_sqlite::SqliteStore::audit_file(path).map_err(|e| match e {
+            tollgate_store::StoreError::NotFound(what) => usage(format!("{what} does not exist")),
+            other => (Failure::Internal, other.to_string()),
+        })?,
+        StoreUrl::Postgres(_) => return Err(usage("PostgreSQL is not supported by this build yet")),
+    };
+    println!(
+        "checked {} pool cycles, {} events, {} open holds: {}",
+        audit.pools_checked,
+        audit.events_checked,
+        audit.holds_open,
+        if audit.breaches.is_empty() {
+            "every invariant holds".to_string()
+        } else {
+            format!("{} breaches", audit.breaches.len())
+        }
+    );
+    for b in &audit.breaches {
+        println!("BREACH {b}");
+    }
+    if audit.breaches.is_empty() { Ok(()) } else { Err((Failure::Refused, "ledger invariants breached".into())) }
+}
