@@ -470,13 +470,13 @@ pub fn expire(conn: &Connection, now: DateTime<Utc>, all: bool) -> StoreResult<V
             partial: false,
             fingerprint: format!("unsettled:{}", hold.id),
         };
-        if rows::load_event(conn, &hold.account, &hold.id)?.is_some() {
-            // An event already took the hold's id: keep it and name this one after the hold.
-            let event = NewEvent { id: format!("{}#unsettled", hold.id), ..event };
-            events.push(charge_hold(conn, &hold, event, true, now)?);
+        // An event that already took the hold's id is kept; this one is named after the hold.
+        let event = if rows::load_event(conn, &hold.account, &hold.id)?.is_some() {
+            NewEvent { id: format!("{}#unsettled", hold.id), ..event }
         } else {
-            events.push(charge_hold(conn, &hold, event, true, now)?);
-        }
+            event
+        };
+        events.push(charge_hold(conn, &hold, event, true, now)?);
     }
     Ok(events)
 }

@@ -84,18 +84,7 @@ impl SqliteStore {
         configure(&conn).map_err(backend)?;
         schema::migrate(&mut conn).map_err(backend)?;
         for tier in Tier::builtins() {
-            conn.execute(
-                "INSERT OR IGNORE INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    tier.id,
-                    tier.interactive.0,
-                    tier.programmatic.0,
-                    tier.monthly_price.map(|n| n.0),
-                    tier.payg_multiplier_ppm as i64
-                ],
-            )
-            .map_err(backend)?;
+            rows::write_tier(&conn, &tier, false)?;
         }
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -263,20 +252,7 @@ const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, ex
 impl Store for SqliteStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
         self.write(move |conn| {
-            conn.execute(
-                "INSERT INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET interactive = ?2, programmatic = ?3, monthly_price = ?4,
-                     payg_multiplier_ppm = ?5",
-                params![
-                    tier.id,
-                    tier.interactive.0,
-                    tier.programmatic.0,
-                    tier.monthly_price.map(|n| n.0),
-                    tier.payg_multiplier_ppm as i64
-                ],
-            )
-            .map_err(backend)?;
+            rows::write_tier(conn, &tier, true)?;
             Ok(())
         })
         .await

@@ -52,6 +52,30 @@ pub fn tier(r: &Row) -> rusqlite::Result<Tier> {
     })
 }
 
+/// Inserts a tier; an existing tier of that id is replaced when `replace`, else kept.
+pub fn write_tier(conn: &Connection, tier: &Tier, replace: bool) -> StoreResult<()> {
+    let on_conflict = if replace {
+        "DO UPDATE SET interactive = ?2, programmatic = ?3, monthly_price = ?4, payg_multiplier_ppm = ?5"
+    } else {
+        "DO NOTHING"
+    };
+    conn.execute(
+        &format!(
+            "INSERT INTO tiers (id, interactive, programmatic, monthly_price, payg_multiplier_ppm)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) {on_conflict}"
+        ),
+        params![
+            tier.id,
+            tier.interactive.0,
+            tier.programmatic.0,
+            tier.monthly_price.map(|n| n.0),
+            tier.payg_multiplier_ppm as i64
+        ],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
 pub fn load_tier(conn: &Connection, id: &str) -> StoreResult<Option<Tier>> {
     conn.prepare_cached(&format!("SELECT {TIER_COLUMNS} FROM tiers WHERE id = ?1"))
         .and_then(|mut s| s.query_row([id], tier).optional())
