@@ -11,6 +11,7 @@ use tollgate_store::{
 };
 
 use crate::rows::{self, backend, us};
+use crate::writer::{Db, KeyTotals, PoolTotals};
 
 /// A pool's state in one cycle, plus what settling needs from its tier.
 pub struct PoolCycle {
@@ -19,41 +20,27 @@ pub struct PoolCycle {
 }
 
 /// The tier grant of a pool: the account's own grant if set, else its tier's.
-fn tier_grant(conn: &Connection, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
-    let tier = rows::load_tier(conn, &account.tier)?
+fn tier_grant(db: &Db, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
+    let tier = db
+        .tier(&account.tier)?
         .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
     Ok((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
 }
 
 /// Reads the pool's cycle row, creating it with the tier's grant when its time has come.
-pub fn pool_cycle(conn: &Connection, account: &Account, pool: PoolKind, cycle: &Cycle) -> StoreResult<PoolCycle> {
-    let existing = conn
-        .prepare_cached(
-            "SELECT grants, used, overage, held FROM pool_cycles
-             WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![account.id, pool.as_str(), us(cycle.start)], |r| {
-                Ok((Nanos(r.get(0)?), Nanos(r.get(1)?), Nanos(r.get(2)?), Nanos(r.get(3)?)))
-            })
-            .optional()
-        })
-        .map_err(backend)?;
-    let (grant, ppm) = tier_grant(conn, account, pool)?;
-    let (grants, used, overage, held) = match existing {
-        Some(row) => row,
+pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> StoreResult<PoolCycle> {
+    let (grant, ppm) = tier_grant(db, account, pool)?;
+    let id = (account.id.clone(), pool, us(cycle.start));
+    let totals = match db.pool_totals(&id)? {
+        Some(totals) => totals,
         None => {
-            conn.prepare_cached(
-                "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, 0)",
-            )
-            .and_then(|mut s| s.execute(params![account.id, pool.as_str(), us(cycle.start), us(cycle.end), grant.0]))
-            .map_err(backend)?;
-            insert_grant(conn, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start)?;
-            (grant, Nanos::ZERO, Nanos::ZERO, Nanos::ZERO)
+            let totals = db.create_pool(&id, us(cycle.end), grant)?;
+            insert_grant(db, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start)?;
+            totals
         }
     };
-    let policy = rows::load_policy(conn, &account.id, pool)?;
+    let policy = db.policy(&account.id, pool)?;
+    let PoolTotals { grants, used, overage, held } = totals;
     Ok(PoolCycle {
         scope: PoolScope { limit: policy.limit(grants), grants, used, overage, held },
         payg_multiplier_ppm: ppm,
@@ -92,7 +79,7 @@ pub fn insert_grant(
 }
 
 fn add_to_pool(
-    conn: &Connection,
+    db: &Db,
     account: &str,
     pool: PoolKind,
     cycle_start: DateTime<Utc>,
@@ -100,43 +87,20 @@ fn add_to_pool(
     overage: Nanos,
     held: Nanos,
 ) -> StoreResult<()> {
-    conn.prepare_cached(
-        "UPDATE pool_cycles SET used = used + ?4, overage = overage + ?5, held = held + ?6
-         WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
+    db.add_to_pool(
+        &(account.to_string(), pool, us(cycle_start)),
+        PoolTotals { grants: Nanos::ZERO, used, overage, held },
     )
-    .and_then(|mut s| s.execute(params![account, pool.as_str(), us(cycle_start), used.0, overage.0, held.0]))
-    .map_err(backend)?;
-    Ok(())
 }
 
-/// Reads a key's scope in a cycle, creating its row.
-fn key_cycle(conn: &Connection, key_id: &str, cap: Option<Nanos>, cycle_start: DateTime<Utc>) -> StoreResult<KeyScope> {
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, 0, 0)",
-    )
-    .and_then(|mut s| s.execute(params![key_id, us(cycle_start)]))
-    .map_err(backend)?;
-    let (charged, held) = conn
-        .prepare_cached("SELECT charged, held FROM key_cycles WHERE key_id = ?1 AND cycle_start_us = ?2")
-        .and_then(|mut s| s.query_row(params![key_id, us(cycle_start)], |r| Ok((Nanos(r.get(0)?), Nanos(r.get(1)?)))))
-        .map_err(backend)?;
+/// Reads a key's scope in a cycle.
+fn key_cycle(db: &Db, key_id: &str, cap: Option<Nanos>, cycle_start: DateTime<Utc>) -> StoreResult<KeyScope> {
+    let KeyTotals { charged, held } = db.key_totals(&(key_id.to_string(), us(cycle_start)))?;
     Ok(KeyScope { cap, charged, held })
 }
 
-fn add_to_key(
-    conn: &Connection,
-    key_id: &str,
-    cycle_start: DateTime<Utc>,
-    charged: Nanos,
-    held: Nanos,
-) -> StoreResult<()> {
-    conn.prepare_cached(
-        "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (key_id, cycle_start_us) DO UPDATE SET charged = charged + ?3, held = held + ?4",
-    )
-    .and_then(|mut s| s.execute(params![key_id, us(cycle_start), charged.0, held.0]))
-    .map_err(backend)?;
-    Ok(())
+fn add_to_key(db: &Db, key_id: &str, cycle_start: DateTime<Utc>, charged: Nanos, held: Nanos) -> StoreResult<()> {
+    db.add_to_key(&(key_id.to_string(), us(cycle_start)), KeyTotals { charged, held })
 }
 
 /// The cap of a key of `account`; `Invalid` if the account has no such key.
@@ -148,7 +112,8 @@ fn key_cap(conn: &Connection, account: &str, key_id: &str) -> StoreResult<Option
         .ok_or_else(|| StoreError::Invalid(format!("account {account:?} has no key {key_id:?}")))
 }
 
-pub fn hold(conn: &Connection, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
+pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
+    let conn: &Connection = db;
     let existing = rows::load_hold(conn, &req.account, &req.id)?;
     match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
         Replay::Same(hold) => return Ok(HoldOutcome::Replayed(hold)),
@@ -160,12 +125,17 @@ pub fn hold(conn: &Connection, req: &HoldRequest, now: DateTime<Utc>) -> StoreRe
         }
         Replay::New => {}
     }
-    let account = rows::require_account(conn, &req.account)?;
-    let cycle = account.cycle_anchor().cycle_at(now);
-    let pool = pool_cycle(conn, &account, req.pool, &cycle)?;
-    let key = match &req.key {
-        Some(id) => Some((id.as_str(), key_cycle(conn, id, key_cap(conn, &req.account, id)?, cycle.start)?)),
+    let account = db.account(&req.account)?;
+    // Every refusal before the first change: this job runs without a savepoint.
+    let cap = match &req.key {
+        Some(id) => Some(key_cap(conn, &req.account, id)?),
         None => None,
+    };
+    let cycle = account.cycle_anchor().cycle_at(now);
+    let pool = pool_cycle(db, &account, req.pool, &cycle)?;
+    let key = match (&req.key, cap) {
+        (Some(id), Some(cap)) => Some((id.as_str(), key_cycle(db, id, cap, cycle.start)?)),
+        _ => None,
     };
     let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, k)| k), req.amount) {
         Ok(d) => d,
@@ -209,9 +179,9 @@ pub fn hold(conn: &Connection, req: &HoldRequest, now: DateTime<Utc>) -> StoreRe
         ])
     })
     .map_err(backend)?;
-    add_to_pool(conn, &hold.account, hold.pool, cycle.start, Nanos::ZERO, Nanos::ZERO, hold.amount)?;
+    add_to_pool(db, &hold.account, hold.pool, cycle.start, Nanos::ZERO, Nanos::ZERO, hold.amount)?;
     if let Some((id, _)) = key {
-        add_to_key(conn, id, cycle.start, Nanos::ZERO, hold.amount)?;
+        add_to_key(db, id, cycle.start, Nanos::ZERO, hold.amount)?;
     }
     Ok(HoldOutcome::Held(hold))
 }
@@ -221,7 +191,8 @@ fn open_hold(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<row
     rows::load_hold(conn, account, hold_id)?.ok_or_else(|| StoreError::NotFound(format!("hold {hold_id:?}")))
 }
 
-pub fn settle(conn: &Connection, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
+pub fn settle(db: &Db, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
+    let conn: &Connection = db;
     let row = open_hold(conn, &req.account, &req.hold_id)?;
     match row.hold.state {
         HoldState::Open => {}
@@ -258,27 +229,22 @@ pub fn settle(conn: &Connection, req: &SettleRequest, now: DateTime<Utc>) -> Sto
     }
     event.pool = row.hold.pool;
     event.key = row.hold.key.clone();
-    charge_hold(conn, &row.hold, event, false, now)
+    charge_hold(db, &row.hold, event, false, now)
 }
 
 /// Charges a hold with an event's cost, releases the hold, records the event.
-fn charge_hold(
-    conn: &Connection,
-    hold: &Hold,
-    event: NewEvent,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> StoreResult<Event> {
-    let account = rows::require_account(conn, &hold.account)?;
+fn charge_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
+    let conn: &Connection = db;
+    let account = db.account(&hold.account)?;
     let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
-    let pool = pool_cycle(conn, &account, hold.pool, &cycle)?;
+    let pool = pool_cycle(db, &account, hold.pool, &cycle)?;
     // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
     let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
     let settlement = ledger::settle(hold.amount, event.cost, &pool.scope, ppm).map_err(overflow)?;
     let split = settlement.split;
-    add_to_pool(conn, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-hold.amount.0))?;
+    add_to_pool(db, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-hold.amount.0))?;
     if let Some(key) = &hold.key {
-        add_to_key(conn, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
+        add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
     }
     let recorded =
         insert_event(conn, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)?;
@@ -375,7 +341,8 @@ fn insert_event(
     })
 }
 
-pub fn void(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<Hold> {
+pub fn void(db: &Db, account: &str, hold_id: &str) -> StoreResult<Hold> {
+    let conn: &Connection = db;
     let row = open_hold(conn, account, hold_id)?;
     match row.hold.state {
         HoldState::Open => {}
@@ -388,9 +355,9 @@ pub fn void(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<Hold
         }
     }
     let h = &row.hold;
-    add_to_pool(conn, account, h.pool, h.cycle_start, Nanos::ZERO, Nanos::ZERO, Nanos(-h.amount.0))?;
+    add_to_pool(db, account, h.pool, h.cycle_start, Nanos::ZERO, Nanos::ZERO, Nanos(-h.amount.0))?;
     if let Some(key) = &h.key {
-        add_to_key(conn, key, h.cycle_start, Nanos::ZERO, Nanos(-h.amount.0))?;
+        add_to_key(db, key, h.cycle_start, Nanos::ZERO, Nanos(-h.amount.0))?;
     }
     conn.prepare_cached("UPDATE holds SET state = 'voided' WHERE account = ?1 AND id = ?2")
         .and_then(|mut s| s.execute([account, hold_id]))
@@ -411,7 +378,8 @@ pub fn extend(conn: &Connection, account: &str, hold_id: &str, ttl_s: u64, now: 
 }
 
 /// Records one event; the caller runs a batch inside one savepoint so a conflict undoes it all.
-pub fn record_event(conn: &Connection, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<EventOutcome> {
+pub fn record_event(db: &Db, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<EventOutcome> {
+    let conn: &Connection = db;
     let existing = rows::load_event(conn, &e.account, &e.id)?;
     match ledger::replay(existing.map(|r| (r.fingerprint, r.event)), &e.fingerprint) {
         Replay::Same(event) => return Ok(EventOutcome::Duplicate(event)),
@@ -423,22 +391,23 @@ pub fn record_event(conn: &Connection, e: &NewEvent, now: DateTime<Utc>) -> Stor
         }
         Replay::New => {}
     }
-    let account = rows::require_account(conn, &e.account)?;
+    let account = db.account(&e.account)?;
     if let Some(key) = &e.key {
         key_cap(conn, &e.account, key)?;
     }
     let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-    let pool = pool_cycle(conn, &account, e.pool, &cycle)?;
+    let pool = pool_cycle(db, &account, e.pool, &cycle)?;
     let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-    add_to_pool(conn, &e.account, e.pool, cycle.start, split.grant, split.overage, Nanos::ZERO)?;
+    add_to_pool(db, &e.account, e.pool, cycle.start, split.grant, split.overage, Nanos::ZERO)?;
     if let Some(key) = &e.key {
-        add_to_key(conn, key, cycle.start, split.total(), Nanos::ZERO)?;
+        add_to_key(db, key, cycle.start, split.total(), Nanos::ZERO)?;
     }
     insert_event(conn, e, cycle.start, split, Nanos::ZERO, None, false, now).map(EventOutcome::Recorded)
 }
 
 /// Settles open holds at their held amount, flagged `unsettled`: those expired by `now`, or all.
-pub fn expire(conn: &Connection, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>> {
+pub fn expire(db: &Db, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>> {
+    let conn: &Connection = db;
     let sql = if all {
         format!("SELECT {} FROM holds WHERE state = 'open'", rows::HOLD_COLUMNS)
     } else {
@@ -476,7 +445,7 @@ pub fn expire(conn: &Connection, now: DateTime<Utc>, all: bool) -> StoreResult<V
         } else {
             event
         };
-        events.push(charge_hold(conn, &hold, event, true, now)?);
+        events.push(charge_hold(db, &hold, event, true, now)?);
     }
     Ok(events)
 }

@@ -12,9 +12,11 @@ mod audit;
 mod ledger;
 mod rows;
 mod schema;
+mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
@@ -29,9 +31,8 @@ use tollgate_store::{
 };
 
 use crate::rows::{backend, us};
+use crate::writer::{Db, Job, PoolTotals, Reply, Run};
 
-/// Most jobs in one group commit.
-const BATCH_JOBS_MAX: usize = 1024;
 const READERS: usize = 4;
 /// Most idle reader connections kept after a burst.
 const READERS_IDLE_MAX: usize = 16;
@@ -43,20 +44,27 @@ fn open_reader(path: &Path) -> StoreResult<Connection> {
     Ok(r)
 }
 
-type Reply = Box<dyn FnOnce(Option<StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
-
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    /// Dropped with the store: stops the checkpointer.
+    _checkpoint_stop: mpsc::Sender<()>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     _lock: Option<File>,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "page_size", 4096)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Commits do not wait for the disk: the writer's syncer fsyncs the WAL before any reply
+    // (see `writer::writer`), so an acknowledged write is on disk all the same.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
+    // Checkpoints run on their own thread (see `checkpointer`), not inside the writer's commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Savepoint journals in memory; a page cache large enough for the hot tables and indexes.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -65_536)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
@@ -95,12 +103,25 @@ impl SqliteStore {
             readers.push(r);
         }
         let (tx, rx) = mpsc::channel::<Job>();
+        let restart_wal = Arc::new(AtomicBool::new(false));
+        let writer_restart = restart_wal.clone();
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let wal_path = PathBuf::from(wal_path);
         std::thread::Builder::new()
-            .name("tollgate-sqlite-writer".into())
-            .spawn(move || writer(conn, rx))
+            .name("tg-sqlite-write".into())
+            .spawn(move || writer::writer(Db::new(conn), wal_path, rx, &writer_restart))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+        let checkpoint_conn = Connection::open(path).map_err(backend)?;
+        checkpoint_conn.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("tg-sqlite-ckpt".into())
+            .spawn(move || writer::checkpointer(checkpoint_conn, stop_rx, &restart_wal))
+            .map_err(|e| StoreError::Backend(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             jobs: tx,
+            _checkpoint_stop: stop_tx,
             readers: Arc::new(Mutex::new(readers)),
             path: path.to_path_buf(),
             _lock: Some(lock),
@@ -120,14 +141,29 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on the writer inside the current group commit; replies after the commit.
-    async fn write<T: Send + 'static>(
+    /// Runs `f` on the writer inside the current group commit, in a savepoint of its own so a
+    /// failure undoes only it; replies once the commit is on disk.
+    async fn write<T: Send + 'static>(&self, f: impl FnOnce(&Db) -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+        self.submit(f, true).await
+    }
+
+    /// A ledger write that returns every refusal before its first change, so it needs no
+    /// savepoint (see [`writer::Job`]).
+    async fn write_ledger<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        f: impl FnOnce(&Db) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.submit(f, false).await
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> StoreResult<T> + Send + 'static,
+        savepoint: bool,
     ) -> StoreResult<T> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = f(conn);
+        let run: Run = Box::new(move |db| {
+            let result = f(db);
             let ok = result.is_ok();
             let reply: Reply = Box::new(move |commit_error| {
                 let _ = tx.send(match commit_error {
@@ -137,8 +173,23 @@ impl SqliteStore {
             });
             (reply, ok)
         });
-        self.jobs.send(job).map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+        self.jobs
+            .send(Job { run, savepoint })
+            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
         rx.await.map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?
+    }
+
+    /// A write that changes accounts, tiers or policies, which the writer caches.
+    async fn write_settings<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.write(move |db| {
+            let result = f(db);
+            db.settings_changed();
+            result
+        })
+        .await
     }
 
     async fn read<T: Send + 'static>(
@@ -173,55 +224,6 @@ impl SqliteStore {
     }
 }
 
-/// The writer loop: one transaction per batch of waiting jobs, replies after the commit.
-fn writer(conn: Connection, jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH_JOBS_MAX {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let err = backend(e);
-            for job in batch {
-                let (reply, _) = run_failed(job, &err);
-                reply(Some(err.clone()));
-            }
-            continue;
-        }
-        let mut replies = Vec::with_capacity(batch.len());
-        for job in batch {
-            let savepoint = conn.execute_batch("SAVEPOINT job");
-            let (reply, ok) = job(&conn);
-            if savepoint.is_ok() {
-                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-                if let Err(e) = conn.execute_batch(end) {
-                    tracing::error!(error = %e, "savepoint failed");
-                }
-            }
-            replies.push(reply);
-        }
-        match conn.execute_batch("COMMIT") {
-            Ok(()) => replies.into_iter().for_each(|r| r(None)),
-            Err(e) => {
-                tracing::error!(error = %e, "group commit failed; every write in it is refused");
-                let _ = conn.execute_batch("ROLLBACK");
-                let err = backend(e);
-                replies.into_iter().for_each(|r| r(Some(err.clone())));
-            }
-        }
-    }
-}
-
-/// Gets the reply handle of a job whose transaction could not start. The job runs against a
-/// scratch in-memory database, never the real file, and its reply carries the error.
-fn run_failed(job: Job, _err: &StoreError) -> (Reply, bool) {
-    let scratch = Connection::open_in_memory().expect("in-memory SQLite opens");
-    job(&scratch)
-}
-
 fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
     let local_day = now.with_timezone(&tz).date_naive();
     tz.from_local_datetime(&local_day.and_time(NaiveTime::MIN))
@@ -251,7 +253,7 @@ const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, ex
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
-        self.write(move |conn| {
+        self.write_settings(move |conn| {
             rows::write_tier(conn, &tier, true)?;
             Ok(())
         })
@@ -269,7 +271,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_account(&self, a: NewAccount, now: DateTime<Utc>) -> StoreResult<Account> {
-        self.write(move |conn| {
+        self.write_settings(move |conn| {
             if rows::load_tier(conn, &a.tier)?.is_none() {
                 return Err(StoreError::Invalid(format!(
                     "unknown tier {:?}: create it first or pick an existing one",
@@ -309,7 +311,7 @@ impl Store for SqliteStore {
 
     async fn update_account(&self, id: &str, u: AccountUpdate) -> StoreResult<Account> {
         let id = id.to_string();
-        self.write(move |conn| {
+        self.write_settings(move |conn| {
             let mut account = rows::require_account(conn, &id)?;
             if let Some(tier) = u.tier {
                 if rows::load_tier(conn, &tier)?.is_none() {
@@ -368,7 +370,7 @@ impl Store for SqliteStore {
 
     async fn set_policy(&self, account: &str, pool: PoolKind, p: PoolPolicy) -> StoreResult<()> {
         let account = account.to_string();
-        self.write(move |conn| {
+        self.write_settings(move |conn| {
             rows::require_account(conn, &account)?;
             conn.execute(
                 "INSERT INTO policies (account, pool, on_exhausted, overage_cap, spend_cap) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -414,11 +416,8 @@ impl Store for SqliteStore {
                 g.note.as_deref(),
                 now,
             )?;
-            conn.execute(
-                "UPDATE pool_cycles SET grants = grants + ?4 WHERE account = ?1 AND pool = ?2 AND cycle_start_us = ?3",
-                params![g.account, g.pool.as_str(), us(cycle.start), g.amount.0],
-            )
-            .map_err(backend)?;
+            let top_up = PoolTotals { grants: g.amount, ..PoolTotals::default() };
+            conn.add_to_pool(&(g.account.clone(), g.pool, us(cycle.start)), top_up)?;
             Ok(Grant {
                 id,
                 account: g.account,
@@ -564,21 +563,21 @@ impl Store for SqliteStore {
     }
 
     async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
-        self.write(move |conn| ledger::hold(conn, &request, now)).await
+        self.write_ledger(move |conn| ledger::hold(conn, &request, now)).await
     }
 
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
-        self.write(move |conn| ledger::settle(conn, &request, now)).await
+        self.write_ledger(move |conn| ledger::settle(conn, &request, now)).await
     }
 
     async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
         let (account, hold_id) = (account.to_string(), hold_id.to_string());
-        self.write(move |conn| ledger::void(conn, &account, &hold_id)).await
+        self.write_ledger(move |conn| ledger::void(conn, &account, &hold_id)).await
     }
 
     async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
         let (account, hold_id) = (account.to_string(), hold_id.to_string());
-        self.write(move |conn| ledger::extend(conn, &account, &hold_id, ttl_s, now)).await
+        self.write_ledger(move |conn| ledger::extend(conn, &account, &hold_id, ttl_s, now)).await
     }
 
     async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {

@@ -123,7 +123,6 @@ CREATE TABLE events (
     UNIQUE (account, id)
 );
 CREATE INDEX events_account_ts ON events (account, ts_us);
-CREATE INDEX events_pool_cycle ON events (account, pool, cycle_start_us);
 "#];
 
 /// Runs the migrations not yet applied, each in its own transaction.

@@ -1,0 +1,39 @@
+//! tollgate's benchmarks. Each subcommand measures one figure of docs/BENCHMARKS.md and prints
+//! it with what was measured; run them in release mode:
+//!
+//! ```text
+//! cargo run --release -p tollgate-bench -- core
+//! cargo run --release -p tollgate-bench -- sqlite [--tasks 64] [--calls 200000]
+//! ```
+
+mod core_decisions;
+mod sqlite_ledger;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("core") => core_decisions::run(&args[1..]),
+        Some("sqlite") => sqlite_ledger::run(&args[1..]),
+        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N]".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The value of `--name N` in `args`, or `default`.
+pub fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.replace('_', "").parse().ok())
+            .ok_or_else(|| format!("{name} needs a whole number, as in `{name} 1000`")),
+    }
+}
