@@ -54,7 +54,6 @@ pub struct SqliteStore {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "page_size", 4096)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Commits do not wait for the disk: the writer's syncer fsyncs the WAL before any reply
     // (see `writer::writer`), so an acknowledged write is on disk all the same.
