@@ -78,6 +78,7 @@ pub enum Command {
         /// Database URL or path (else TOLLGATE_DB, else the config's store.url).
         #[arg(long, env = "TOLLGATE_DB")]
         db: Option<String>,
+        /// Config file whose store.url names the database.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -190,6 +191,7 @@ pub enum TierCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum EventsCmd {
+    /// List an account's events, newest first.
     List {
         account: String,
         #[arg(long)]
