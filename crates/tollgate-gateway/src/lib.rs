@@ -1,0 +1,7 @@
+//! The metered proxy (SPEC section 4): what a call asks for, which pool pays, the hold for its
+//! worst case, the upstream call, the usage it reports (JSON or SSE) and the settle.
+//!
+//! Architecture invariant: the wire formats of the upstream APIs live here and nowhere else;
+//! the ledger's decisions come from `tollgate-core` and its writes go through `tollgate-store`.
+
+pub mod wire;
