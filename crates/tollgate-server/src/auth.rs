@@ -3,15 +3,10 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use sha2::{Digest, Sha256};
+pub use tollgate_store::hash_secret;
 
 use crate::AppState;
 use crate::error::ApiError;
-
-/// Hex SHA-256 of a secret: how keys and the admin token are kept.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
 
 /// The admin token, kept only as its digest.
 #[derive(Clone)]

@@ -13,6 +13,12 @@ mod types;
 
 pub use types::*;
 
+/// Hex SHA-256 of a secret: how key secrets (and the admin token) are kept and looked up.
+pub fn hash_secret(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tollgate_core::{PoolKind, PoolPolicy, Tier};
