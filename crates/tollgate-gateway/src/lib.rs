@@ -4,4 +4,12 @@
 //! Architecture invariant: the wire formats of the upstream APIs live here and nowhere else;
 //! the ledger's decisions come from `tollgate-core` and its writes go through `tollgate-store`.
 
+mod error;
+mod meter;
+mod proxy;
+pub mod upstream;
 pub mod wire;
+
+pub use error::GatewayError;
+pub use proxy::{Clock, Gateway, Settings, routes};
+pub use upstream::{Auth, Kind, Upstream};

@@ -1,0 +1,265 @@
+//! The response body the client reads: the upstream's bytes, forwarded as they arrive and read
+//! on the side for usage. However the body ends (completed, upstream error or cut, client gone)
+//! the call's hold is settled or voided exactly once.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tollgate_core::{Modifiers, PoolKind, PriceEntry, Usage};
+use tollgate_store::{NewEvent, SettleRequest};
+
+use crate::proxy::Gateway;
+use crate::upstream::Kind;
+use crate::wire::{self, AnthropicStream, OpenAiStream};
+
+/// Most bytes of a JSON response kept to read its usage.
+const JSON_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// How the response is read for usage.
+pub enum Meter {
+    /// An upstream error response: forwarded unchanged, never billed.
+    Error,
+    Json {
+        kind: Kind,
+        body: Vec<u8>,
+    },
+    AnthropicSse(AnthropicStream),
+    OpenAiSse {
+        stream: OpenAiStream,
+        /// Hide the usage chunk that tollgate asked for on the client's behalf.
+        strip_usage_chunk: bool,
+        /// Bytes of an SSE event not yet complete (only when stripping).
+        pending: Vec<u8>,
+    },
+}
+
+/// How a body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Complete,
+    UpstreamCut,
+    ClientGone,
+}
+
+impl Meter {
+    /// Reads a chunk; returns the bytes to forward.
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Meter::Error => chunk,
+            Meter::Json { body, .. } => {
+                if body.len() + chunk.len() <= JSON_BODY_BYTES_MAX {
+                    body.extend_from_slice(&chunk);
+                }
+                chunk
+            }
+            Meter::AnthropicSse(s) => {
+                s.feed(&chunk);
+                chunk
+            }
+            Meter::OpenAiSse { stream, strip_usage_chunk: false, .. } => {
+                stream.feed(&chunk);
+                chunk
+            }
+            Meter::OpenAiSse { stream, strip_usage_chunk: true, pending } => {
+                stream.feed(&chunk);
+                pending.extend_from_slice(&chunk);
+                let mut out = Vec::with_capacity(pending.len());
+                while let Some(end) = event_end(pending) {
+                    let event: Vec<u8> = pending.drain(..end).collect();
+                    if !wire::openai_is_usage_chunk(&event) {
+                        out.extend_from_slice(&event);
+                    }
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// The usage known now, whether the response is complete, and the partial estimate flag.
+    fn usage(&self, end: End) -> Option<(Usage, bool)> {
+        match self {
+            Meter::Error => None,
+            Meter::Json { kind, body } => {
+                if end != End::Complete {
+                    return None;
+                }
+                let usage = match kind {
+                    Kind::Anthropic => wire::anthropic_response_usage(body),
+                    Kind::OpenAi => wire::openai_response_usage(body),
+                };
+                usage.map(|u| (u, false))
+            }
+            Meter::AnthropicSse(s) => {
+                if !s.started {
+                    return None;
+                }
+                let whole = end == End::Complete && s.stopped && s.error.is_none();
+                let mut usage = s.usage;
+                if !whole {
+                    // Output = the larger of the last count seen and ⌈text bytes forwarded / 3⌉.
+                    usage.output_tokens = usage.output_tokens.max(s.text_bytes.div_ceil(3));
+                }
+                Some((usage, !whole))
+            }
+            Meter::OpenAiSse { stream, .. } => match (stream.usage, end) {
+                (Some(u), _) => Some((u, false)),
+                (None, _) if stream.started => {
+                    Some((Usage { output_tokens: stream.text_bytes.div_ceil(3), ..Usage::default() }, true))
+                }
+                (None, _) => None,
+            },
+        }
+    }
+}
+
+/// The end of the first complete SSE event (after its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What settling or voiding the call needs.
+pub struct Finish {
+    pub gateway: Arc<Gateway>,
+    pub account: String,
+    pub hold_id: String,
+    pub pool: PoolKind,
+    pub model: String,
+    pub entry: PriceEntry,
+    pub modifiers: Modifiers,
+    pub source: String,
+    pub labels: BTreeMap<String, String>,
+    pub started: Instant,
+}
+
+impl Finish {
+    pub async fn void(self) {
+        let now = self.gateway.now();
+        if let Err(e) = self.gateway.store.void(&self.account, &self.hold_id, now).await {
+            tracing::error!(error = %e, hold = %self.hold_id, "void failed; the sweeper will expire the hold");
+        }
+    }
+
+    async fn settle(self, usage: Usage, partial: bool, ttft_ms: Option<u64>) {
+        let now = self.gateway.now();
+        let cost = match self.entry.cost(&usage, &self.modifiers) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, hold = %self.hold_id, "cannot price the usage; the hold is kept until it expires");
+                return;
+            }
+        };
+        let event = NewEvent {
+            id: self.hold_id.clone(),
+            account: self.account.clone(),
+            pool: self.pool,
+            model: self.model.clone(),
+            usage,
+            cost,
+            service_tier: self.modifiers.batch.then(|| "batch".to_string()),
+            inference_geo: self.modifiers.geo_us.then(|| "us".to_string()),
+            speed: self.modifiers.fast.then(|| "fast".to_string()),
+            source: Some(self.source.clone()),
+            key: None,
+            labels: self.labels.clone(),
+            timestamp: now,
+            latency_ms: Some(self.started.elapsed().as_millis() as u64),
+            ttft_ms,
+            partial,
+            fingerprint: self.hold_id.clone(),
+        };
+        let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };
+        if let Err(e) = self.gateway.store.settle(request, now).await {
+            tracing::error!(error = %e, hold = %self.hold_id, "settle failed; the sweeper will expire the hold");
+        }
+    }
+}
+
+pub struct MeteredBody {
+    inner: Incoming,
+    meter: Meter,
+    finish: Option<Finish>,
+    ttft_ms: Option<u64>,
+}
+
+impl MeteredBody {
+    pub fn new(inner: Incoming, meter: Meter, finish: Finish) -> MeteredBody {
+        MeteredBody { inner, meter, finish: Some(finish), ttft_ms: None }
+    }
+
+    /// Settles (usage known) or voids (none) once, in a task of its own: a body cannot await.
+    fn end(&mut self, end: End) {
+        let Some(finish) = self.finish.take() else { return };
+        let usage = self.meter.usage(end);
+        let ttft_ms = self.ttft_ms;
+        tokio::spawn(async move {
+            match usage {
+                Some((usage, partial)) => finish.settle(usage, partial, ttft_ms).await,
+                None => finish.void().await,
+            }
+        });
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => {
+                    this.end(End::Complete);
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.end(End::UpstreamCut);
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if this.ttft_ms.is_none()
+                            && let Some(f) = &this.finish
+                        {
+                            this.ttft_ms = Some(f.started.elapsed().as_millis() as u64);
+                        }
+                        let out = this.meter.feed(data);
+                        // hyper stops polling a body that says it has ended: settle now.
+                        if this.inner.is_end_stream() {
+                            this.end(End::Complete);
+                        }
+                        if out.is_empty() {
+                            continue;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(out))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if self.finish.is_some() {
+            self.end(End::ClientGone);
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The gateway routes and the phases of one call: authenticate → read the request → pick the
+//! upstream and price → classify the pool → hold the worst case (fitting the call first if it
+//! does not fit) → forward → meter the response on the side → settle or void.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, head, post};
+use chrono::{DateTime, Utc};
+use tollgate_core::classify::{self, Decider};
+use tollgate_core::ledger::hold_amount;
+use tollgate_core::price::Allowances;
+use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, PriceTable, Refusal, RequestBound};
+use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, hash_secret};
+
+use crate::error::GatewayError;
+use crate::meter::{Finish, Meter, MeteredBody};
+use crate::upstream::{Auth, HttpClient, Kind, Upstream};
+use crate::wire::{self, RequestFacts};
+
+/// The clock, injected so tests control time.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// What the gateway is told by configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub upstreams: Vec<Upstream>,
+    /// The pool of calls no rule classifies.
+    pub default_pool: PoolKind,
+    /// Price unknown models as this model; None: refuse them.
+    pub unknown_model_as: Option<String>,
+    pub hold_ttl_s: u64,
+    pub body_size_bytes_max: usize,
+    /// "Make the call fit" never lowers `max_tokens` below this.
+    pub min_output_tokens: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    pub upstream_timeout: Duration,
+    pub allowances: Allowances,
+    /// How long a key or an account's multiplier is trusted before it is read again.
+    pub cache_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            upstreams: Vec::new(),
+            default_pool: PoolKind::Programmatic,
+            unknown_model_as: None,
+            hold_ttl_s: tollgate_core::ledger::HOLD_TTL_S_DEFAULT,
+            body_size_bytes_max: 32 * 1024 * 1024,
+            min_output_tokens: 1_024,
+            upstream_timeout: Duration::from_secs(600),
+            allowances: Allowances::default(),
+            cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub store: Arc<dyn Store>,
+    pub prices: Arc<PriceTable>,
+    pub clock: Clock,
+    pub settings: Settings,
+    client: HttpClient,
+    keys: Mutex<HashMap<String, (Key, Instant)>>,
+    multipliers: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+impl Gateway {
+    pub fn new(store: Arc<dyn Store>, prices: Arc<PriceTable>, clock: Clock, settings: Settings) -> Gateway {
+        Gateway {
+            store,
+            prices,
+            clock,
+            client: crate::upstream::http_client(Duration::from_secs(10)),
+            settings,
+            keys: Mutex::default(),
+            multipliers: Mutex::default(),
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// The key of a secret, from a short-lived cache (a revocation takes effect within `cache_ttl`).
+    async fn key(&self, secret: &str) -> Result<Key, GatewayError> {
+        let digest = hash_secret(secret);
+        let cached = self
+            .keys
+            .lock()
+            .expect("key cache")
+            .get(&digest)
+            .filter(|(_, at)| at.elapsed() < self.settings.cache_ttl)
+            .map(|(k, _)| k.clone());
+        let key = match cached {
+            Some(k) => k,
+            None => {
+                let key = self.store.key_by_hash(&digest).await.map_err(internal)?.ok_or_else(|| {
+                    GatewayError::Unauthenticated("unknown tollgate key: send a key made with `tollgate key create` in x-api-key or Authorization: Bearer".into())
+                })?;
+                self.keys.lock().expect("key cache").insert(digest, (key.clone(), Instant::now()));
+                key
+            }
+        };
+        if key.revoked_at.is_some() {
+            return Err(GatewayError::Unauthenticated(format!("tollgate key {} is revoked", key.id)));
+        }
+        Ok(key)
+    }
+
+    /// The PAYG multiplier of the account's tier (overage is charged at list × it).
+    async fn multiplier_ppm(&self, account: &str) -> Result<u64, GatewayError> {
+        if let Some((m, at)) = self.multipliers.lock().expect("multiplier cache").get(account)
+            && at.elapsed() < self.settings.cache_ttl
+        {
+            return Ok(*m);
+        }
+        let a = self
+            .store
+            .account(account)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| internal(StoreError::NotFound(account.into())))?;
+        let tier = self.store.tiers().await.map_err(internal)?.into_iter().find(|t| t.id == a.tier);
+        let m = tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM);
+        self.multipliers.lock().expect("multiplier cache").insert(account.to_string(), (m, Instant::now()));
+        Ok(m)
+    }
+}
+
+fn internal(e: StoreError) -> GatewayError {
+    tracing::error!(error = %e, "store failed during a gateway call");
+    GatewayError::Internal("tollgate could not reach its ledger; the call was not forwarded".into())
+}
+
+/// The gateway's routes, to merge into the server's router.
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/", head(probe))
+        .route("/api/hello", head(probe).get(probe))
+        .with_state(gateway)
+}
+
+async fn probe() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn messages(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    metered_call(gw, Kind::Anthropic, request).await.unwrap_or_else(|e| e.into_response_for(Kind::Anthropic))
+}
+
+async fn chat_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    metered_call(gw, Kind::OpenAi, request).await.unwrap_or_else(|e| e.into_response_for(Kind::OpenAi))
+}
+
+/// Forwarded, not billed (SPEC section 4); the caller must still hold a tollgate key.
+async fn count_tokens(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    unmetered_call(gw, Kind::Anthropic, request).await.unwrap_or_else(|e| e.into_response_for(Kind::Anthropic))
+}
+
+async fn models(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    unmetered_call(gw, Kind::Anthropic, request).await.unwrap_or_else(|e| e.into_response_for(Kind::Anthropic))
+}
+
+/// The tollgate key of a call: `x-tollgate-key` (passthrough), else `x-api-key`, else Bearer.
+fn tollgate_secret(headers: &HeaderMap) -> Option<(&str, bool)> {
+    if let Some(v) = headers.get("x-tollgate-key").and_then(|v| v.to_str().ok()) {
+        return Some((v.trim(), true));
+    }
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some((v.trim(), false));
+    }
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|v| (v.trim(), false))
+}
+
+async fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<(Key, bool), GatewayError> {
+    let (secret, separate) = tollgate_secret(headers).ok_or_else(|| {
+        GatewayError::Unauthenticated(
+            "no tollgate key: send one in x-api-key or Authorization: Bearer (or x-tollgate-key in passthrough mode)"
+                .into(),
+        )
+    })?;
+    Ok((gw.key(secret).await?, separate))
+}
+
+async fn read_body(gw: &Gateway, body: Body) -> Result<bytes::Bytes, GatewayError> {
+    let limit = gw.settings.body_size_bytes_max;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        GatewayError::TooLarge(format!("the request body is larger than the gateway's limit of {limit} bytes"))
+    })
+}
+
+async fn unmetered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<Response, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let (_key, separate) = authenticate(&gw, &parts.headers).await?;
+    let body = read_body(&gw, body).await?;
+    let model = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string));
+    let upstream = match &model {
+        Some(m) => pick_upstream(&gw, kind, m)?,
+        None => gw.settings.upstreams.iter().find(|u| u.kind == kind).ok_or_else(|| no_upstream(kind, None))?,
+    }
+    .clone();
+    let forward = upstream_request(&upstream, parts.method, &parts.uri, &parts.headers, body, separate)?;
+    let response = send(&gw, forward).await?;
+    let (parts, incoming) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::new(incoming)))
+}
+
+fn no_upstream(kind: Kind, model: Option<&str>) -> GatewayError {
+    let api = match kind {
+        Kind::Anthropic => "anthropic",
+        Kind::OpenAi => "openai",
+    };
+    match model {
+        Some(m) => GatewayError::BadRequest(format!(
+            "no upstream serves model {m:?} on the {api} route: add its name to the models of an [[upstream]] of kind \"{api}\" in tollgate.toml"
+        )),
+        None => GatewayError::BadRequest(format!("no upstream of kind \"{api}\" is configured in tollgate.toml")),
+    }
+}
+
+fn pick_upstream<'a>(gw: &'a Gateway, kind: Kind, model: &str) -> Result<&'a Upstream, GatewayError> {
+    gw.settings
+        .upstreams
+        .iter()
+        .find(|u| u.kind == kind && u.serves(model))
+        .ok_or_else(|| no_upstream(kind, Some(model)))
+}
+
+/// Headers never copied to the upstream: hop-by-hop ones, the length (recomputed), and
+/// tollgate's own. Credentials are handled apart.
+fn copied(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "x-api-key"
+            | "authorization"
+            | "x-tollgate-key"
+            | "x-tollgate-pool"
+    )
+}
+
+fn upstream_request(
+    upstream: &Upstream,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: bytes::Bytes,
+    separate_tollgate_key: bool,
+) -> Result<axum::http::Request<Body>, GatewayError> {
+    let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{}", upstream.base_url, path_and_query);
+    let mut builder = axum::http::Request::builder().method(method).uri(&url);
+    let out = builder.headers_mut().expect("a fresh request builder");
+    for (name, value) in headers.iter().filter(|(n, _)| copied(n)) {
+        out.append(name.clone(), value.clone());
+    }
+    match upstream.auth {
+        Auth::Gateway => {
+            if let Some(key) = &upstream.api_key {
+                let value = HeaderValue::from_str(key)
+                    .map_err(|_| GatewayError::Internal("the upstream key is not a valid header value".into()))?;
+                match upstream.kind {
+                    Kind::Anthropic => out.insert("x-api-key", value),
+                    Kind::OpenAi => out.insert(
+                        axum::http::header::AUTHORIZATION,
+                        HeaderValue::from_str(&format!("Bearer {key}"))
+                            .map_err(|_| GatewayError::Internal("bad upstream key".into()))?,
+                    ),
+                };
+            }
+        }
+        Auth::Passthrough => {
+            if !separate_tollgate_key {
+                return Err(GatewayError::Unauthenticated(format!(
+                    "upstream {} is in passthrough mode: send the tollgate key in x-tollgate-key and your own credential as usual",
+                    upstream.name
+                )));
+            }
+            for name in ["x-api-key", "authorization"] {
+                if let Some(v) = headers.get(name) {
+                    out.insert(name, v.clone());
+                }
+            }
+        }
+    }
+    builder
+        .body(Body::from(body))
+        .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream request: {e}")))
+}
+
+async fn send(
+    gw: &Gateway,
+    request: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, GatewayError> {
+    match tokio::time::timeout(gw.settings.upstream_timeout, gw.client.request(request)).await {
+        Err(_) => Err(GatewayError::Timeout(format!(
+            "the upstream did not answer within {} s",
+            gw.settings.upstream_timeout.as_secs()
+        ))),
+        Ok(Err(e)) => Err(GatewayError::Unreachable(format!("the upstream is unreachable: {e}"))),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// A random id for a call: its hold id, event id and `x-tollgate-request-id`.
+fn request_id() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    format!("tgr_{}", hex::encode(bytes))
+}
+
+fn classify(gw: &Gateway, key: &Key, headers: &HeaderMap) -> Result<(PoolKind, Decider), GatewayError> {
+    if let KeyPool::Fixed(pool) = key.pool {
+        return Ok((pool, Decider::Key));
+    }
+    if let Some(v) = headers.get("x-tollgate-pool") {
+        let name = v.to_str().unwrap_or("");
+        let pool = PoolKind::parse(name).ok_or_else(|| {
+            GatewayError::BadRequest(format!("x-tollgate-pool: unknown pool {name:?}; use interactive or programmatic"))
+        })?;
+        return Ok((pool, Decider::Header));
+    }
+    let ua = headers.get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    Ok(match classify::by_user_agent(ua) {
+        Some((pool, what)) => (pool, Decider::UserAgent(what)),
+        None => (gw.settings.default_pool, Decider::Default),
+    })
+}
+
+/// The price entry for a model, or the clear refusal of an unpriced one.
+fn price_entry<'a>(
+    gw: &'a Gateway,
+    model: &str,
+    day: chrono::NaiveDate,
+) -> Result<(&'a PriceEntry, String), GatewayError> {
+    match gw.prices.price_at(model, day) {
+        Ok(e) => Ok((e, gw.prices.resolve(model).unwrap_or(model).to_string())),
+        Err(original) => match &gw.settings.unknown_model_as {
+            Some(other) => gw
+                .prices
+                .price_at(other, day)
+                .map(|e| (e, model.to_string()))
+                .map_err(|e| GatewayError::BadRequest(e.to_string())),
+            None => Err(GatewayError::BadRequest(original.to_string())),
+        },
+    }
+}
+
+fn modifiers(facts: &RequestFacts) -> Modifiers {
+    Modifiers { batch: facts.batch, geo_us: facts.geo_us, fast: facts.fast }
+}
+
+fn bound(input_tokens_max: u64, max_tokens: u64, facts: &RequestFacts) -> RequestBound {
+    RequestBound {
+        body_bytes: input_tokens_max,
+        max_tokens,
+        web_search_max_uses: facts.web_search_max_uses,
+        unbounded_inputs: facts.unbounded_inputs,
+        modifiers: modifiers(facts),
+    }
+}
+
+/// The most output tokens (≤ `wanted`) whose worst case, held at the multiplier, fits `room`.
+fn affordable_output(
+    entry: &PriceEntry,
+    input_tokens_max: u64,
+    wanted: u64,
+    facts: &RequestFacts,
+    allow: &Allowances,
+    ppm: u64,
+    room: Nanos,
+) -> u64 {
+    let fits = |m: u64| {
+        entry
+            .worst_case(&bound(input_tokens_max, m, facts), allow)
+            .ok()
+            .and_then(|w| hold_amount(w, ppm))
+            .is_some_and(|h| h <= room)
+    };
+    if !fits(0) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (0u64, wanted);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
+}
+
+struct Admitted {
+    hold_id: String,
+    remaining_after: Option<Nanos>,
+    clamped_to: Option<u64>,
+    body: bytes::Bytes,
+}
+
+async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<Response, GatewayError> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let (key, separate) = authenticate(&gw, &parts.headers).await?;
+    let body = read_body(&gw, body).await?;
+    let facts = match kind {
+        Kind::Anthropic => wire::anthropic_request(&body),
+        Kind::OpenAi => wire::openai_request(&body),
+    }
+    .map_err(|e| GatewayError::BadRequest(e.0))?;
+    let upstream = pick_upstream(&gw, kind, &facts.model)?.clone();
+    let now = gw.now();
+    let (entry, model) = price_entry(&gw, &facts.model, now.date_naive())?;
+    let entry = entry.clone();
+    let (pool, decider) = classify(&gw, &key, &parts.headers)?;
+    let ppm = gw.multiplier_ppm(&key.account).await?;
+
+    // OpenAI: ask for the usage chunk when streaming, and hide it if the client did not.
+    let strip_usage_chunk = kind == Kind::OpenAi && facts.stream && !facts.include_usage;
+    let body = if strip_usage_chunk {
+        bytes::Bytes::from(wire::openai_rewrite(&body, true, None).map_err(|e| GatewayError::BadRequest(e.0))?)
+    } else {
+        body
+    };
+
+    let id = request_id();
+    let source = decider.source();
+    let admitted = admit(
+        &gw,
+        kind,
+        &upstream,
+        &parts.headers,
+        &key,
+        pool,
+        &source,
+        &model,
+        &entry,
+        &facts,
+        ppm,
+        body,
+        &id,
+        separate,
+    )
+    .await?;
+
+    let forward =
+        upstream_request(&upstream, parts.method, &parts.uri, &parts.headers, admitted.body.clone(), separate)?;
+    let finish = Finish {
+        gateway: gw.clone(),
+        account: key.account.clone(),
+        hold_id: admitted.hold_id.clone(),
+        pool,
+        model: model.clone(),
+        entry: entry.clone(),
+        modifiers: modifiers(&facts),
+        source: source.clone(),
+        labels: key.labels.clone(),
+        started,
+    };
+    let response = match send(&gw, forward).await {
+        Ok(r) => r,
+        Err(e) => {
+            finish.void().await;
+            return Err(e);
+        }
+    };
+    let (mut head, incoming) = response.into_parts();
+    let headers = &mut head.headers;
+    headers.insert("x-tollgate-pool", HeaderValue::from_static(pool.as_str()));
+    headers.insert("x-tollgate-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
+    if let Some(r) = admitted.remaining_after {
+        headers.insert("x-tollgate-remaining-usd", HeaderValue::from_str(&r.to_string()).expect("amounts are ASCII"));
+    }
+    if let Some(m) = admitted.clamped_to {
+        headers.insert("x-tollgate-max-tokens-clamped", HeaderValue::from(m));
+    }
+    if !head.status.is_success() {
+        // Errors are not billed: void, and forward the error unchanged.
+        let meter = Meter::Error;
+        return Ok(Response::from_parts(head, Body::new(MeteredBody::new(incoming, meter, finish))));
+    }
+    let is_sse = head
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let meter = match (kind, is_sse) {
+        (Kind::Anthropic, true) => Meter::AnthropicSse(Default::default()),
+        (Kind::OpenAi, true) => Meter::OpenAiSse { stream: Default::default(), strip_usage_chunk, pending: Vec::new() },
+        (_, false) => Meter::Json { kind, body: Vec::new() },
+    };
+    if strip_usage_chunk {
+        head.headers.remove(axum::http::header::CONTENT_LENGTH);
+    }
+    Ok(Response::from_parts(head, Body::new(MeteredBody::new(incoming, meter, finish))))
+}
+
+/// Holds the call's worst case; when it does not fit, first fits the call by lowering its
+/// output bound (SPEC section 3), and refuses only what cannot fit even then.
+#[allow(clippy::too_many_arguments)]
+async fn admit(
+    gw: &Gateway,
+    kind: Kind,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    key: &Key,
+    pool: PoolKind,
+    source: &str,
+    model: &str,
+    entry: &PriceEntry,
+    facts: &RequestFacts,
+    ppm: u64,
+    body: bytes::Bytes,
+    id: &str,
+    separate: bool,
+) -> Result<Admitted, GatewayError> {
+    let allow = &gw.settings.allowances;
+    let wanted = facts.max_tokens.unwrap_or(0);
+    let input_max = body.len() as u64;
+    let worst = entry
+        .worst_case(&bound(input_max, wanted, facts), allow)
+        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let amount = hold_amount(worst, ppm)
+        .ok_or_else(|| GatewayError::BadRequest("the request's worst case overflows the ledger".into()))?;
+    let refusal = match hold(gw, key, pool, source, model, amount, id).await? {
+        Ok(h) => return Ok(Admitted { hold_id: h.0, remaining_after: h.1, clamped_to: None, body }),
+        Err(r) => r,
+    };
+    let (room, resets_at) = match refusal {
+        (Refusal::PoolExhausted { remaining, .. }, resets) | (Refusal::KeyCapReached { remaining, .. }, resets) => {
+            (remaining, resets)
+        }
+        (other, resets) => return Err(refused(key, pool, other, resets, gw.now())),
+    };
+    // Fit the call: a tighter input bound from count_tokens (Anthropic), then the output bound.
+    let input_bound = match kind {
+        Kind::Anthropic => count_input_tokens(gw, upstream, headers, &body, separate)
+            .await
+            .map(|n| n + n / 20 + 100)
+            .unwrap_or(input_max),
+        Kind::OpenAi => input_max,
+    }
+    .min(input_max);
+    let fitted = affordable_output(entry, input_bound, wanted, facts, allow, ppm, room);
+    if wanted == 0 || fitted < gw.settings.min_output_tokens.min(wanted) {
+        return Err(refused(key, pool, refusal.0, resets_at, gw.now()));
+    }
+    let worst = entry
+        .worst_case(&bound(input_bound, fitted, facts), allow)
+        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let amount = hold_amount(worst, ppm).ok_or_else(|| GatewayError::BadRequest("overflow".into()))?;
+    let clamped_body = match kind {
+        Kind::Anthropic => wire::anthropic_clamp(&body, fitted),
+        Kind::OpenAi => wire::openai_rewrite(&body, false, Some(fitted)),
+    }
+    .map_err(|e| GatewayError::BadRequest(e.0))?;
+    match hold(gw, key, pool, source, model, amount, id).await? {
+        Ok(h) => Ok(Admitted {
+            hold_id: h.0,
+            remaining_after: h.1,
+            clamped_to: Some(fitted),
+            body: bytes::Bytes::from(clamped_body),
+        }),
+        Err((r, resets)) => Err(refused(key, pool, r, resets, gw.now())),
+    }
+}
+
+type HoldResult = Result<(String, Option<Nanos>), (Refusal, DateTime<Utc>)>;
+
+async fn hold(
+    gw: &Gateway,
+    key: &Key,
+    pool: PoolKind,
+    source: &str,
+    model: &str,
+    amount: Nanos,
+    id: &str,
+) -> Result<HoldResult, GatewayError> {
+    let request = HoldRequest {
+        account: key.account.clone(),
+        id: id.to_string(),
+        pool,
+        key: Some(key.id.clone()),
+        amount,
+        ttl_s: gw.settings.hold_ttl_s,
+        model: Some(model.to_string()),
+        source: Some(source.to_string()),
+        fingerprint: String::new(),
+    };
+    match gw.store.hold(request, gw.now()).await.map_err(internal)? {
+        HoldOutcome::Held(h) | HoldOutcome::Replayed(h) => Ok(Ok((h.id, h.remaining_after))),
+        HoldOutcome::Refused { refusal, resets_at } => Ok(Err((refusal, resets_at))),
+    }
+}
+
+fn refused(key: &Key, pool: PoolKind, refusal: Refusal, resets_at: DateTime<Utc>, now: DateTime<Utc>) -> GatewayError {
+    let reset = resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let message = match refusal {
+        Refusal::PoolExhausted { limit, remaining } => format!(
+            "{} credits of account {} exhausted: limit {} reached ({} left, not enough for this call); resets {reset}",
+            pool.as_str(),
+            key.account,
+            limit.to_dollars(),
+            remaining.to_dollars()
+        ),
+        Refusal::KeyCapReached { cap, remaining } => format!(
+            "key {} of account {} reached its cap of {} ({} left, not enough for this call); resets {reset}",
+            key.id,
+            key.account,
+            cap.to_dollars(),
+            remaining.to_dollars()
+        ),
+        other => format!("the call cannot be held ({}); resets {reset}", other.code()),
+    };
+    GatewayError::Refused { message, retry_after_s: (resets_at - now).num_seconds() }
+}
+
+/// Asks the upstream's free `count_tokens` for the request's input; None if it cannot say.
+async fn count_input_tokens(
+    gw: &Gateway,
+    upstream: &Upstream,
+    headers: &HeaderMap,
+    body: &[u8],
+    separate: bool,
+) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut count = serde_json::Map::new();
+    for field in ["model", "messages", "system", "tools", "tool_choice", "thinking"] {
+        if let Some(x) = v.get(field) {
+            count.insert(field.to_string(), x.clone());
+        }
+    }
+    let body = serde_json::to_vec(&count).ok()?;
+    let uri: Uri = "/v1/messages/count_tokens".parse().ok()?;
+    let request = upstream_request(upstream, Method::POST, &uri, headers, body.into(), separate).ok()?;
+    let response = tokio::time::timeout(Duration::from_secs(10), gw.client.request(request)).await.ok()?.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let bytes = http_body_util::BodyExt::collect(response.into_body()).await.ok()?.to_bytes();
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("input_tokens")?.as_u64()
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.into_response_for(Kind::Anthropic)
+    }
+}

@@ -1,0 +1,405 @@
+//! The gateway end to end: a real SQLite store, the gateway on a real socket, the testkit's mock
+//! upstream behind it, reqwest as the client. Every test checks the ledger afterwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Value, json};
+use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, PriceTable};
+use tollgate_gateway::{Auth, Gateway, Kind, Settings, Upstream};
+use tollgate_sqlite::SqliteStore;
+use tollgate_store::{KeyPool, NewAccount, NewKey, Store, hash_secret};
+use tollgate_testkit::MockUpstream;
+
+const SECRET: &str = "tg-test-secret";
+
+struct Harness {
+    url: String,
+    store: Arc<dyn Store>,
+    mock: MockUpstream,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 10, 12, 0, 0).single().expect("a real time")
+}
+
+/// An account "acme" on team-standard ($100 interactive, $50 programmatic, block), one key
+/// (pool `auto`), the gateway in front of the mock.
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).expect("store"));
+    let anchor = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single();
+    let account = NewAccount {
+        id: "acme".into(),
+        tier: "team-standard".into(),
+        anchor,
+        timezone: chrono_tz::UTC,
+        interactive_grant: None,
+        programmatic_grant: None,
+    };
+    store.create_account(account, now()).await.expect("account");
+    let key = NewKey {
+        id: "key-1".into(),
+        account: "acme".into(),
+        name: None,
+        secret_hash: hash_secret(SECRET),
+        pool: KeyPool::Auto,
+        labels: Default::default(),
+        cap: None,
+    };
+    store.create_key(key, now()).await.expect("key");
+    let mock = MockUpstream::start().await;
+    let upstream = |name: &str, kind, models: &str| Upstream {
+        name: name.into(),
+        kind,
+        base_url: mock.base_url(),
+        api_key: Some("upstream-secret".into()),
+        models: vec![models.into()],
+        auth: Auth::Gateway,
+    };
+    let settings = Settings {
+        upstreams: vec![upstream("anthropic", Kind::Anthropic, "claude-*"), upstream("openai", Kind::OpenAi, "gpt-*")],
+        ..Settings::default()
+    };
+    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), Arc::new(now), settings));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await.expect("serve") });
+    Harness { url, store, mock, client: reqwest::Client::new(), _dir: dir }
+}
+
+impl Harness {
+    fn messages(&self, body: Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/messages?beta=true", self.url))
+            .header("x-api-key", SECRET)
+            .header("anthropic-version", "2023-06-01")
+            .header("user-agent", "claude-cli/2.1.332 (external, sdk-cli)")
+            .json(&body)
+    }
+
+    /// The programmatic pool's (used + overage, held), once no hold is open or after 5 s.
+    async fn programmatic(&self) -> (Nanos, Nanos) {
+        for _ in 0..100 {
+            let b = self.store.balance("acme", now()).await.expect("balance");
+            let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
+            if p.held == Nanos::ZERO {
+                return (p.used.saturating_add(p.overage), p.held);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let b = self.store.balance("acme", now()).await.expect("balance");
+        let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
+        (p.used.saturating_add(p.overage), p.held)
+    }
+
+    async fn events(&self) -> Vec<tollgate_store::Event> {
+        let query = tollgate_store::EventQuery {
+            account: "acme".into(),
+            pool: None,
+            model: None,
+            since: None,
+            until: None,
+            after_seq: None,
+            limit: 10_000,
+        };
+        self.store.events(query).await.expect("events")
+    }
+}
+
+fn sonnet(stream: bool) -> Value {
+    json!({"model":"claude-sonnet-4-5","max_tokens":1000,"stream":stream,"messages":[{"role":"user","content":"hi"}]})
+}
+
+/// Sonnet 4.5: $3 / MTok in, $15 / MTok out. 100 in + 20 out = 300,000 + 300,000 nano-USD.
+const SONNET_100_20: Nanos = Nanos(600_000);
+
+#[tokio::test]
+async fn json_call_is_charged_its_exact_cost() {
+    let h = harness().await;
+    let r = h.messages(sonnet(false)).send().await.expect("sent");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-pool"], "programmatic");
+    assert!(r.headers()["x-tollgate-request-id"].to_str().unwrap().starts_with("tgr_"));
+    assert!(r.headers().contains_key("x-tollgate-remaining-usd"));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["content"][0]["text"], "Hello from the mock upstream.");
+    assert_eq!(h.programmatic().await, (SONNET_100_20, Nanos::ZERO));
+    let events = h.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].usage.input_tokens, events[0].usage.output_tokens), (100, 20));
+    assert_eq!(events[0].source.as_deref(), Some("ua:sdk-cli"));
+    // The upstream saw its own key, never the tollgate key, and the query string.
+    let seen = &h.mock.received()[0];
+    assert_eq!(seen.headers["x-api-key"], "upstream-secret");
+    assert_eq!(seen.path_and_query, "/v1/messages?beta=true");
+    assert_eq!(seen.headers["anthropic-version"], "2023-06-01");
+}
+
+#[tokio::test]
+async fn streamed_call_is_charged_from_the_final_cumulative_usage() {
+    let h = harness().await;
+    let r = h.messages(sonnet(true)).header("x-mock-usage", "1000,300,200,100,5000,1").send().await.expect("sent");
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("event: message_stop"), "{text}");
+    // 1000 × 3,000 + 300 × 15,000 + 200 × 3,750 + 100 × 6,000 + 5000 × 300 + 1 search × 10,000,000
+    let want = Nanos(3_000_000 + 4_500_000 + 750_000 + 600_000 + 1_500_000 + 10_000_000);
+    assert_eq!(h.programmatic().await, (want, Nanos::ZERO));
+    assert!(!h.events().await[0].partial);
+}
+
+#[tokio::test]
+async fn upstream_errors_are_forwarded_and_not_billed() {
+    let h = harness().await;
+    for status in [529u16, 500, 400] {
+        let r = h.messages(sonnet(false)).header("x-mock-status", status.to_string()).send().await.expect("sent");
+        assert_eq!(r.status().as_u16(), status);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["message"], format!("mock {status}"));
+    }
+    assert_eq!(h.programmatic().await, (Nanos::ZERO, Nanos::ZERO));
+    assert!(h.events().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_cut_stream_settles_what_was_seen_as_partial() {
+    let h = harness().await;
+    // Cut after message_start, content_block_start, ping and the first delta ("Hello from ", 11 bytes).
+    let r = h.messages(sonnet(true)).header("x-mock-cut-after", "4").send().await.expect("sent");
+    assert!(r.text().await.is_err(), "the client sees the cut");
+    // input 100 from message_start; output max(1, ⌈11 / 3⌉ = 4) = 4 → 300,000 + 60,000.
+    assert_eq!(h.programmatic().await, (Nanos(360_000), Nanos::ZERO));
+    let events = h.events().await;
+    assert!(events[0].partial);
+    assert_eq!(events[0].usage.output_tokens, 4);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_not_billed() {
+    let h = harness().await;
+    // A model served by no running upstream: point a fresh gateway at a closed port.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let settings = Settings {
+        upstreams: vec![Upstream {
+            name: "down".into(),
+            kind: Kind::Anthropic,
+            base_url: format!("http://{closed}"),
+            api_key: None,
+            models: vec!["*".into()],
+            auth: Auth::Gateway,
+        }],
+        ..Settings::default()
+    };
+    let gateway = Arc::new(Gateway::new(h.store.clone(), Arc::new(PriceTable::builtin()), Arc::new(now), settings));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await.unwrap() });
+    let r = h
+        .client
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", SECRET)
+        .json(&sonnet(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "api_error");
+    assert_eq!(h.programmatic().await, (Nanos::ZERO, Nanos::ZERO));
+}
+
+#[tokio::test]
+async fn bad_calls_get_the_apis_error_format() {
+    let h = harness().await;
+    let r = h
+        .client
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", "nope")
+        .json(&sonnet(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "authentication_error");
+    let r = h.messages(json!({"model":"claude-unknown-9","max_tokens":10,"messages":[]})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("claude-unknown-9"), "{body}");
+    let r =
+        h.client.post(format!("{}/v1/messages", h.url)).header("x-api-key", SECRET).body("{oops").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(h.mock.received().is_empty(), "nothing bad reached the upstream");
+}
+
+async fn set_block_limit(h: &Harness, grant_left: Nanos) {
+    // Programmatic pool: grant $50, block. Use all but `grant_left` with a direct event.
+    let policy = PoolPolicy { on_exhausted: OnExhausted::Block, overage_cap: None, spend_cap: None };
+    h.store.set_policy("acme", PoolKind::Programmatic, policy).await.unwrap();
+    let used = Nanos(Nanos::from_usd(50).0 - grant_left.0);
+    let event = tollgate_store::NewEvent {
+        id: "burn".into(),
+        account: "acme".into(),
+        pool: PoolKind::Programmatic,
+        model: "claude-sonnet-4-5".into(),
+        usage: Default::default(),
+        cost: used,
+        service_tier: None,
+        inference_geo: None,
+        speed: None,
+        source: None,
+        key: None,
+        labels: Default::default(),
+        timestamp: now(),
+        latency_ms: None,
+        ttft_ms: None,
+        partial: false,
+        fingerprint: "burn".into(),
+    };
+    h.store.record_events(vec![event], now()).await.unwrap();
+}
+
+#[tokio::test]
+async fn refusal_is_a_429_billing_error_that_says_when_it_resets() {
+    let h = harness().await;
+    set_block_limit(&h, Nanos(1_000)).await;
+    let r = h.messages(sonnet(false)).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    // Now is 2026-11-10T12:00Z; the cycle resets 2026-12-01T00:00Z: 20.5 days.
+    assert_eq!(r.headers()["retry-after"], (20 * 86_400 + 12 * 3_600).to_string());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "billing_error");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("programmatic credits of account acme exhausted") && message.contains("2026-12-01T00:00:00Z"),
+        "{message}"
+    );
+    assert!(
+        h.mock.received().iter().all(|r| !r.path_and_query.starts_with("/v1/messages?")),
+        "a refused call is not forwarded"
+    );
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(SECRET)
+        .json(&json!({"model":"gpt-5","max_completion_tokens":1000,"messages":[]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+}
+
+#[tokio::test]
+async fn a_claude_code_call_near_the_end_of_a_pool_is_fitted_not_refused() {
+    let h = harness().await;
+    set_block_limit(&h, Nanos(500_000_000)).await;
+    let body = json!({"model":"claude-opus-5-5","max_tokens":128000,"stream":true,
+        "messages":[{"role":"user","content":"Write a haiku about budgets."}]});
+    let r =
+        h.messages(body).header("x-mock-input-tokens", "2000").header("x-mock-usage", "2000,500").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    let clamped: u64 = r.headers()["x-tollgate-max-tokens-clamped"].to_str().unwrap().parse().unwrap();
+    assert!((1_024..128_000).contains(&clamped), "{clamped}");
+    r.text().await.unwrap();
+    let forwarded = h.mock.received().into_iter().find(|r| r.path_and_query.starts_with("/v1/messages?")).unwrap();
+    assert_eq!(forwarded.body["max_tokens"].as_u64(), Some(clamped));
+    // Opus 5.5: $4 in, $20 out: 2000 × 4,000 + 500 × 20,000 = 18,000,000 nano-USD.
+    let (charged, held) = h.programmatic().await;
+    assert_eq!(held, Nanos::ZERO);
+    assert_eq!(charged, Nanos(50_000_000_000 - 500_000_000 + 18_000_000));
+    assert!(charged <= Nanos::from_usd(50));
+}
+
+#[tokio::test]
+async fn openai_stream_usage_chunk_is_requested_and_hidden() {
+    let h = harness().await;
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(SECRET)
+        .header("user-agent", "OpenAI/Python 1.99.0")
+        .header("x-mock-usage", "1000,50,0,0,600")
+        .json(&json!({"model":"gpt-5","stream":true,"max_completion_tokens":500,"messages":[{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("[DONE]") && !text.contains("\"usage\":{"), "{text}");
+    let seen = h.mock.received();
+    assert_eq!(seen[0].body["stream_options"]["include_usage"], Value::Bool(true));
+    assert_eq!(seen[0].headers["authorization"], "Bearer upstream-secret");
+    // gpt-5: $1.25 in, $0.125 cached, $10 out; prompt 1600 incl. 600 cached:
+    // 1000 × 1,250 + 600 × 125 + 50 × 10,000 = 1,250,000 + 75,000 + 500,000.
+    assert_eq!(h.programmatic().await, (Nanos(1_825_000), Nanos::ZERO));
+    assert_eq!(h.events().await[0].source.as_deref(), Some("ua:openai-sdk"));
+}
+
+#[tokio::test]
+async fn streaming_is_not_buffered() {
+    let h = harness().await;
+    let started = std::time::Instant::now();
+    let r = h.messages(sonnet(true)).header("x-mock-delay-ms", "200").send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let first = futures_util::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert!(String::from_utf8_lossy(&first).contains("message_start"));
+    while futures_util::StreamExt::next(&mut stream).await.is_some() {}
+    let all_at = started.elapsed();
+    // 8 events 200 ms apart: the first arrives after one delay, the whole after eight.
+    assert!(all_at >= first_at + Duration::from_millis(1_000), "first {first_at:?}, all {all_at:?}");
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_settles_what_was_seen() {
+    let h = harness().await;
+    let r = h.messages(sonnet(true)).header("x-mock-delay-ms", "100").send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    futures_util::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    drop(stream);
+    let (charged, held) = h.programmatic().await;
+    assert_eq!(held, Nanos::ZERO);
+    // message_start was seen (100 in, 1 out); the rest was not: 300,000 + 15,000.
+    assert_eq!(charged, Nanos(315_000));
+    assert!(h.events().await[0].partial);
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_calls_never_pass_the_limit() {
+    let h = harness().await;
+    // Each call's worst case: body ≈ 120 bytes × $6 (1h write) + 1000 × $15 ≈ $0.0157; room for ~10.
+    set_block_limit(&h, Nanos(160_000_000)).await;
+    // Each call uses its whole output bound, so it costs nearly its worst case: exactly 10 fit.
+    let calls = (0..1_000).map(|_| h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send());
+    let results = futures_util::future::join_all(calls).await;
+    let mut ok = 0;
+    for r in results {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(r.headers()["x-should-retry"], "false");
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["type"], "billing_error");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let (charged, held) = h.programmatic().await;
+    assert_eq!(held, Nanos::ZERO);
+    assert!(charged <= Nanos::from_usd(50), "charged {charged} passed the $50 limit");
+    let events = h.events().await;
+    let sum = events.iter().fold(Nanos::ZERO, |s, e| s.saturating_add(e.grant_part).saturating_add(e.overage_part));
+    assert_eq!(sum, charged, "charged = Σ events");
+    assert_eq!(events.len(), ok + 1, "one event per admitted call, plus the burn");
+    // Worst case ≈ $0.01566, cost $0.0153: after 10 calls $0.007 is left, less than one worst case.
+    assert_eq!(ok, 10);
+}
