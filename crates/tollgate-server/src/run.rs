@@ -89,14 +89,82 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         hold_ttl_s: settings.file.server.hold_ttl_s,
         api_body_size_bytes_max: settings.file.server.api_body_size_bytes_max,
     };
+    let gateway = Arc::new(tollgate_gateway::Gateway::new(
+        store.clone(),
+        state.prices.clone(),
+        clock.clone(),
+        gateway_settings(&settings, env)?,
+    ));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     tracing::info!(listen = %settings.listen, "tollgate serving");
-    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let app = router(state).merge(tollgate_gateway::routes(gateway));
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     sweeper.abort();
     result.map_err(|e| format!("server error: {e}"))
+}
+
+/// The gateway's settings from the configuration. Without any `[[upstream]]`, tollgate fronts
+/// the Anthropic API (models `claude-*`, key from `ANTHROPIC_API_KEY`) and the OpenAI API (models
+/// `gpt-*`, `o*`, key from `OPENAI_API_KEY`).
+fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gateway::Settings, String> {
+    use tollgate_gateway::{Auth, Kind, Upstream};
+    let mut sections = settings.file.upstream.clone();
+    if sections.is_empty() {
+        let default =
+            |name: &str, kind: &str, url: &str, key: &str, models: &[&str]| tollgate_config::UpstreamSection {
+                name: name.into(),
+                kind: kind.into(),
+                base_url: url.into(),
+                api_key_env: Some(key.into()),
+                models: models.iter().map(|m| m.to_string()).collect(),
+                auth: "gateway".into(),
+            };
+        sections.push(default(
+            "anthropic",
+            "anthropic",
+            "https://api.anthropic.com",
+            "ANTHROPIC_API_KEY",
+            &["claude-*"],
+        ));
+        sections.push(default("openai", "openai", "https://api.openai.com", "OPENAI_API_KEY", &["gpt-*", "o*"]));
+    }
+    let mut upstreams = Vec::with_capacity(sections.len());
+    for u in sections {
+        let kind = match u.kind.as_str() {
+            "anthropic" => Kind::Anthropic,
+            "openai" => Kind::OpenAi,
+            other => return Err(format!("upstream {}: unknown kind {other:?} (anthropic or openai)", u.name)),
+        };
+        let auth = if u.auth == "passthrough" { Auth::Passthrough } else { Auth::Gateway };
+        let api_key = u.api_key_env.as_deref().and_then(|name| env.var(name));
+        if auth == Auth::Gateway && api_key.is_none() {
+            tracing::warn!(
+                upstream = %u.name,
+                env = u.api_key_env.as_deref().unwrap_or("(none)"),
+                "no upstream key in the environment: the upstream will refuse gateway calls"
+            );
+        }
+        upstreams.push(Upstream {
+            name: u.name,
+            kind,
+            base_url: u.base_url.trim_end_matches('/').to_string(),
+            api_key,
+            models: if u.models.is_empty() { vec!["*".into()] } else { u.models },
+            auth,
+        });
+    }
+    Ok(tollgate_gateway::Settings {
+        upstreams,
+        unknown_model_as: match &settings.unknown_model {
+            tollgate_config::UnknownModel::Reject => None,
+            tollgate_config::UnknownModel::PriceAs(m) => Some(m.clone()),
+        },
+        hold_ttl_s: settings.file.server.hold_ttl_s,
+        ..tollgate_gateway::Settings::default()
+    })
 }
 
 /// Expires holds past their time to live. With the SQLite store there is one process, so this
