@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 use tollgate_config::UsdInput;
+use tollgate_core::usage::{TOKENS_PER_CALL_MAX, TOOL_REQUESTS_PER_CALL_MAX};
 use tollgate_core::{Nanos, Tier, Usage, price::PriceEntry};
 use tollgate_store::{Account, Balance, Event, Grant, Hold, Key, PoolBalance};
 
@@ -188,23 +190,49 @@ pub fn price(p: &PriceEntry) -> Value {
     })
 }
 
-/// Token counts as posted; absent counts are zero, negative or fractional ones are refused by
-/// the parser, absurd ones by validation.
+/// Token counts as posted; absent counts are zero. Anything but a whole number from 0 to
+/// `u64::MAX` is refused by the parser with what a count is; absurd counts by validation.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UsageIn {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     pub input_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     pub output_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     pub cache_creation_5m_input_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     pub cache_creation_1h_input_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     pub cache_read_input_tokens: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "request_count")]
     pub web_search_requests: u64,
+}
+
+fn token_count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    count(d, "token count", TOKENS_PER_CALL_MAX)
+}
+
+fn request_count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    count(d, "request count", TOOL_REQUESTS_PER_CALL_MAX)
+}
+
+/// A count read through a JSON value, so every shape (and a number `u64` cannot hold, which
+/// serde_json's `arbitrary_precision` reports only as "invalid number") gets the same message.
+fn count<'de, D: Deserializer<'de>>(d: D, what: &str, max: u64) -> Result<u64, D::Error> {
+    let value = Value::deserialize(d)?;
+    let shown = match &value {
+        Value::Number(n) => match n.as_u64() {
+            Some(count) => return Ok(count),
+            None => n.to_string(),
+        },
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Array(_) => "a list".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    };
+    Err(D::Error::custom(format!("{shown} is not a {what}: give a whole number from 0 to {max}")))
 }
 
 impl UsageIn {

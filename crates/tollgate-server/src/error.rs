@@ -1,6 +1,8 @@
 //! The one error type of the management API and its single mapping to HTTP:
 //! `{"error":{"code":…,"message":…}}`. Internal details go to the log, never to the client.
 
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -16,6 +18,8 @@ pub enum ApiError {
     Forbidden(String),
     /// 404: no such thing, or not the caller's to see.
     NotFound(String),
+    /// 405: a known route asked with a method it does not serve; the message names the allowed ones.
+    MethodNotAllowed(String),
     /// 409: an idempotency id reused with different content, or a state that forbids the change.
     Conflict(String),
     /// 413.
@@ -43,6 +47,38 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// A query string that does not fit the handler's parameters. The inner error names the
+/// parameter (`limit: "abc" is not a whole number`) or lists the known ones (unknown field).
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        let detail = std::error::Error::source(&rejection).map_or_else(|| rejection.body_text(), ToString::to_string);
+        ApiError::BadRequest(format!("invalid query string: {detail}"))
+    }
+}
+
+/// A path segment that does not fit the handler's parameters (all of ours are text, so in
+/// practice: not UTF-8 once percent-decoded). A route and handler that disagree are our bug.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        let PathRejection::FailedToDeserializePathParams(e) = rejection else {
+            return ApiError::Internal(format!("path parameters: {rejection}"));
+        };
+        match e.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                ApiError::bad(format!("path parameter {key} is not valid UTF-8 once percent-decoded"))
+            }
+            ErrorKind::ParseErrorAtKey { key, value, expected_type } => {
+                ApiError::bad(format!("path parameter {key} {value:?} must be a {expected_type}"))
+            }
+            ErrorKind::DeserializeError { key, value, message } => {
+                ApiError::bad(format!("path parameter {key} {value:?}: {message}"))
+            }
+            _ if e.status().is_server_error() => ApiError::Internal(format!("path parameters: {}", e.body_text())),
+            kind => ApiError::bad(format!("invalid path: {kind}")),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message, extra) = match self {
@@ -50,6 +86,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m, None),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m, None),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m, None),
+            ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m, None),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", m, None),
             ApiError::Refused { code, message, retry_after_s, details } => {

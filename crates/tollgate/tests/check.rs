@@ -342,20 +342,32 @@ fn check_on_something_that_is_not_a_database_fails() {
     let junk = dir.path().join("junk.db");
     std::fs::write(&junk, "this is not an SQLite database, just some text that is long enough to have a header")
         .unwrap();
-    let out = check(dir.path(), &["--db", junk.to_str().unwrap()], &[]);
-    let (stdout, stderr) = text(&out);
-    assert!(!out.status.success(), "junk passed the check: {stdout}{stderr}");
-    assert!(!stdout.contains("every invariant holds"), "{stdout}");
-    assert!(stderr.contains("not a database"), "{stderr}");
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, "").unwrap();
+    let foreign = dir.path().join("foreign.db");
+    sql(&foreign, "CREATE TABLE notes (body TEXT)");
+    let this_dir = dir.path().to_path_buf();
+    for (file, says) in
+        [(&junk, "not a database"), (&empty, "empty"), (&foreign, "not tollgate's"), (&this_dir, "directory")]
+    {
+        let arg = file.to_str().unwrap();
+        let out = check(dir.path(), &["--db", arg], &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{arg} is a usage error: {stdout}{stderr}");
+        assert!(!stdout.contains("every invariant holds"), "{stdout}");
+        assert!(stderr.contains(arg) && stderr.contains(says), "{arg}: the message names the path: {stderr}");
+        // The same with --json: nothing on stdout that a script could mistake for a result.
+        let out = check(dir.path(), &["--json", "--db", arg], &[]);
+        assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+        assert!(out.stdout.is_empty(), "{:?}", text(&out));
+    }
     let out = check(dir.path(), &["--db", "mysql://db.example/tollgate"], &[]);
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
     assert!(text(&out).1.contains("sqlite://"), "{:?}", text(&out));
 }
 
-/// SPEC section 9: "`--json` everywhere". `check` accepts the global `--json` but prints its
-/// human summary.
+/// SPEC section 9: "`--json` everywhere": one JSON object on stdout, the same exit codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: `tollgate check --json` ignores --json and prints the human text (crates/tollgate/src/commands/mod.rs, fn check)"]
 async fn check_json_output() {
     let (dir, db) = database().await;
     let db_arg = db.to_str().unwrap();
@@ -363,12 +375,17 @@ async fn check_json_output() {
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}): {}", text(&out).0));
+    assert_eq!(v["ok"], json!(true), "{v}");
+    assert_eq!(v["database"], json!(db_arg), "{v}");
     assert_eq!(v["events_checked"], json!(EVENTS), "{v}");
+    assert!(v["pools_checked"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(v["holds_open"].as_u64().is_some(), "{v}");
     assert_eq!(v["breaches"], json!([]), "{v}");
     sql(&db, "UPDATE pool_cycles SET used = used + 1 WHERE account = 'acme' AND pool = 'programmatic'");
     let out = check(dir.path(), &["--json", "--db", db_arg], &[]);
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], json!(false), "{v}");
     let breach = v["breaches"][0].to_string();
     assert!(breach.contains("acme") && breach.contains("programmatic"), "{v}");
 }

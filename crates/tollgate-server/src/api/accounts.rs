@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono_tz::Tz;
@@ -12,6 +12,7 @@ use tollgate_config::UsdInput;
 use tollgate_core::{Nanos, OnExhausted, PoolKind};
 use tollgate_store::{AccountUpdate, KeyPool, NewAccount, NewGrant, NewKey};
 
+use super::extract::Path;
 use super::{check_id, check_labels, check_text, parse_pool};
 use crate::AppState;
 use crate::auth::{Caller, hash_secret};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Duration, Utc};
@@ -14,6 +14,7 @@ use tollgate_core::ledger::HOLD_TTL_S_MAX;
 use tollgate_core::{Modifiers, Nanos, PoolKind, Refusal, Usage};
 use tollgate_store::{EventOutcome, EventQuery, HoldOutcome, HoldRequest, NewEvent, SettleRequest};
 
+use super::extract::{Path, Query, whole_number};
 use super::{check_id, check_labels, check_text, parse_pool};
 use crate::AppState;
 use crate::auth::Caller;
@@ -194,8 +195,10 @@ pub struct EventsParams {
     model: Option<String>,
     since: Option<String>,
     until: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     after: Option<i64>,
-    limit: Option<usize>,
+    #[serde(default, deserialize_with = "whole_number")]
+    limit: Option<i64>,
 }
 
 pub async fn list_events(
@@ -208,10 +211,10 @@ pub async fn list_events(
     if s.store.account(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {id:?} not found")));
     }
-    let limit = p.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad("limit must be between 1 and 1000"));
-    }
+    let limit = match p.limit.unwrap_or(100) {
+        n @ 1..=1000 => n as usize,
+        n => return Err(ApiError::bad(format!("limit must be between 1 and 1000, not {n}"))),
+    };
     let query = EventQuery {
         account: id,
         pool: p.pool.as_deref().map(parse_pool).transpose()?,

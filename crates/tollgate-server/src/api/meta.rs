@@ -1,6 +1,6 @@
 //! Health probes, the OpenAPI document, tiers and prices.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use chrono::NaiveDate;
@@ -10,6 +10,7 @@ use tollgate_config::{UsdInput, parse_multiplier_ppm};
 use tollgate_core::Tier;
 use tollgate_core::tier::PPM;
 
+use super::extract::{Path, Query};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::dto::{self, parse_usd};

@@ -1,6 +1,7 @@
 //! The management API router (SPEC section 5) and the checks its handlers share.
 
 mod accounts;
+mod extract;
 mod ledger;
 mod meta;
 
@@ -8,8 +9,9 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
 use crate::AppState;
@@ -18,7 +20,7 @@ use crate::error::ApiError;
 /// The whole HTTP surface, without a socket.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.api_body_size_bytes_max;
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(meta::healthz))
         .route("/readyz", get(meta::readyz))
         .route("/api/v1/openapi.json", get(meta::openapi))
@@ -43,7 +45,40 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route; see /api/v1/openapi.json".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    // axum adds a 405's `Allow` header outside every layer of `routes`, so the JSON error that
+    // names the allowed methods is made one router up.
+    Router::new().fallback_service(routes).layer(middleware::from_fn(method_not_allowed))
+}
+
+/// A known route asked with a method it does not serve: the API's JSON error, naming the method
+/// and the allowed ones (axum's own answer is an empty body with an `Allow` header, kept).
+async fn method_not_allowed(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let allowed: Vec<&str> = allow
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
+    let message = if allowed.is_empty() {
+        format!("{method} is not allowed on {path}")
+    } else {
+        format!("{method} is not allowed on {path}; allowed: {}", allowed.join(", "))
+    };
+    let mut response = ApiError::MethodNotAllowed(message).into_response();
+    if let Some(allow) = allow {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
 }
 
 /// One log line per request: method, path (no query, no headers: no secrets), status, time.

@@ -47,7 +47,7 @@ pub async fn run(cli: Cli) -> Outcome<()> {
     match cli.command {
         Command::Serve { config } => serve(config).await,
         Command::Init { path, force } => init(&path, force),
-        Command::Check { db, config } => check(db, config).await,
+        Command::Check { db, config } => check(db, config, json).await,
         Command::Account(c) => manage::account(&client(), c, json).await,
         Command::Pool(c) => manage::pool(&client(), c, json).await,
         Command::Grant(c) => manage::grant(&client(), c, json).await,
@@ -94,31 +94,80 @@ fn init(path: &Path, force: bool) -> Outcome<()> {
     Ok(())
 }
 
-async fn check(db: Option<String>, config: Option<PathBuf>) -> Outcome<()> {
+async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outcome<()> {
     let url = match db {
         Some(url) => StoreUrl::parse(&url).map_err(|e| usage(e.to_string()))?,
         None => Settings::load(config_path(config).as_deref(), &ProcessEnv).map_err(|e| usage(e.to_string()))?.store,
     };
-    let audit = match &url {
-        StoreUrl::Sqlite(path) => tollgate_sqlite::SqliteStore::audit_file(path).map_err(|e| match e {
-            tollgate_store::StoreError::NotFound(what) => usage(format!("{what} does not exist")),
-            other => (Failure::Internal, other.to_string()),
-        })?,
+    let (path, audit) = match &url {
+        StoreUrl::Sqlite(path) => {
+            not_a_sqlite_file(path)?;
+            let audit = tollgate_sqlite::SqliteStore::audit_file(path).map_err(|e| match e {
+                tollgate_store::StoreError::NotFound(what) => usage(format!("{what} does not exist")),
+                // SQLite's words for a database without tollgate's tables.
+                tollgate_store::StoreError::Backend(m) if m.contains("no such table") => usage(format!(
+                    "{} is an SQLite database but not tollgate's, or from another version of it ({m})",
+                    path.display()
+                )),
+                other => (Failure::Internal, format!("cannot check {}: {other}", path.display())),
+            })?;
+            (path, audit)
+        }
         StoreUrl::Postgres(_) => return Err(usage("PostgreSQL is not supported by this build yet")),
     };
-    println!(
-        "checked {} pool cycles, {} events, {} open holds: {}",
-        audit.pools_checked,
-        audit.events_checked,
-        audit.holds_open,
-        if audit.breaches.is_empty() {
-            "every invariant holds".to_string()
-        } else {
-            format!("{} breaches", audit.breaches.len())
+    if json {
+        let v = serde_json::json!({
+                "ok": audit.breaches.is_empty(),
+                "database": path.display().to_string(),
+                "pools_checked": audit.pools_checked,
+                "events_checked": audit.events_checked,
+                "holds_open": audit.holds_open,
+                "breaches": audit.breaches,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON prints"));
+    } else {
+        println!(
+            "checked {} pool cycles, {} events, {} open holds: {}",
+            audit.pools_checked,
+            audit.events_checked,
+            audit.holds_open,
+            if audit.breaches.is_empty() {
+                "every invariant holds".to_string()
+            } else {
+                format!("{} breaches", audit.breaches.len())
+            }
+        );
+        for b in &audit.breaches {
+            println!("BREACH {b}");
         }
-    );
-    for b in &audit.breaches {
-        println!("BREACH {b}");
     }
     if audit.breaches.is_empty() { Ok(()) } else { Err((Failure::Refused, "ledger invariants breached".into())) }
+}
+
+/// The first 16 bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// A path given for the database that is no SQLite database at all is the caller's mistake
+/// (exit 2), not ours: say so and name it. A missing file is left to `audit_file`.
+fn not_a_sqlite_file(path: &Path) -> Outcome<()> {
+    use std::io::Read;
+    if path.is_dir() {
+        return Err(usage(format!("{} is a directory, not a database file", path.display())));
+    }
+    let mut header = Vec::with_capacity(SQLITE_HEADER.len());
+    match std::fs::File::open(path) {
+        Ok(file) => file
+            .take(SQLITE_HEADER.len() as u64)
+            .read_to_end(&mut header)
+            .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(usage(format!("cannot read {}: {e}", path.display()))),
+    };
+    if header.is_empty() {
+        return Err(usage(format!("{} is an empty file, not a tollgate database", path.display())));
+    }
+    if header != SQLITE_HEADER {
+        return Err(usage(format!("{} is not a database: it does not start with the SQLite header", path.display())));
+    }
+    Ok(())
 }
