@@ -114,24 +114,20 @@ fn key_cap(conn: &Connection, account: &str, key_id: &str) -> StoreResult<Option
 
 pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
     let conn: &Connection = db;
-    let existing = rows::load_hold(conn, &req.account, &req.id)?;
-    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
-        Replay::Same(hold) => return Ok(HoldOutcome::Replayed(hold)),
-        Replay::Conflict => {
-            return Err(StoreError::Conflict(format!(
-                "hold id {:?} was already used for a different request; use a new id",
-                req.id
-            )));
-        }
-        Replay::New => {}
-    }
+    // Every refusal comes before the first change: this job runs without a savepoint. A repeated
+    // id is found by the insert's own uniqueness check when the pool's row already exists (the
+    // usual case, one statement less); when this hold would create the row, it is looked up first.
     let account = db.account(&req.account)?;
-    // Every refusal before the first change: this job runs without a savepoint.
     let cap = match &req.key {
         Some(id) => Some(key_cap(conn, &req.account, id)?),
         None => None,
     };
     let cycle = account.cycle_anchor().cycle_at(now);
+    if db.pool_totals(&(account.id.clone(), req.pool, us(cycle.start)))?.is_none()
+        && let Some(outcome) = replay_hold(conn, req)?
+    {
+        return Ok(outcome);
+    }
     let pool = pool_cycle(db, &account, req.pool, &cycle)?;
     let key = match (&req.key, cap) {
         (Some(id), Some(cap)) => Some((id.as_str(), key_cycle(db, id, cap, cycle.start)?)),
@@ -139,7 +135,12 @@ pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldO
     };
     let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, k)| k), req.amount) {
         Ok(d) => d,
-        Err(refusal) => return Ok(HoldOutcome::Refused { refusal, resets_at: cycle.end }),
+        Err(refusal) => {
+            return Ok(match replay_hold(conn, req)? {
+                Some(outcome) => outcome,
+                None => HoldOutcome::Refused { refusal, resets_at: cycle.end },
+            });
+        }
     };
     let hold = Hold {
         id: req.id.clone(),
@@ -156,34 +157,61 @@ pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldO
         expires_at: now + Duration::seconds(req.ttl_s as i64),
         remaining_after: decision.pool_remaining,
     };
-    conn.prepare_cached(
-        "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
                             created_us, expires_us, remaining_after, fingerprint)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            hold.account,
-            hold.id,
-            hold.pool.as_str(),
-            hold.key,
-            hold.amount.0,
-            hold.model,
-            hold.source,
-            us(hold.cycle_start),
-            us(hold.cycle_end),
-            us(hold.created_at),
-            us(hold.expires_at),
-            hold.remaining_after.map(|n| n.0),
-            req.fingerprint
-        ])
-    })
-    .map_err(backend)?;
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                hold.account,
+                hold.id,
+                hold.pool.as_str(),
+                hold.key,
+                hold.amount.0,
+                hold.model,
+                hold.source,
+                us(hold.cycle_start),
+                us(hold.cycle_end),
+                us(hold.created_at),
+                us(hold.expires_at),
+                hold.remaining_after.map(|n| n.0),
+                req.fingerprint
+            ])
+        });
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => {
+            return replay_hold(conn, req)?
+                .ok_or_else(|| StoreError::Backend(format!("hold {:?} is both present and absent", req.id)));
+        }
+        Err(e) => return Err(backend(e)),
+    }
     add_to_pool(db, &hold.account, hold.pool, cycle.start, Nanos::ZERO, Nanos::ZERO, hold.amount)?;
     if let Some((id, _)) = key {
         add_to_key(db, id, cycle.start, Nanos::ZERO, hold.amount)?;
     }
     Ok(HoldOutcome::Held(hold))
+}
+
+/// The outcome of a hold request whose id was used before: the first hold if the request is the
+/// same, a conflict if not; None if the id is new.
+fn replay_hold(conn: &Connection, req: &HoldRequest) -> StoreResult<Option<HoldOutcome>> {
+    let existing = rows::load_hold(conn, &req.account, &req.id)?;
+    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
+        Replay::Same(hold) => Ok(Some(HoldOutcome::Replayed(hold))),
+        Replay::Conflict => Err(StoreError::Conflict(format!(
+            "hold id {:?} was already used for a different request; use a new id",
+            req.id
+        ))),
+        Replay::New => Ok(None),
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+        || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
 /// Loads an open hold for settling or voiding, or explains why it cannot be.
@@ -214,13 +242,6 @@ pub fn settle(db: &Db, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<E
             )));
         }
     }
-    let event_id = if req.event.id.is_empty() { &req.hold_id } else { &req.event.id };
-    if rows::load_event(conn, &req.account, event_id)?.is_some() {
-        return Err(StoreError::Conflict(format!(
-            "event id {:?} is already recorded; settle with another event id",
-            req.event.id
-        )));
-    }
     let mut event = req.event.clone();
     // The hold decides where the charge goes: its account, pool and key, never the event's.
     event.account = row.hold.account.clone();
@@ -240,7 +261,17 @@ fn charge_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: Date
     let pool = pool_cycle(db, &account, hold.pool, &cycle)?;
     // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
     let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
-    let settlement = ledger::settle(hold.amount, event.cost, &pool.scope, ppm).map_err(overflow)?;
+    let settlement = match ledger::settle(hold.amount, event.cost, &pool.scope, ppm) {
+        Ok(s) => s,
+        // A taken event id is reported before a bad amount, as when it was checked first.
+        Err(_) if rows::load_event(conn, &hold.account, &event.id)?.is_some() => {
+            return Err(StoreError::Conflict(format!(
+                "event id {:?} is already recorded; use another event id",
+                event.id
+            )));
+        }
+        Err(refusal) => return Err(overflow(refusal)),
+    };
     let split = settlement.split;
     add_to_pool(db, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-hold.amount.0))?;
     if let Some(key) = &hold.key {
@@ -271,6 +302,7 @@ fn insert_event(
     now: DateTime<Utc>,
 ) -> StoreResult<Event> {
     let labels = rows::labels_to_text(&e.labels);
+    let event_id = &e.id;
     conn.prepare_cached(
         "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
              cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
@@ -312,7 +344,13 @@ fn insert_event(
             e.fingerprint
         ])
     })
-    .map_err(backend)?;
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("event id {:?} is already recorded; use another event id", event_id))
+        } else {
+            backend(e)
+        }
+    })?;
     Ok(Event {
         seq: conn.last_insert_rowid(),
         id: e.id.clone(),
