@@ -4,9 +4,11 @@
 //! ```text
 //! cargo run --release -p tollgate-bench -- core
 //! cargo run --release -p tollgate-bench -- sqlite [--tasks 64] [--calls 200000]
+//! cargo run --release -p tollgate-bench -- gateway [--calls 5000] [--connections 64] [--seconds 10]
 //! ```
 
 mod core_decisions;
+mod gateway;
 mod sqlite_ledger;
 
 use std::process::ExitCode;
@@ -16,7 +18,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("core") => core_decisions::run(&args[1..]),
         Some("sqlite") => sqlite_ledger::run(&args[1..]),
-        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N]".to_string()),
+        Some("gateway") => gateway::run(&args[1..]),
+        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,165 @@
+//! The gateway against the testkit's mock upstream on loopback (zero delay), side by side with
+//! direct calls to the mock, in one run: metering, holds and durable writes on (a fresh SQLite
+//! store at the default durability).
+//!
+//! 1. Added latency at one connection, non-streaming: `--calls` calls straight to the mock, then
+//!    as many through the gateway, alternating in blocks; p50 / p99 of each and of the difference.
+//! 2. Throughput at `--connections` connections for `--seconds`, direct and through the gateway.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use chrono::{TimeZone, Utc};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tollgate_core::{Nanos, PriceTable};
+use tollgate_gateway::{Auth, Gateway, Kind, Settings, Upstream};
+use tollgate_sqlite::SqliteStore;
+use tollgate_store::{KeyPool, NewAccount, NewGrant, NewKey, Store, hash_secret};
+
+const SECRET: &str = "bench-secret";
+const BODY: &str =
+    r#"{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Say hello."}]}"#;
+
+type HttpClient = Client<HttpConnector, Body>;
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let calls = crate::flag(args, "--calls", 5_000)?;
+    let connections = crate::flag(args, "--connections", 64)?;
+    let seconds = crate::flag(args, "--seconds", 10)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(measure(calls, connections, seconds))
+}
+
+async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), String> {
+    let dir = tempfile::Builder::new().prefix("tollgate-bench").tempdir_in(".").map_err(|e| e.to_string())?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).map_err(|e| e.to_string())?);
+    let now = Utc.with_ymd_and_hms(2026, 11, 10, 12, 0, 0).single().ok_or("bad date")?;
+    let account = NewAccount {
+        id: "bench".into(),
+        tier: "team-standard".into(),
+        anchor: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single(),
+        timezone: chrono_tz::UTC,
+        interactive_grant: None,
+        programmatic_grant: None,
+    };
+    store.create_account(account, now).await.map_err(|e| e.to_string())?;
+    let grant = NewGrant {
+        account: "bench".into(),
+        pool: tollgate_core::PoolKind::Programmatic,
+        amount: Nanos::from_usd(1_000_000),
+        note: None,
+    };
+    store.add_grant(grant, now).await.map_err(|e| e.to_string())?;
+    let key = NewKey {
+        id: "k".into(),
+        account: "bench".into(),
+        secret_hash: hash_secret(SECRET),
+        name: None,
+        pool: KeyPool::Fixed(tollgate_core::PoolKind::Programmatic),
+        labels: Default::default(),
+        cap: None,
+    };
+    store.create_key(key, now).await.map_err(|e| e.to_string())?;
+
+    let mock = tollgate_testkit::MockUpstream::start().await;
+    let settings = Settings {
+        upstreams: vec![Upstream {
+            name: "mock".into(),
+            kind: Kind::Anthropic,
+            base_url: mock.base_url(),
+            api_key: Some("upstream".into()),
+            models: vec!["claude-*".into()],
+            auth: Auth::Gateway,
+        }],
+        ..Settings::default()
+    };
+    let clock: tollgate_gateway::Clock = Arc::new(move || now);
+    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock, settings));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let gateway_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await });
+    let direct_url = mock.base_url();
+
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(http);
+    // Warm up both paths (connections, caches, the pool's cycle row).
+    for _ in 0..200 {
+        call(&client, &direct_url).await?;
+        call(&client, &gateway_url).await?;
+    }
+
+    // 1. Latency at one connection, alternating blocks of 100 so drift hits both alike.
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    while (direct.len() as u64) < calls {
+        for _ in 0..100 {
+            direct.push(call(&client, &direct_url).await?);
+        }
+        for _ in 0..100 {
+            through.push(call(&client, &gateway_url).await?);
+        }
+    }
+    direct.sort();
+    through.sort();
+    let p = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    println!(
+        "gateway latency, 1 connection, {} calls each: direct p50 {:.3} ms p99 {:.3} ms; through tollgate p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms p99 {:.3} ms",
+        direct.len(),
+        p(&direct, 0.5),
+        p(&direct, 0.99),
+        p(&through, 0.5),
+        p(&through, 0.99),
+        p(&through, 0.5) - p(&direct, 0.5),
+        p(&through, 0.99) - p(&direct, 0.99)
+    );
+
+    // 2. Throughput at many connections.
+    for (name, url) in [("direct", &direct_url), ("through tollgate", &gateway_url)] {
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let (client, url, done) = (client.clone(), url.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    if call(&client, &url).await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())?;
+        }
+        let n = done.load(Ordering::Relaxed);
+        println!(
+            "gateway throughput, {connections} connections, {seconds} s, {name}: {n} calls, {:.0} calls/s",
+            n as f64 / seconds as f64
+        );
+    }
+    let audit = store.audit().await.map_err(|e| e.to_string())?;
+    println!("gateway: {} events recorded, ledger breaches: {}", audit.events_checked, audit.breaches.len());
+    Ok(())
+}
+
+async fn call(client: &HttpClient, base: &str) -> Result<Duration, String> {
+    let started = Instant::now();
+    let request = axum::http::Request::post(format!("{base}/v1/messages"))
+        .header("x-api-key", SECRET)
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01")
+        .body(Body::from(BODY))
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    if !status.is_success() {
+        return Err(format!("status {status}: {}", String::from_utf8_lossy(&body)));
+    }
+    Ok(started.elapsed())
+}
