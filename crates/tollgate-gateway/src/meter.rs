@@ -190,11 +190,32 @@ pub struct MeteredBody {
     meter: Meter,
     finish: Option<Finish>,
     ttft_ms: Option<u64>,
+    /// When the hold's time to live was last renewed (at its creation, then while data flows).
+    renewed: Instant,
 }
 
 impl MeteredBody {
     pub fn new(inner: Incoming, meter: Meter, finish: Finish) -> MeteredBody {
-        MeteredBody { inner, meter, finish: Some(finish), ttft_ms: None }
+        let renewed = finish.started;
+        MeteredBody { inner, meter, finish: Some(finish), ttft_ms: None, renewed }
+    }
+
+    /// A stream still sending data keeps its hold alive: past half its time to live, the hold
+    /// is extended by a whole one, so the sweeper never expires a call that is still running.
+    fn keep_hold_alive(&mut self) {
+        let Some(f) = &self.finish else { return };
+        let ttl_s = f.gateway.settings.hold_ttl_s;
+        if self.renewed.elapsed().as_millis() < u128::from(ttl_s) * 500 {
+            return;
+        }
+        self.renewed = Instant::now();
+        let (gateway, account, hold_id) = (f.gateway.clone(), f.account.clone(), f.hold_id.clone());
+        tokio::spawn(async move {
+            let now = gateway.now();
+            if let Err(e) = gateway.store.extend_hold(&account, &hold_id, ttl_s, now).await {
+                tracing::warn!(error = %e, hold = %hold_id, "could not extend the hold of a running stream");
+            }
+        });
     }
 
     /// Settles (usage known) or voids (none) once, in a task of its own: a body cannot await.
@@ -235,6 +256,7 @@ impl Body for MeteredBody {
                         {
                             this.ttft_ms = Some(f.started.elapsed().as_millis() as u64);
                         }
+                        this.keep_hold_alive();
                         let out = this.meter.feed(data);
                         // hyper stops polling a body that says it has ended: settle now.
                         if this.inner.is_end_stream() {

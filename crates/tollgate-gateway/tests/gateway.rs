@@ -16,6 +16,7 @@ const SECRET: &str = "tg-test-secret";
 
 struct Harness {
     url: String,
+    clock: tollgate_gateway::Clock,
     store: Arc<dyn Store>,
     mock: MockUpstream,
     client: reqwest::Client,
@@ -27,8 +28,12 @@ fn now() -> DateTime<Utc> {
 }
 
 /// An account "acme" on team-standard ($100 interactive, $50 programmatic, block), one key
-/// (pool `auto`), the gateway in front of the mock.
+/// (pool `auto`), the gateway in front of the mock, at a fixed time.
 async fn harness() -> Harness {
+    harness_with(Arc::new(now), |_| {}).await
+}
+
+async fn harness_with(clock: tollgate_gateway::Clock, configure: impl FnOnce(&mut Settings)) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).expect("store"));
     let anchor = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single();
@@ -60,15 +65,16 @@ async fn harness() -> Harness {
         models: vec![models.into()],
         auth: Auth::Gateway,
     };
-    let settings = Settings {
+    let mut settings = Settings {
         upstreams: vec![upstream("anthropic", Kind::Anthropic, "claude-*"), upstream("openai", Kind::OpenAi, "gpt-*")],
         ..Settings::default()
     };
-    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), Arc::new(now), settings));
+    configure(&mut settings);
+    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock.clone(), settings));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await.expect("serve") });
-    Harness { url, store, mock, client: reqwest::Client::new(), _dir: dir }
+    Harness { url, clock, store, mock, client: reqwest::Client::new(), _dir: dir }
 }
 
 impl Harness {
@@ -84,14 +90,14 @@ impl Harness {
     /// The programmatic pool's (used + overage, held), once no hold is open or after 5 s.
     async fn programmatic(&self) -> (Nanos, Nanos) {
         for _ in 0..100 {
-            let b = self.store.balance("acme", now()).await.expect("balance");
+            let b = self.store.balance("acme", (self.clock)()).await.expect("balance");
             let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
             if p.held == Nanos::ZERO {
                 return (p.used.saturating_add(p.overage), p.held);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let b = self.store.balance("acme", now()).await.expect("balance");
+        let b = self.store.balance("acme", (self.clock)()).await.expect("balance");
         let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
         (p.used.saturating_add(p.overage), p.held)
     }
@@ -402,4 +408,27 @@ async fn a_thousand_concurrent_calls_never_pass_the_limit() {
     assert_eq!(events.len(), ok + 1, "one event per admitted call, plus the burn");
     // Worst case ≈ $0.01566, cost $0.0153: after 10 calls $0.007 is left, less than one worst case.
     assert_eq!(ok, 10);
+}
+
+#[tokio::test]
+async fn a_running_stream_keeps_its_hold_alive() {
+    // Real time, holds that live 1 s, a stream of 8 events 300 ms apart (2.4 s), and a sweeper
+    // expiring holds every 500 ms meanwhile: the stream's hold must never be expired.
+    let h = harness_with(Arc::new(Utc::now), |s| s.hold_ttl_s = 1).await;
+    let store = h.store.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut expired = 0;
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            expired += store.expire_holds(Utc::now()).await.expect("sweep").len();
+        }
+        expired
+    });
+    let r = h.messages(sonnet(true)).header("x-mock-delay-ms", "300").send().await.unwrap();
+    assert!(r.text().await.unwrap().contains("message_stop"));
+    assert_eq!(sweeper.await.unwrap(), 0, "no hold expired while its stream ran");
+    assert_eq!(h.programmatic().await, (SONNET_100_20, Nanos::ZERO));
+    let events = h.events().await;
+    assert_eq!(events.len(), 1);
+    assert!(!events[0].unsettled && !events[0].partial);
 }
