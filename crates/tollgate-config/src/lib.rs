@@ -48,6 +48,10 @@ pub struct File {
     #[serde(default)]
     pub upstream: Vec<UpstreamSection>,
     #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub pool_rule: Vec<PoolRuleSection>,
+    #[serde(default)]
     pub tier: Vec<TierSection>,
     #[serde(default)]
     pub price: Vec<PriceSection>,
@@ -84,6 +88,52 @@ impl Default for ServerSection {
             sweep_interval_s: 5,
         }
     }
+}
+
+/// The gateway's own settings (docs/gateway.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// The pool of calls no rule classifies.
+    pub default_pool: String,
+    /// "Make the call fit" never lowers `max_tokens` below this.
+    pub min_output_tokens: u64,
+    /// Largest gateway request body.
+    pub body_size_bytes_max: usize,
+    /// Time allowed for the upstream's response headers.
+    pub upstream_timeout_s: u64,
+    /// Send Claude Code's own warning headers once a pool passes 75 %.
+    pub claude_code_warnings: bool,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            default_pool: "programmatic".into(),
+            min_output_tokens: 1_024,
+            body_size_bytes_max: 32 * 1024 * 1024,
+            upstream_timeout_s: 600,
+            claude_code_warnings: false,
+        }
+    }
+}
+
+/// A configured pool rule on a request header; the first matching rule wins, after the key's
+/// fixed pool and `x-tollgate-pool`, before the built-in User-Agent rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRuleSection {
+    pub name: String,
+    /// The header to look at (case-insensitive).
+    pub header: String,
+    /// Glob on the header's value (`*` = any run of characters); default: the header is present.
+    #[serde(default = "any_value")]
+    pub value: String,
+    pub pool: String,
+}
+
+fn any_value() -> String {
+    "*".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +334,7 @@ impl Settings {
             )));
         }
         validate_upstreams(&file.upstream)?;
+        validate_gateway(&file)?;
         let tiers = tiers(&file.tier)?;
         let prices = prices(&file, base_dir)?;
         let unknown_model = match file.pricing.unknown_model.as_str() {
@@ -306,6 +357,32 @@ impl Settings {
 
 pub fn parse_file(text: &str) -> Result<File, ConfigError> {
     toml::from_str(text).map_err(|e| err(e.to_string()))
+}
+
+fn validate_gateway(file: &File) -> Result<(), ConfigError> {
+    let g = &file.gateway;
+    if tollgate_core::PoolKind::parse(&g.default_pool).is_none() {
+        return Err(err(format!("gateway.default_pool = {:?}: use interactive or programmatic", g.default_pool)));
+    }
+    if g.body_size_bytes_max == 0 {
+        return Err(err("gateway.body_size_bytes_max must be at least 1"));
+    }
+    if g.upstream_timeout_s == 0 {
+        return Err(err("gateway.upstream_timeout_s must be at least 1"));
+    }
+    let mut names = BTreeSet::new();
+    for r in &file.pool_rule {
+        if !names.insert(&r.name) {
+            return Err(err(format!("pool_rule {:?} is defined twice", r.name)));
+        }
+        if tollgate_core::PoolKind::parse(&r.pool).is_none() {
+            return Err(err(format!("pool_rule {:?}: pool {:?} must be interactive or programmatic", r.name, r.pool)));
+        }
+        if r.header.is_empty() || !r.header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(err(format!("pool_rule {:?}: header {:?} is not a header name", r.name, r.header)));
+        }
+    }
+    Ok(())
 }
 
 fn validate_upstreams(upstreams: &[UpstreamSection]) -> Result<(), ConfigError> {

@@ -82,6 +82,16 @@ fn bad_settings_say_what_to_fix() {
         ("[pricing]\nunknown_model = \"as:nothing\"", "has no price"),
         ("[store]\nurl = \"mysql://x\"", "use sqlite://"),
         ("[[upstream]]\nname = \"a\"\nkind = \"gemini\"\nbase_url = \"http://x\"", "anthropic or openai"),
+        ("[gateway]\ndefault_pool = \"batch\"", "use interactive or programmatic"),
+        ("[gateway]\nupstream_timeout_s = 0", "at least 1"),
+        ("[gateway]\nbody_size_bytes_max = 0", "at least 1"),
+        ("[gateway]\nwarnings = true", "unknown field"),
+        ("[[pool_rule]]\nname = \"ci\"\nheader = \"x-ci\"\npool = \"bots\"", "must be interactive or programmatic"),
+        ("[[pool_rule]]\nname = \"ci\"\nheader = \"x ci\"\npool = \"programmatic\"", "not a header name"),
+        (
+            "[[pool_rule]]\nname = \"ci\"\nheader = \"x-ci\"\npool = \"programmatic\"\n[[pool_rule]]\nname = \"ci\"\nheader = \"x-b\"\npool = \"interactive\"",
+            "defined twice",
+        ),
     ];
     for (text, want) in cases {
         let got = parse_file(text).and_then(|f| Settings::from_file(f, None, &no_env()));
@@ -148,4 +158,16 @@ fn litellm_entries_are_read_exactly() {
     assert_eq!((mini.rates.input, mini.rates.cache_read, mini.rates.output), (400_000_000, 100_000_000, 1_600_000_000));
     assert_eq!(mini.provider, Provider::OpenAi);
     assert!(read_litellm("{not json", NaiveDate::MIN).unwrap_err().0.contains("not valid JSON"));
+}
+
+#[test]
+fn gateway_settings_and_pool_rules_load() {
+    let text = "[gateway]\ndefault_pool = \"interactive\"\nmin_output_tokens = 2048\nclaude_code_warnings = true\n\
+                [[pool_rule]]\nname = \"ci\"\nheader = \"X-CI-Job\"\npool = \"programmatic\"\n";
+    let s = Settings::from_file(parse_file(text).unwrap(), None, &no_env()).unwrap();
+    assert_eq!(s.file.gateway.default_pool, "interactive");
+    assert_eq!(s.file.gateway.min_output_tokens, 2048);
+    assert!(s.file.gateway.claude_code_warnings);
+    assert_eq!(s.file.gateway.body_size_bytes_max, 32 * 1024 * 1024);
+    assert_eq!(s.file.pool_rule[0].value, "*");
 }

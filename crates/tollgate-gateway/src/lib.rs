@@ -11,5 +11,5 @@ pub mod upstream;
 pub mod wire;
 
 pub use error::GatewayError;
-pub use proxy::{Clock, Gateway, Settings, routes};
+pub use proxy::{Clock, Gateway, PoolRule, Settings, routes};
 pub use upstream::{Auth, Kind, Upstream};

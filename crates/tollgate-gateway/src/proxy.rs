@@ -44,6 +44,19 @@ pub struct Settings {
     pub allowances: Allowances,
     /// How long a key or an account's multiplier is trusted before it is read again.
     pub cache_ttl: Duration,
+    /// Configured pool rules on headers, in order.
+    pub rules: Vec<PoolRule>,
+    /// Send Claude Code's warning headers once a pool passes 75 % of its limit.
+    pub claude_code_warnings: bool,
+}
+
+/// A configured pool rule: calls whose `header` matches the glob `value` go to `pool`.
+#[derive(Clone, Debug)]
+pub struct PoolRule {
+    pub name: String,
+    pub header: HeaderName,
+    pub value: String,
+    pub pool: PoolKind,
 }
 
 impl Default for Settings {
@@ -58,6 +71,8 @@ impl Default for Settings {
             upstream_timeout: Duration::from_secs(600),
             allowances: Allowances::default(),
             cache_ttl: Duration::from_secs(5),
+            rules: Vec::new(),
+            claude_code_warnings: false,
         }
     }
 }
@@ -346,6 +361,13 @@ fn classify(gw: &Gateway, key: &Key, headers: &HeaderMap) -> Result<(PoolKind, D
         })?;
         return Ok((pool, Decider::Header));
     }
+    for rule in &gw.settings.rules {
+        if let Some(v) = headers.get(&rule.header).and_then(|v| v.to_str().ok())
+            && crate::upstream::glob_match(&rule.value, v)
+        {
+            return Ok((rule.pool, Decider::Rule(rule.name.clone())));
+        }
+    }
     let ua = headers.get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
     Ok(match classify::by_user_agent(ua) {
         Some((pool, what)) => (pool, Decider::UserAgent(what)),
@@ -497,6 +519,9 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
     if let Some(m) = admitted.clamped_to {
         headers.insert("x-tollgate-max-tokens-clamped", HeaderValue::from(m));
     }
+    if gw.settings.claude_code_warnings && kind == Kind::Anthropic {
+        warn_claude_code(&gw, &key.account, pool, headers).await;
+    }
     if !head.status.is_success() {
         // Errors are not billed: void, and forward the error unchanged.
         let meter = Meter::Error;
@@ -516,6 +541,27 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         head.headers.remove(axum::http::header::CONTENT_LENGTH);
     }
     Ok(Response::from_parts(head, Body::new(MeteredBody::new(incoming, meter, finish))))
+}
+
+/// Claude Code shows its own usage warning when it sees these headers (as a subscription's rate
+/// limits send them): once the pool's charged + held passes 75 % of its limit.
+async fn warn_claude_code(gw: &Gateway, account: &str, pool: PoolKind, headers: &mut HeaderMap) {
+    let Ok(balance) = gw.store.balance(account, gw.now()).await else { return };
+    let Some(p) = balance.pools.iter().find(|p| p.pool == pool) else { return };
+    let Some(limit) = p.limit.filter(|l| l.0 > 0) else { return };
+    let spent = i128::from(p.used.0) + i128::from(p.overage.0) + i128::from(p.held.0);
+    // Utilization in hundredths, from integers: 0.75 ≤ spent / limit.
+    let hundredths = (spent * 100 / i128::from(limit.0)).clamp(0, 100);
+    if hundredths < 75 {
+        return;
+    }
+    let utilization = format!("{}.{:02}", hundredths / 100, hundredths % 100);
+    headers.insert("anthropic-ratelimit-unified-status", HeaderValue::from_static("allowed_warning"));
+    headers.insert("anthropic-ratelimit-unified-representative-claim", HeaderValue::from_static("seven_day"));
+    if let Ok(v) = HeaderValue::from_str(&utilization) {
+        headers.insert("anthropic-ratelimit-unified-7d-utilization", v);
+    }
+    headers.insert("anthropic-ratelimit-unified-reset", HeaderValue::from(balance.cycle.end.timestamp()));
 }
 
 /// Holds the call's worst case; when it does not fit, first fits the call by lowering its

@@ -432,3 +432,64 @@ async fn a_running_stream_keeps_its_hold_alive() {
     assert_eq!(events.len(), 1);
     assert!(!events[0].unsettled && !events[0].partial);
 }
+
+#[tokio::test]
+async fn a_configured_header_rule_picks_the_pool_before_the_user_agent() {
+    let rule = tollgate_gateway::PoolRule {
+        name: "humans".into(),
+        header: axum::http::HeaderName::from_static("x-team"),
+        value: "design-*".into(),
+        pool: PoolKind::Interactive,
+    };
+    let h = harness_with(Arc::new(now), |s| s.rules = vec![rule]).await;
+    // The User-Agent says sdk-cli (programmatic); the rule matches first.
+    let r = h.messages(sonnet(false)).header("x-team", "design-web").send().await.unwrap();
+    assert_eq!(r.headers()["x-tollgate-pool"], "interactive");
+    r.text().await.unwrap();
+    // Not matching the glob: the User-Agent rule decides.
+    let r = h.messages(sonnet(false)).header("x-team", "infra").send().await.unwrap();
+    assert_eq!(r.headers()["x-tollgate-pool"], "programmatic");
+    r.text().await.unwrap();
+    h.programmatic().await;
+    let mut sources: Vec<_> = h.events().await.into_iter().map(|e| (e.pool, e.source.unwrap_or_default())).collect();
+    sources.sort_by_key(|(p, _)| p.as_str());
+    assert_eq!(
+        sources,
+        vec![(PoolKind::Interactive, "rule:humans".to_string()), (PoolKind::Programmatic, "ua:sdk-cli".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn bodies_over_the_gateway_limit_are_413_and_large_ones_under_it_pass() {
+    let h = harness_with(Arc::new(now), |s| s.body_size_bytes_max = 3 * 1024 * 1024).await;
+    let big = "x".repeat(2_500_000);
+    let ok = json!({"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":big}]});
+    let r = h.messages(ok).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a 2.5 MB body is under the 3 MiB limit");
+    r.text().await.unwrap();
+    let bigger = "x".repeat(3_200_000);
+    let r = h
+        .messages(json!({"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":bigger}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "request_too_large");
+    assert!(body["error"]["message"].as_str().unwrap().contains("3145728 bytes"));
+}
+
+#[tokio::test]
+async fn claude_code_warning_headers_once_a_pool_passes_75_percent() {
+    let h = harness_with(Arc::new(now), |s| s.claude_code_warnings = true).await;
+    let r = h.messages(sonnet(false)).send().await.unwrap();
+    assert!(!r.headers().contains_key("anthropic-ratelimit-unified-status"), "nearly nothing used yet");
+    r.text().await.unwrap();
+    // $40 of $50 used: 80 %.
+    set_block_limit(&h, Nanos::from_usd(10)).await;
+    let r = h.messages(sonnet(false)).send().await.unwrap();
+    assert_eq!(r.headers()["anthropic-ratelimit-unified-status"], "allowed_warning");
+    assert_eq!(r.headers()["anthropic-ratelimit-unified-7d-utilization"], "0.80");
+    // The cycle ends 2026-12-01T00:00:00Z.
+    assert_eq!(r.headers()["anthropic-ratelimit-unified-reset"], "1796083200");
+}

@@ -156,8 +156,25 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
             auth,
         });
     }
+    let g = &settings.file.gateway;
+    let mut rules = Vec::with_capacity(settings.file.pool_rule.len());
+    for r in &settings.file.pool_rule {
+        rules.push(tollgate_gateway::PoolRule {
+            name: r.name.clone(),
+            header: axum::http::HeaderName::from_bytes(r.header.to_ascii_lowercase().as_bytes())
+                .map_err(|_| format!("pool_rule {:?}: {:?} is not a header name", r.name, r.header))?,
+            value: r.value.clone(),
+            pool: tollgate_core::PoolKind::parse(&r.pool).ok_or_else(|| format!("pool_rule {:?}: bad pool", r.name))?,
+        });
+    }
     Ok(tollgate_gateway::Settings {
         upstreams,
+        default_pool: tollgate_core::PoolKind::parse(&g.default_pool).unwrap_or(tollgate_core::PoolKind::Programmatic),
+        min_output_tokens: g.min_output_tokens,
+        body_size_bytes_max: g.body_size_bytes_max,
+        upstream_timeout: Duration::from_secs(g.upstream_timeout_s),
+        claude_code_warnings: g.claude_code_warnings,
+        rules,
         unknown_model_as: match &settings.unknown_model {
             tollgate_config::UnknownModel::Reject => None,
             tollgate_config::UnknownModel::PriceAs(m) => Some(m.clone()),
