@@ -6,6 +6,7 @@
 
 mod error;
 mod meter;
+pub mod metrics;
 mod proxy;
 pub mod upstream;
 pub mod wire;

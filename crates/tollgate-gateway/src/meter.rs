@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tollgate_core::{Modifiers, PoolKind, PriceEntry, Usage};
 use tollgate_store::{NewEvent, SettleRequest};
 
+use crate::metrics::{CallLabels, ModelLabels};
 use crate::proxy::Gateway;
 use crate::upstream::Kind;
 use crate::wire::{self, AnthropicStream, OpenAiStream};
@@ -143,14 +144,25 @@ pub struct Finish {
 }
 
 impl Finish {
-    pub async fn void(self) {
+    /// Voids the hold; `outcome` says why, for the calls metric.
+    pub async fn void(self, outcome: &'static str) {
+        self.count(outcome);
         let now = self.gateway.now();
         if let Err(e) = self.gateway.store.void(&self.account, &self.hold_id, now).await {
             tracing::error!(error = %e, hold = %self.hold_id, "void failed; the sweeper will expire the hold");
         }
     }
 
+    fn count(&self, outcome: &'static str) {
+        let m = &self.gateway.metrics;
+        m.holds_open.dec();
+        let labels = CallLabels { pool: self.pool.as_str(), model: self.model.clone(), outcome };
+        m.calls.get_or_create(&labels).inc();
+    }
+
     async fn settle(self, usage: Usage, partial: bool, ttft_ms: Option<u64>) {
+        self.count(if partial { "partial" } else { "ok" });
+        self.gateway.metrics.usage(self.pool, &self.model, &usage);
         let now = self.gateway.now();
         let cost = match self.entry.cost(&usage, &self.modifiers) {
             Ok(c) => c,
@@ -179,8 +191,20 @@ impl Finish {
             fingerprint: self.hold_id.clone(),
         };
         let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };
-        if let Err(e) = self.gateway.store.settle(request, now).await {
-            tracing::error!(error = %e, hold = %self.hold_id, "settle failed; the sweeper will expire the hold");
+        match self.gateway.store.settle(request, now).await {
+            Ok(event) => {
+                let labels = ModelLabels { pool: self.pool.as_str(), model: self.model.clone() };
+                let charged = event.grant_part.saturating_add(event.overage_part);
+                let m = &self.gateway.metrics;
+                m.spend_nano_usd.get_or_create(&labels).inc_by(charged.0.max(0) as u64);
+                if event.overshoot.0 > 0 {
+                    m.overshoot_nano_usd.get_or_create(&labels).inc_by(event.overshoot.0 as u64);
+                    tracing::warn!(hold = %self.hold_id, overshoot = %event.overshoot, "a call cost more than its hold");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, hold = %self.hold_id, "settle failed; the sweeper will expire the hold")
+            }
         }
     }
 }
@@ -223,10 +247,16 @@ impl MeteredBody {
         let Some(finish) = self.finish.take() else { return };
         let usage = self.meter.usage(end);
         let ttft_ms = self.ttft_ms;
+        let outcome = match (&self.meter, end) {
+            (Meter::Error, _) => "upstream_error",
+            (_, End::ClientGone) => "client_gone",
+            (_, End::UpstreamCut) => "cut",
+            (_, End::Complete) => "no_usage",
+        };
         tokio::spawn(async move {
             match usage {
                 Some((usage, partial)) => finish.settle(usage, partial, ttft_ms).await,
-                None => finish.void().await,
+                None => finish.void(outcome).await,
             }
         });
     }

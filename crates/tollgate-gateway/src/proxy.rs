@@ -21,6 +21,7 @@ use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, 
 
 use crate::error::GatewayError;
 use crate::meter::{Finish, Meter, MeteredBody};
+use crate::metrics::{KindLabels, Metrics, RefusalLabels};
 use crate::upstream::{Auth, HttpClient, Kind, Upstream};
 use crate::wire::{self, RequestFacts};
 
@@ -48,6 +49,8 @@ pub struct Settings {
     pub rules: Vec<PoolRule>,
     /// Send Claude Code's warning headers once a pool passes 75 % of its limit.
     pub claude_code_warnings: bool,
+    /// SHA-256 (hex) of the token `GET /metrics` requires as `Authorization: Bearer`; None: open.
+    pub metrics_token_digest: Option<String>,
 }
 
 /// A configured pool rule: calls whose `header` matches the glob `value` go to `pool`.
@@ -73,6 +76,7 @@ impl Default for Settings {
             cache_ttl: Duration::from_secs(5),
             rules: Vec::new(),
             claude_code_warnings: false,
+            metrics_token_digest: None,
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct Gateway {
     pub prices: Arc<PriceTable>,
     pub clock: Clock,
     pub settings: Settings,
+    pub metrics: Metrics,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
     multipliers: Mutex<HashMap<String, (u64, Instant)>>,
@@ -95,6 +100,7 @@ impl Gateway {
             clock,
             client: crate::upstream::http_client(Duration::from_secs(10)),
             settings,
+            metrics: Metrics::default(),
             keys: Mutex::default(),
             multipliers: Mutex::default(),
         }
@@ -162,6 +168,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
         .route("/", head(probe))
         .route("/api/hello", head(probe).get(probe))
         .with_state(gateway)
@@ -169,6 +176,31 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
 
 async fn probe() -> StatusCode {
     StatusCode::OK
+}
+
+/// Prometheus metrics; behind the admin token when one is configured (they name accounts).
+async fn metrics(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Some(digest) = &gw.settings.metrics_token_digest {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| hash_secret(t.trim()));
+        if given.as_deref() != Some(digest.as_str()) {
+            let body = serde_json::json!({"error": {"code": "unauthorized", "message": "GET /metrics needs the admin token as Authorization: Bearer"}});
+            return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+        }
+    }
+    match gw.metrics.render(gw.store.as_ref(), gw.now()).await {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "metrics are unavailable: the ledger cannot be read").into_response()
+        }
+    }
 }
 
 async fn messages(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
@@ -502,13 +534,21 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         labels: key.labels.clone(),
         started,
     };
+    gw.metrics.holds_open.inc();
+    let api = match kind {
+        Kind::Anthropic => "anthropic",
+        Kind::OpenAi => "openai",
+    };
+    gw.metrics.overhead.get_or_create(&KindLabels { api }).observe(started.elapsed().as_secs_f64());
+    let sent = Instant::now();
     let response = match send(&gw, forward).await {
         Ok(r) => r,
         Err(e) => {
-            finish.void().await;
+            finish.void(if matches!(e, GatewayError::Timeout(_)) { "timeout" } else { "unreachable" }).await;
             return Err(e);
         }
     };
+    gw.metrics.upstream_latency.get_or_create(&KindLabels { api }).observe(sent.elapsed().as_secs_f64());
     let (mut head, incoming) = response.into_parts();
     let headers = &mut head.headers;
     headers.insert("x-tollgate-pool", HeaderValue::from_static(pool.as_str()));
@@ -599,7 +639,7 @@ async fn admit(
         (Refusal::PoolExhausted { remaining, .. }, resets) | (Refusal::KeyCapReached { remaining, .. }, resets) => {
             (remaining, resets)
         }
-        (other, resets) => return Err(refused(key, pool, other, resets, gw.now())),
+        (other, resets) => return Err(refused(gw, key, pool, other, resets)),
     };
     // Fit the call: a tighter input bound from count_tokens (Anthropic), then the output bound.
     let input_bound = match kind {
@@ -612,7 +652,7 @@ async fn admit(
     .min(input_max);
     let fitted = affordable_output(entry, input_bound, wanted, facts, allow, ppm, room);
     if wanted == 0 || fitted < gw.settings.min_output_tokens.min(wanted) {
-        return Err(refused(key, pool, refusal.0, resets_at, gw.now()));
+        return Err(refused(gw, key, pool, refusal.0, resets_at));
     }
     let worst = entry
         .worst_case(&bound(input_bound, fitted, facts), allow)
@@ -630,7 +670,7 @@ async fn admit(
             clamped_to: Some(fitted),
             body: bytes::Bytes::from(clamped_body),
         }),
-        Err((r, resets)) => Err(refused(key, pool, r, resets, gw.now())),
+        Err((r, resets)) => Err(refused(gw, key, pool, r, resets)),
     }
 }
 
@@ -662,7 +702,9 @@ async fn hold(
     }
 }
 
-fn refused(key: &Key, pool: PoolKind, refusal: Refusal, resets_at: DateTime<Utc>, now: DateTime<Utc>) -> GatewayError {
+fn refused(gw: &Gateway, key: &Key, pool: PoolKind, refusal: Refusal, resets_at: DateTime<Utc>) -> GatewayError {
+    let now = gw.now();
+    gw.metrics.refusals.get_or_create(&RefusalLabels { pool: pool.as_str(), reason: refusal.code() }).inc();
     let reset = resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let message = match refusal {
         Refusal::PoolExhausted { limit, remaining } => format!(

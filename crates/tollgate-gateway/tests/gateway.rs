@@ -493,3 +493,44 @@ async fn claude_code_warning_headers_once_a_pool_passes_75_percent() {
     // The cycle ends 2026-12-01T00:00:00Z.
     assert_eq!(r.headers()["anthropic-ratelimit-unified-reset"], "1796083200");
 }
+
+#[tokio::test]
+async fn metrics_count_calls_tokens_spend_refusals_and_pools() {
+    let h = harness_with(Arc::new(now), |s| s.metrics_token_digest = Some(hash_secret("admin-token"))).await;
+    let r = h.messages(sonnet(false)).send().await.unwrap();
+    r.text().await.unwrap();
+    let r = h.messages(sonnet(false)).header("x-mock-status", "529").send().await.unwrap();
+    r.text().await.unwrap();
+    h.programmatic().await;
+    set_block_limit(&h, Nanos(1_000)).await;
+    assert_eq!(h.messages(sonnet(false)).send().await.unwrap().status(), 429);
+
+    let url = format!("{}/metrics", h.url);
+    assert_eq!(h.client.get(&url).send().await.unwrap().status(), 401, "the metrics name accounts: admin only");
+    let r = h.client.get(&url).bearer_auth("admin-token").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let text = r.text().await.unwrap();
+    let value = |series: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+            .to_string()
+    };
+    let sonnet = r#"pool="programmatic",model="claude-sonnet-4-5""#;
+    assert_eq!(value(&format!("tollgate_gateway_calls_total{{{sonnet},outcome=\"ok\"}}")), "1");
+    assert_eq!(value(&format!("tollgate_gateway_calls_total{{{sonnet},outcome=\"upstream_error\"}}")), "1");
+    assert_eq!(value(&format!("tollgate_gateway_tokens_total{{{sonnet},type=\"input\"}}")), "100");
+    assert_eq!(value(&format!("tollgate_gateway_tokens_total{{{sonnet},type=\"output\"}}")), "20");
+    assert_eq!(value(&format!("tollgate_gateway_spend_nano_usd_total{{{sonnet}}}")), "600000");
+    assert_eq!(value(r#"tollgate_gateway_refusals_total{pool="programmatic",reason="pool_exhausted"}"#), "1");
+    assert_eq!(value("tollgate_gateway_holds_open"), "0");
+    assert_eq!(value(r#"tollgate_gateway_upstream_latency_seconds_count{api="anthropic"}"#), "2");
+    // The burn event of $49.999999 plus the call's 600,000 nano-USD.
+    let charged = 50_000_000_000i64 - 1_000 + 600_000;
+    assert_eq!(value(r#"tollgate_pool_charged_nano_usd{account="acme",pool="programmatic"}"#), charged.to_string());
+    // The burn (a direct event, a fact) was recorded after the call, so the pool is overrun.
+    assert_eq!(value(r#"tollgate_pool_remaining_nano_usd{account="acme",pool="programmatic"}"#), "-599000");
+    assert_eq!(value(r#"tollgate_pool_held_nano_usd{account="acme",pool="interactive"}"#), "0");
+    assert!(text.trim_end().ends_with("# EOF"));
+}

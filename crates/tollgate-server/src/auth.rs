@@ -19,6 +19,11 @@ impl AdminToken {
         AdminToken { digest: hash_secret(secret) }
     }
 
+    /// The token's SHA-256 (hex), for other routes that check it (`/metrics`).
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
     fn matches(&self, digest: &str) -> bool {
         // Digests of equal length: compare every byte so timing reveals nothing.
         self.digest.len() == digest.len()

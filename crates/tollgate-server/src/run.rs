@@ -80,6 +80,8 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         );
     }
     let admin = admin_token(&settings, env, &work_dir)?;
+    let mut gateway_settings = gateway_settings(&settings, env)?;
+    gateway_settings.metrics_token_digest = Some(admin.digest().to_string());
     let state = AppState {
         store: store.clone(),
         prices: Arc::new(settings.prices.clone()),
@@ -89,12 +91,8 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         hold_ttl_s: settings.file.server.hold_ttl_s,
         api_body_size_bytes_max: settings.file.server.api_body_size_bytes_max,
     };
-    let gateway = Arc::new(tollgate_gateway::Gateway::new(
-        store.clone(),
-        state.prices.clone(),
-        clock.clone(),
-        gateway_settings(&settings, env)?,
-    ));
+    let gateway =
+        Arc::new(tollgate_gateway::Gateway::new(store.clone(), state.prices.clone(), clock.clone(), gateway_settings));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
