@@ -17,6 +17,7 @@ use tollgate_core::classify::{self, Decider};
 use tollgate_core::ledger::hold_amount;
 use tollgate_core::price::Allowances;
 use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, PriceTable, Refusal, RequestBound};
+use tollgate_store::feed::Feed;
 use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, hash_secret};
 
 use crate::error::GatewayError;
@@ -87,6 +88,8 @@ pub struct Gateway {
     pub clock: Clock,
     pub settings: Settings,
     pub metrics: Metrics,
+    /// Where settled and refused calls are tallied for the live stream.
+    pub feed: Arc<Feed>,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
     multipliers: Mutex<HashMap<String, (u64, Instant)>>,
@@ -101,9 +104,16 @@ impl Gateway {
             client: crate::upstream::http_client(Duration::from_secs(10)),
             settings,
             metrics: Metrics::default(),
+            feed: Arc::default(),
             keys: Mutex::default(),
             multipliers: Mutex::default(),
         }
+    }
+
+    /// Shares the server's live feed instead of a private one.
+    pub fn with_feed(mut self, feed: Arc<Feed>) -> Gateway {
+        self.feed = feed;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -705,6 +715,7 @@ async fn hold(
 fn refused(gw: &Gateway, key: &Key, pool: PoolKind, refusal: Refusal, resets_at: DateTime<Utc>) -> GatewayError {
     let now = gw.now();
     gw.metrics.refusals.get_or_create(&RefusalLabels { pool: pool.as_str(), reason: refusal.code() }).inc();
+    gw.feed.refused(&key.account, pool);
     let reset = resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let message = match refusal {
         Refusal::PoolExhausted { limit, remaining } => format!(

@@ -42,6 +42,8 @@ pub struct AppState {
     /// Default time to live of holds made through the API.
     pub hold_ttl_s: u64,
     pub api_body_size_bytes_max: usize,
+    /// The live feed behind `GET /api/v1/stream`, shared with the gateway.
+    pub feed: Arc<tollgate_store::feed::Feed>,
 }
 
 impl AppState {

@@ -82,6 +82,7 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     let admin = admin_token(&settings, env, &work_dir)?;
     let mut gateway_settings = gateway_settings(&settings, env)?;
     gateway_settings.metrics_token_digest = Some(admin.digest().to_string());
+    let feed = Arc::new(tollgate_store::feed::Feed::default());
     let state = AppState {
         store: store.clone(),
         prices: Arc::new(settings.prices.clone()),
@@ -90,9 +91,13 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         clock: clock.clone(),
         hold_ttl_s: settings.file.server.hold_ttl_s,
         api_body_size_bytes_max: settings.file.server.api_body_size_bytes_max,
+        feed: feed.clone(),
     };
-    let gateway =
-        Arc::new(tollgate_gateway::Gateway::new(store.clone(), state.prices.clone(), clock.clone(), gateway_settings));
+    let gateway = Arc::new(
+        tollgate_gateway::Gateway::new(store.clone(), state.prices.clone(), clock.clone(), gateway_settings)
+            .with_feed(feed.clone()),
+    );
+    let ticker = tokio::spawn(publish_feed(store.clone(), feed, clock.clone()));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -101,6 +106,7 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     let app = router(state).merge(tollgate_gateway::routes(gateway));
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     sweeper.abort();
+    ticker.abort();
     result.map_err(|e| format!("server error: {e}"))
 }
 
@@ -180,6 +186,33 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
         hold_ttl_s: settings.file.server.hold_ttl_s,
         ..tollgate_gateway::Settings::default()
     })
+}
+
+/// Once a second: each active pool's tally, then the balances of the accounts that moved.
+async fn publish_feed(store: Arc<dyn Store>, feed: Arc<tollgate_store::feed::Feed>, clock: Clock) {
+    let window = Duration::from_secs(1);
+    let mut tick = tokio::time::interval(window);
+    loop {
+        tick.tick().await;
+        let tallies = feed.take_tallies();
+        if tallies.is_empty() {
+            continue;
+        }
+        let now = clock();
+        let mut accounts: Vec<String> = Vec::new();
+        for ((account, pool), tally) in tallies {
+            if accounts.last() != Some(&account) {
+                accounts.push(account.clone());
+            }
+            feed.publish(tollgate_store::feed::FeedItem::Calls { account, pool, window_end: now, window_s: 1, tally });
+        }
+        for account in accounts {
+            match store.balance(&account, now).await {
+                Ok(b) => feed.publish(tollgate_store::feed::FeedItem::Balance(Box::new(b))),
+                Err(e) => tracing::warn!(error = %e, account = %account, "cannot read a balance for the live stream"),
+            }
+        }
+    }
 }
 
 /// Expires holds past their time to live. With the SQLite store there is one process, so this

@@ -84,6 +84,7 @@ impl Api {
             clock,
             hold_ttl_s: 600,
             api_body_size_bytes_max: BODY_MAX,
+            feed: Arc::default(),
         };
         let mut api = Api { router: router(state), key_a: String::new(), key_b: String::new(), _dir: dir };
         let admin = Auth::Bearer(ADMIN);

@@ -178,6 +178,11 @@ pub async fn post_events(State(s): State<AppState>, caller: Caller, Json(body): 
         })?);
     }
     let outcomes = s.store.record_events(events, s.now()).await?;
+    for outcome in &outcomes {
+        if let EventOutcome::Recorded(e) = outcome {
+            feed_event(&s, e);
+        }
+    }
     let any_new = outcomes.iter().any(|o| matches!(o, EventOutcome::Recorded(_)));
     let status = if any_new { StatusCode::CREATED } else { StatusCode::OK };
     let body = if batch {
@@ -447,7 +452,19 @@ pub async fn settle_hold(
         fingerprint: fp,
     };
     let settled = s.store.settle(SettleRequest { account, hold_id, event }, now).await?;
+    feed_event(&s, &settled);
     Ok(axum::Json(dto::event(&settled)))
+}
+
+/// Tallies a recorded event for the live stream.
+fn feed_event(s: &AppState, e: &tollgate_store::Event) {
+    let u = &e.usage;
+    let tokens = u.input_tokens
+        + u.cache_creation_5m_input_tokens
+        + u.cache_creation_1h_input_tokens
+        + u.cache_read_input_tokens
+        + u.output_tokens;
+    s.feed.charged(&e.account, e.pool, e.grant_part.saturating_add(e.overage_part), tokens);
 }
 
 pub async fn void_hold(

@@ -4,6 +4,7 @@ mod accounts;
 mod extract;
 mod ledger;
 mod meta;
+mod stream;
 
 use std::time::Instant;
 
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/accounts/{id}/holds/{hold}", get(ledger::get_hold))
         .route("/api/v1/accounts/{id}/holds/{hold}/settle", post(ledger::settle_hold))
         .route("/api/v1/accounts/{id}/holds/{hold}/void", post(ledger::void_hold))
+        .route("/api/v1/stream", get(stream::stream))
         .fallback(|| async { ApiError::NotFound("no such route; see /api/v1/openapi.json".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(log_request))
