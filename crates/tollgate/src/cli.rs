@@ -73,6 +73,14 @@ pub enum Command {
         #[arg(long)]
         date: Option<String>,
     },
+    /// Follow live activity: calls per second per pool, and balances (Ctrl-C to stop).
+    Top {
+        /// Only this account (an account key sees only its own anyway).
+        account: Option<String>,
+        /// Stop after this many updates.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Verify the ledger invariants on a database (no server needed). Exit 1 on any breach.
     Check {
         /// Database URL or path (else TOLLGATE_DB, else the config's store.url).

@@ -56,6 +56,42 @@ impl Client {
         Err((Failure::Refused, format!("{message}{hint} [HTTP {}]", status.as_u16())))
     }
 
+    /// Follows a server-sent event stream, calling `on_event(name, data)` for each event until
+    /// the server ends it or `on_event` returns false.
+    pub async fn follow(&self, path: &str, mut on_event: impl FnMut(&str, Value) -> bool) -> Outcome<()> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| (Failure::Unreachable, format!("cannot reach the tollgate server at {}: {e}", self.base)))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            return Err((Failure::Refused, format!("{text} [HTTP {status}]")));
+        }
+        let mut buffer = String::new();
+        while let Some(chunk) =
+            resp.chunk().await.map_err(|e| (Failure::Unreachable, format!("the stream broke: {e}")))?
+        {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let name = block.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or("message");
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let value = serde_json::from_str(data).unwrap_or(Value::String(data.to_string()));
+                    if !on_event(name, value) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn get(&self, path: &str) -> Outcome<Value> {
         self.call(Method::GET, path, None).await
     }

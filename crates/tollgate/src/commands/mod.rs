@@ -37,6 +37,52 @@ impl From<Failure> for ExitCode {
 
 pub type Outcome<T> = Result<T, (Failure, String)>;
 
+/// `tollgate top`: prints the live stream, one line per update (`--json`: the events as JSON lines).
+async fn top(client: &Client, account: Option<String>, count: Option<u64>, json: bool) -> Outcome<()> {
+    let mut seen = 0u64;
+    client
+        .follow("/api/v1/stream", |name, data| {
+            if account.as_deref().is_some_and(|a| data["account"].as_str() != Some(a)) {
+                return true;
+            }
+            if json {
+                println!("{}", serde_json::json!({"event": name, "data": data}));
+            } else {
+                match name {
+                    "calls" => println!(
+                        "{}  {:<16} {:<13} calls {:>6}  refused {:>4}  charged ${:<12} tokens {}",
+                        data["window_end"].as_str().unwrap_or(""),
+                        data["account"].as_str().unwrap_or(""),
+                        data["pool"].as_str().unwrap_or(""),
+                        data["calls"],
+                        data["refused"],
+                        data["charged_usd"].as_str().unwrap_or("0"),
+                        data["tokens"]
+                    ),
+                    "balance" => {
+                        for pool in ["interactive", "programmatic"] {
+                            let p = &data["pools"][pool];
+                            println!(
+                                "{:>22}{:<16} {:<13} used ${} + overage ${}, held ${}, remaining ${}",
+                                "",
+                                data["account"].as_str().unwrap_or(""),
+                                pool,
+                                p["used_usd"].as_str().unwrap_or("0"),
+                                p["overage_usd"].as_str().unwrap_or("0"),
+                                p["held_usd"].as_str().unwrap_or("0"),
+                                p["remaining_usd"].as_str().unwrap_or("unlimited")
+                            );
+                        }
+                    }
+                    other => println!("{other}: {data}"),
+                }
+            }
+            seen += 1;
+            count.is_none_or(|c| seen < c)
+        })
+        .await
+}
+
 pub fn usage(msg: impl Into<String>) -> (Failure, String) {
     (Failure::Usage, msg.into())
 }
@@ -56,6 +102,7 @@ pub async fn run(cli: Cli) -> Outcome<()> {
         Command::Status { account } => manage::status(&client(), &account, json).await,
         Command::Events(c) => manage::events(&client(), c, json).await,
         Command::Prices { model, date } => manage::prices(&client(), model, date, json).await,
+        Command::Top { account, count } => top(&client(), account, count, json).await,
     }
 }
 
