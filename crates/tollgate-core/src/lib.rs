@@ -4,6 +4,7 @@
 //! format (no serde). Every function is a deterministic function of its arguments, so the storage
 //! backends and the simulation tests can call it under their own locks and clocks.
 
+pub mod alert;
 pub mod classify;
 pub mod cycle;
 pub mod ledger;
