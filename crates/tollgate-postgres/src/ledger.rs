@@ -1,0 +1,720 @@
+//! The ledger's writes, each run inside one transaction of its own. Each reads the state it
+//! needs, asks `tollgate-core` for the decision, and writes the result; the rows that decision
+//! depends on stay locked until the transaction commits, so several processes can write one
+//! database and a `block` limit still holds exactly.
+//!
+//! Lock order. Every transaction takes its row locks in this order, so no two can wait on each
+//! other in a circle (PostgreSQL would abort one of them; the caller retries it all the same):
+//! 1. rows of holds that already exist: one, waiting for it (settle, void, extend), or many,
+//!    skipping those another transaction has (expiry, `FOR UPDATE SKIP LOCKED`);
+//! 2. `pool_cycles` rows, several only in (account, pool, cycle start) order, bytewise;
+//! 3. `key_cycles` rows, several only in (key, cycle start) order;
+//! 4. new rows (holds, events, grants). An insert whose id another open transaction is inserting
+//!    waits for it; a transaction takes no lock after its first insert but on rows it already has.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::Transaction;
+use tollgate_core::ledger::{self, PoolScope, Replay};
+use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
+use tollgate_store::{
+    Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, NewGrant,
+    SettleRequest, StoreError,
+};
+
+use crate::rows::{self, execute, query, query_one, query_opt, us};
+use crate::{Error, Result};
+
+/// A pool's running totals in one cycle: its `pool_cycles` row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolTotals {
+    pub grants: Nanos,
+    pub used: Nanos,
+    pub overage: Nanos,
+    pub held: Nanos,
+}
+
+/// A key's running totals in one cycle: its `key_cycles` row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyTotals {
+    pub charged: Nanos,
+    pub held: Nanos,
+}
+
+/// A pool's state in one cycle (its row locked), plus what settling needs from its tier.
+pub struct PoolCycle {
+    pub totals: PoolTotals,
+    pub scope: PoolScope,
+    pub payg_multiplier_ppm: u64,
+}
+
+/// The tier grant of a pool: the account's own grant if set, else its tier's.
+async fn tier_grant(tx: &Transaction<'_>, account: &Account, pool: PoolKind) -> Result<(Nanos, u64)> {
+    let tier = rows::load_tier(tx, &account.tier)
+        .await?
+        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    Ok((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+}
+
+/// Locks a pool's row for a cycle and reads its totals; None when the row does not exist.
+async fn lock_pool(tx: &Transaction<'_>, account: &str, pool: PoolKind, start_us: i64) -> Result<Option<PoolTotals>> {
+    let row = query_opt(
+        tx,
+        "SELECT grants, used, overage, held FROM pool_cycles
+         WHERE account = $1 AND pool = $2 AND cycle_start_us = $3 FOR UPDATE",
+        &[&account, &pool.as_str(), &start_us],
+    )
+    .await?;
+    Ok(match row {
+        None => None,
+        Some(r) => Some(PoolTotals {
+            grants: Nanos(r.try_get(0)?),
+            used: Nanos(r.try_get(1)?),
+            overage: Nanos(r.try_get(2)?),
+            held: Nanos(r.try_get(3)?),
+        }),
+    })
+}
+
+/// Locks the pool's cycle row, creating it with the tier's grant when its time has come. Two
+/// transactions that create it at once: the second waits for the first and finds its row.
+pub async fn pool_cycle(tx: &Transaction<'_>, account: &Account, pool: PoolKind, cycle: &Cycle) -> Result<PoolCycle> {
+    let (grant, ppm) = tier_grant(tx, account, pool).await?;
+    let start = us(cycle.start);
+    let totals = match lock_pool(tx, &account.id, pool, start).await? {
+        Some(totals) => totals,
+        None => {
+            let created = execute(
+                tx,
+                "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
+                 VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING",
+                &[&account.id, &pool.as_str(), &start, &us(cycle.end), &grant.0],
+            )
+            .await?;
+            if created == 1 {
+                insert_grant(tx, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start).await?;
+            }
+            lock_pool(tx, &account.id, pool, start).await?.ok_or_else(|| {
+                StoreError::Backend(format!("pool {} {} has no row for its cycle", account.id, pool.as_str()))
+            })?
+        }
+    };
+    let policy = rows::load_policy(tx, &account.id, pool).await?;
+    let PoolTotals { grants, used, overage, held } = totals;
+    Ok(PoolCycle {
+        totals,
+        scope: PoolScope { limit: policy.limit(grants), grants, used, overage, held },
+        payg_multiplier_ppm: ppm,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_grant(
+    tx: &Transaction<'_>,
+    account: &str,
+    pool: PoolKind,
+    kind: GrantKind,
+    amount: Nanos,
+    cycle: &Cycle,
+    note: Option<&str>,
+    created: DateTime<Utc>,
+) -> Result<i64> {
+    let row = query_one(
+        tx,
+        "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        &[&account, &pool.as_str(), &kind.as_str(), &amount.0, &us(cycle.start), &us(cycle.end), &note, &us(created)],
+    )
+    .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Writes a pool's totals plus `add`; the caller holds the row's lock and read `current` under it.
+async fn add_to_pool(
+    tx: &Transaction<'_>,
+    account: &str,
+    pool: PoolKind,
+    cycle_start: DateTime<Utc>,
+    current: PoolTotals,
+    add: PoolTotals,
+) -> Result<()> {
+    let sum = |a: Nanos, b: Nanos| {
+        a.checked_add(b).ok_or_else(|| StoreError::Invalid("amount out of the ledger's range".into()))
+    };
+    let new = PoolTotals {
+        grants: sum(current.grants, add.grants)?,
+        used: sum(current.used, add.used)?,
+        overage: sum(current.overage, add.overage)?,
+        held: sum(current.held, add.held)?,
+    };
+    execute(
+        tx,
+        "UPDATE pool_cycles SET grants = $4, used = $5, overage = $6, held = $7
+         WHERE account = $1 AND pool = $2 AND cycle_start_us = $3",
+        &[&account, &pool.as_str(), &us(cycle_start), &new.grants.0, &new.used.0, &new.overage.0, &new.held.0],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Locks a key's row for a cycle (creating it at zero) and reads its totals.
+async fn lock_key(tx: &Transaction<'_>, key_id: &str, cycle_start: DateTime<Utc>) -> Result<KeyTotals> {
+    const LOCK: &str = "SELECT charged, held FROM key_cycles WHERE key_id = $1 AND cycle_start_us = $2 FOR UPDATE";
+    let start = us(cycle_start);
+    let row = match query_opt(tx, LOCK, &[&key_id, &start]).await? {
+        Some(row) => row,
+        None => {
+            execute(
+                tx,
+                "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES ($1, $2, 0, 0)
+                 ON CONFLICT DO NOTHING",
+                &[&key_id, &start],
+            )
+            .await?;
+            query_one(tx, LOCK, &[&key_id, &start]).await?
+        }
+    };
+    Ok(KeyTotals { charged: Nanos(row.try_get(0)?), held: Nanos(row.try_get(1)?) })
+}
+
+/// Writes a key's totals plus `add`; the caller holds the row's lock and read `current` under it.
+async fn add_to_key(
+    tx: &Transaction<'_>,
+    key_id: &str,
+    cycle_start: DateTime<Utc>,
+    current: KeyTotals,
+    add: KeyTotals,
+) -> Result<()> {
+    let out_of_range = || StoreError::Invalid("amount out of range".into());
+    let charged = current.charged.checked_add(add.charged).ok_or_else(out_of_range)?;
+    let held = current.held.checked_add(add.held).ok_or_else(out_of_range)?;
+    execute(
+        tx,
+        "UPDATE key_cycles SET charged = $3, held = $4 WHERE key_id = $1 AND cycle_start_us = $2",
+        &[&key_id, &us(cycle_start), &charged.0, &held.0],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The cap of a key of `account`; `Invalid` if the account has no such key.
+async fn key_cap(tx: &Transaction<'_>, account: &str, key_id: &str) -> Result<Option<Nanos>> {
+    let row = query_opt(tx, "SELECT cap FROM keys WHERE id = $1 AND account = $2", &[&key_id, &account]).await?;
+    match row {
+        Some(r) => Ok(r.try_get::<_, Option<i64>>(0)?.map(Nanos)),
+        None => Err(StoreError::Invalid(format!("account {account:?} has no key {key_id:?}")).into()),
+    }
+}
+
+/// Reserves `req.amount` against the pool (and key) of the cycle containing `now`, or refuses.
+/// The checks come in the SQLite backend's order: account, key, a repeated id, then the limits.
+pub async fn hold(tx: &Transaction<'_>, req: &HoldRequest, now: DateTime<Utc>, owner: i64) -> Result<HoldOutcome> {
+    let account = rows::require_account(tx, &req.account).await?;
+    let cap = match &req.key {
+        Some(id) => Some(key_cap(tx, &req.account, id).await?),
+        None => None,
+    };
+    let cycle = account.cycle_anchor().cycle_at(now);
+    if let Some(outcome) = replay_hold(tx, req).await? {
+        return Ok(outcome);
+    }
+    let pool = pool_cycle(tx, &account, req.pool, &cycle).await?;
+    let key = match (&req.key, cap) {
+        (Some(id), Some(cap)) => {
+            let totals = lock_key(tx, id, cycle.start).await?;
+            Some((id.as_str(), totals, KeyScope { cap, charged: totals.charged, held: totals.held }))
+        }
+        _ => None,
+    };
+    let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, _, k)| k), req.amount) {
+        Ok(d) => d,
+        Err(refusal) => {
+            // The same id may have been held by another process while this one waited for the lock.
+            return Ok(match replay_hold(tx, req).await? {
+                Some(outcome) => outcome,
+                None => HoldOutcome::Refused { refusal, resets_at: cycle.end },
+            });
+        }
+    };
+    let hold = Hold {
+        id: req.id.clone(),
+        account: req.account.clone(),
+        pool: req.pool,
+        key: req.key.clone(),
+        amount: req.amount,
+        model: req.model.clone(),
+        source: req.source.clone(),
+        state: HoldState::Open,
+        cycle_start: cycle.start,
+        cycle_end: cycle.end,
+        created_at: now,
+        expires_at: now + Duration::seconds(req.ttl_s as i64),
+        remaining_after: decision.pool_remaining,
+    };
+    let inserted = execute(
+        tx,
+        "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
+                            created_us, expires_us, remaining_after, fingerprint, owner)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT DO NOTHING",
+        &[
+            &hold.account,
+            &hold.id,
+            &hold.pool.as_str(),
+            &hold.key,
+            &hold.amount.0,
+            &hold.model,
+            &hold.source,
+            &us(hold.cycle_start),
+            &us(hold.cycle_end),
+            &us(hold.created_at),
+            &us(hold.expires_at),
+            &hold.remaining_after.map(|n| n.0),
+            &req.fingerprint,
+            &owner,
+        ],
+    )
+    .await?;
+    if inserted == 0 {
+        // Another transaction committed a hold of this id (in another pool) since the check
+        // above: run again, and the check answers.
+        return Err(Error::Retry);
+    }
+    let add = PoolTotals { held: hold.amount, ..PoolTotals::default() };
+    add_to_pool(tx, &hold.account, hold.pool, cycle.start, pool.totals, add).await?;
+    if let Some((id, totals, _)) = key {
+        add_to_key(tx, id, cycle.start, totals, KeyTotals { charged: Nanos::ZERO, held: hold.amount }).await?;
+    }
+    Ok(HoldOutcome::Held(hold))
+}
+
+/// The outcome of a hold request whose id was used before: the first hold if the request is the
+/// same, a conflict if not; None if the id is new.
+async fn replay_hold(tx: &Transaction<'_>, req: &HoldRequest) -> Result<Option<HoldOutcome>> {
+    let existing = rows::load_hold(tx, &req.account, &req.id).await?;
+    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
+        Replay::Same(hold) => Ok(Some(HoldOutcome::Replayed(hold))),
+        Replay::Conflict => Err(StoreError::Conflict(format!(
+            "hold id {:?} was already used for a different request; use a new id",
+            req.id
+        ))
+        .into()),
+        Replay::New => Ok(None),
+    }
+}
+
+/// Locks a hold for settling, voiding or extending, or says it does not exist.
+async fn locked_hold(tx: &Transaction<'_>, account: &str, hold_id: &str) -> Result<rows::HoldRow> {
+    rows::lock_hold(tx, account, hold_id).await?.ok_or_else(|| StoreError::NotFound(format!("hold {hold_id:?}")).into())
+}
+
+pub async fn settle(tx: &Transaction<'_>, req: &SettleRequest, now: DateTime<Utc>) -> Result<Event> {
+    let row = locked_hold(tx, &req.account, &req.hold_id).await?;
+    match row.hold.state {
+        HoldState::Open => {}
+        HoldState::Settled => {
+            let seq = row.event_seq.ok_or_else(|| rows::corrupt("settled hold without its event", &req.hold_id))?;
+            let first = rows::load_event_by_seq(tx, seq).await?;
+            return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
+                Replay::Same(event) => Ok(event),
+                _ => Err(StoreError::Conflict(format!(
+                    "hold {:?} is already settled with a different usage",
+                    req.hold_id
+                ))
+                .into()),
+            };
+        }
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {:?} is {} and can no longer be settled",
+                req.hold_id,
+                state.as_str()
+            ))
+            .into());
+        }
+    }
+    let mut event = req.event.clone();
+    // The hold decides where the charge goes: its account, pool and key, never the event's.
+    event.account = row.hold.account.clone();
+    if event.id.is_empty() {
+        event.id = row.hold.id.clone();
+    }
+    event.pool = row.hold.pool;
+    event.key = row.hold.key.clone();
+    charge_hold(tx, &row.hold, event, false, now).await
+}
+
+fn event_id_taken(id: &str) -> Error {
+    StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id")).into()
+}
+
+/// Charges a locked hold with an event's cost, releases the hold, records the event.
+async fn charge_hold(
+    tx: &Transaction<'_>,
+    hold: &Hold,
+    event: NewEvent,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> Result<Event> {
+    let account = rows::require_account(tx, &hold.account).await?;
+    let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
+    let pool = pool_cycle(tx, &account, hold.pool, &cycle).await?;
+    // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
+    let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
+    let settlement = match ledger::settle(hold.amount, event.cost, &pool.scope, ppm) {
+        Ok(s) => s,
+        // A taken event id is reported before a bad amount, as when it was checked first.
+        Err(_) if rows::load_event(tx, &hold.account, &event.id).await?.is_some() => {
+            return Err(event_id_taken(&event.id));
+        }
+        Err(refusal) => return Err(overflow(refusal)),
+    };
+    let split = settlement.split;
+    let release = Nanos(-hold.amount.0);
+    let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: release };
+    add_to_pool(tx, &hold.account, hold.pool, hold.cycle_start, pool.totals, add).await?;
+    if let Some(key) = &hold.key {
+        let totals = lock_key(tx, key, hold.cycle_start).await?;
+        add_to_key(tx, key, hold.cycle_start, totals, KeyTotals { charged: split.total(), held: release }).await?;
+    }
+    let recorded =
+        insert_event(tx, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
+            .await?
+            .ok_or_else(|| event_id_taken(&event.id))?;
+    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
+    execute(
+        tx,
+        "UPDATE holds SET state = $3, event_seq = $4 WHERE account = $1 AND id = $2",
+        &[&hold.account, &hold.id, &state.as_str(), &recorded.seq],
+    )
+    .await?;
+    Ok(recorded)
+}
+
+fn overflow(refusal: tollgate_core::Refusal) -> Error {
+    StoreError::Invalid(format!("amount out of range ({})", refusal.code())).into()
+}
+
+/// Inserts an event; None when its id is taken (by a committed event, or by one whose
+/// transaction committed while this insert waited for it).
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    tx: &Transaction<'_>,
+    e: &NewEvent,
+    cycle_start: DateTime<Utc>,
+    split: ledger::Split,
+    overshoot: Nanos,
+    hold_id: Option<&str>,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> Result<Option<Event>> {
+    let labels = rows::labels_to_text(&e.labels);
+    let row = query_opt(
+        tx,
+        "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
+             cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
+             grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+             $23, $24, $25, $26, $27, $28, $29)
+         ON CONFLICT DO NOTHING RETURNING seq",
+        &[
+            &e.account,
+            &e.id,
+            &e.pool.as_str(),
+            &e.model,
+            &(e.usage.input_tokens as i64),
+            &(e.usage.cache_creation_5m_input_tokens as i64),
+            &(e.usage.cache_creation_1h_input_tokens as i64),
+            &(e.usage.cache_read_input_tokens as i64),
+            &(e.usage.output_tokens as i64),
+            &(e.usage.web_search_requests as i64),
+            &e.cost.0,
+            &split.grant.0,
+            &split.overage.0,
+            &overshoot.0,
+            &e.service_tier,
+            &e.inference_geo,
+            &e.speed,
+            &e.source,
+            &e.key,
+            &labels,
+            &us(e.timestamp),
+            &us(cycle_start),
+            &hold_id,
+            &e.latency_ms.map(|v| v as i64),
+            &e.ttft_ms.map(|v| v as i64),
+            &e.partial,
+            &unsettled,
+            &us(now),
+            &e.fingerprint,
+        ],
+    )
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Event {
+        seq: row.try_get(0)?,
+        id: e.id.clone(),
+        account: e.account.clone(),
+        pool: e.pool,
+        model: e.model.clone(),
+        usage: e.usage,
+        cost: e.cost,
+        grant_part: split.grant,
+        overage_part: split.overage,
+        overshoot,
+        service_tier: e.service_tier.clone(),
+        inference_geo: e.inference_geo.clone(),
+        speed: e.speed.clone(),
+        source: e.source.clone(),
+        key: e.key.clone(),
+        labels: e.labels.clone(),
+        timestamp: e.timestamp,
+        cycle_start,
+        hold_id: hold_id.map(str::to_string),
+        latency_ms: e.latency_ms,
+        ttft_ms: e.ttft_ms,
+        partial: e.partial,
+        unsettled,
+        recorded_at: now,
+    }))
+}
+
+pub async fn void(tx: &Transaction<'_>, account: &str, hold_id: &str) -> Result<Hold> {
+    let row = locked_hold(tx, account, hold_id).await?;
+    match row.hold.state {
+        HoldState::Open => {}
+        HoldState::Voided => return Ok(row.hold),
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {hold_id:?} is {} and can no longer be voided",
+                state.as_str()
+            ))
+            .into());
+        }
+    }
+    let h = &row.hold;
+    let release = Nanos(-h.amount.0);
+    let totals = lock_pool(tx, account, h.pool, us(h.cycle_start))
+        .await?
+        .ok_or_else(|| StoreError::Backend(format!("pool {account} {} has no row for its cycle", h.pool.as_str())))?;
+    add_to_pool(tx, account, h.pool, h.cycle_start, totals, PoolTotals { held: release, ..PoolTotals::default() })
+        .await?;
+    if let Some(key) = &h.key {
+        let totals = lock_key(tx, key, h.cycle_start).await?;
+        add_to_key(tx, key, h.cycle_start, totals, KeyTotals { charged: Nanos::ZERO, held: release }).await?;
+    }
+    execute(tx, "UPDATE holds SET state = 'voided' WHERE account = $1 AND id = $2", &[&account, &hold_id]).await?;
+    Ok(Hold { state: HoldState::Voided, ..row.hold })
+}
+
+pub async fn extend(
+    tx: &Transaction<'_>,
+    account: &str,
+    hold_id: &str,
+    ttl_s: u64,
+    now: DateTime<Utc>,
+) -> Result<Hold> {
+    let row = locked_hold(tx, account, hold_id).await?;
+    if row.hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", row.hold.state.as_str())).into());
+    }
+    let expires_at = now + Duration::seconds(ttl_s as i64);
+    execute(
+        tx,
+        "UPDATE holds SET expires_us = $3 WHERE account = $1 AND id = $2",
+        &[&account, &hold_id, &us(expires_at)],
+    )
+    .await?;
+    Ok(Hold { expires_at, ..row.hold })
+}
+
+/// Adds a top-up to the pool's cycle that contains `now`.
+pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -> Result<Grant> {
+    if g.amount <= Nanos::ZERO {
+        return Err(StoreError::Invalid("a grant's amount must be positive".into()).into());
+    }
+    let account = rows::require_account(tx, &g.account).await?;
+    let cycle = account.cycle_anchor().cycle_at(now);
+    let pool = pool_cycle(tx, &account, g.pool, &cycle).await?;
+    let id = insert_grant(tx, &g.account, g.pool, GrantKind::TopUp, g.amount, &cycle, g.note.as_deref(), now).await?;
+    let top_up = PoolTotals { grants: g.amount, ..PoolTotals::default() };
+    add_to_pool(tx, &g.account, g.pool, cycle.start, pool.totals, top_up).await?;
+    Ok(Grant {
+        id,
+        account: g.account.clone(),
+        pool: g.pool,
+        kind: GrantKind::TopUp,
+        amount: g.amount,
+        cycle_start: cycle.start,
+        expires_at: cycle.end,
+        note: g.note.clone(),
+        created_at: now,
+    })
+}
+
+/// Records a batch of events, all or nothing (the caller's transaction). A batch that touches
+/// several pools or keys locks them all first, in the lock order.
+pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
+    if events.len() > 1 {
+        lock_pools_of(tx, events).await?;
+    }
+    let mut outcomes = Vec::with_capacity(events.len());
+    for e in events {
+        outcomes.push(record_event(tx, e, now).await?);
+    }
+    Ok(outcomes)
+}
+
+/// Locks (creating them when needed) the pool and key rows the events of a batch will change,
+/// in the lock order. Events of an unknown account are skipped here: they fail the batch later.
+async fn lock_pools_of(tx: &Transaction<'_>, events: &[NewEvent]) -> Result<()> {
+    let mut accounts: HashMap<&str, Option<Account>> = HashMap::new();
+    let mut pools: BTreeMap<(String, &'static str, i64), (Account, PoolKind, Cycle)> = BTreeMap::new();
+    let mut keys: BTreeSet<(String, i64)> = BTreeSet::new();
+    for e in events {
+        if !accounts.contains_key(e.account.as_str()) {
+            accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
+        }
+        let Some(account) = &accounts[e.account.as_str()] else { continue };
+        let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+        pools.insert((e.account.clone(), e.pool.as_str(), us(cycle.start)), (account.clone(), e.pool, cycle));
+        if let Some(key) = &e.key {
+            keys.insert((key.clone(), us(cycle.start)));
+        }
+    }
+    for (account, pool, cycle) in pools.values() {
+        pool_cycle(tx, account, *pool, cycle).await?;
+    }
+    for (key, start) in &keys {
+        lock_key(tx, key, rows::time(*start)).await?;
+    }
+    Ok(())
+}
+
+/// Records one event; the caller's transaction makes a batch all or nothing.
+async fn record_event(tx: &Transaction<'_>, e: &NewEvent, now: DateTime<Utc>) -> Result<EventOutcome> {
+    let existing = rows::load_event(tx, &e.account, &e.id).await?;
+    match ledger::replay(existing.map(|r| (r.fingerprint, r.event)), &e.fingerprint) {
+        Replay::Same(event) => return Ok(EventOutcome::Duplicate(event)),
+        Replay::Conflict => {
+            return Err(StoreError::Conflict(format!(
+                "event id {:?} was already recorded with different content; use a new id",
+                e.id
+            ))
+            .into());
+        }
+        Replay::New => {}
+    }
+    let account = rows::require_account(tx, &e.account).await?;
+    if let Some(key) = &e.key {
+        key_cap(tx, &e.account, key).await?;
+    }
+    let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+    let pool = pool_cycle(tx, &account, e.pool, &cycle).await?;
+    let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
+    let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: Nanos::ZERO };
+    add_to_pool(tx, &e.account, e.pool, cycle.start, pool.totals, add).await?;
+    if let Some(key) = &e.key {
+        let totals = lock_key(tx, key, cycle.start).await?;
+        add_to_key(tx, key, cycle.start, totals, KeyTotals { charged: split.total(), held: Nanos::ZERO }).await?;
+    }
+    match insert_event(tx, e, cycle.start, split, Nanos::ZERO, None, false, now).await? {
+        Some(event) => Ok(EventOutcome::Recorded(event)),
+        // A copy committed while this transaction waited for the pool: run again, and the
+        // replay check above answers.
+        None => Err(Error::Retry),
+    }
+}
+
+/// Which open holds a sweep settles.
+#[derive(Clone, Copy, Debug)]
+pub enum Sweep {
+    /// Those whose time to live has passed.
+    Expired,
+    /// Those, and every open hold made by the store `owner` (see `recover_open_holds`).
+    ExpiredAndOwnedBy(i64),
+}
+
+/// Settles open holds at their held amount, flagged `unsettled`. Holds another transaction has
+/// locked (being settled, voided, extended or swept right now) are skipped: each hold is
+/// settled exactly once however many processes sweep at once, and a skipped hold that stays
+/// open is found by the next sweep.
+pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> Result<Vec<Event>> {
+    let found = match sweep {
+        Sweep::Expired => {
+            query(
+                tx,
+                &format!(
+                    "SELECT {} FROM holds WHERE state = 'open' AND expires_us <= $1
+                     ORDER BY expires_us, account, id FOR UPDATE SKIP LOCKED",
+                    rows::HOLD_COLUMNS
+                ),
+                &[&us(now)],
+            )
+            .await?
+        }
+        Sweep::ExpiredAndOwnedBy(owner) => {
+            query(
+                tx,
+                &format!(
+                    "SELECT {} FROM holds WHERE state = 'open' AND (expires_us <= $1 OR owner = $2)
+                     ORDER BY expires_us, account, id FOR UPDATE SKIP LOCKED",
+                    rows::HOLD_COLUMNS
+                ),
+                &[&us(now), &owner],
+            )
+            .await?
+        }
+    };
+    let holds: Vec<Hold> = found.iter().map(|r| rows::hold(r).map(|h| h.hold)).collect::<Result<_>>()?;
+    // Pools, then keys, each in the lock order, before the first change.
+    let pools: BTreeSet<(&str, &str, i64)> =
+        holds.iter().map(|h| (h.account.as_str(), h.pool.as_str(), us(h.cycle_start))).collect();
+    for (account, pool, start) in pools {
+        let pool = rows::pool_of(pool)?;
+        lock_pool(tx, account, pool, start).await?;
+    }
+    let keys: BTreeSet<(&str, i64)> =
+        holds.iter().filter_map(|h| h.key.as_deref().map(|k| (k, us(h.cycle_start)))).collect();
+    for (key, start) in keys {
+        lock_key(tx, key, rows::time(start)).await?;
+    }
+    let mut events = Vec::with_capacity(holds.len());
+    for hold in holds {
+        let event = NewEvent {
+            id: hold.id.clone(),
+            account: hold.account.clone(),
+            pool: hold.pool,
+            model: hold.model.clone().unwrap_or_else(|| "unknown".to_string()),
+            usage: Default::default(),
+            cost: hold.amount,
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: hold.source.clone(),
+            key: hold.key.clone(),
+            labels: Default::default(),
+            timestamp: hold.created_at,
+            latency_ms: None,
+            ttft_ms: None,
+            partial: false,
+            fingerprint: format!("unsettled:{}", hold.id),
+        };
+        // An event that already took the hold's id is kept; this one is named after the hold.
+        let event = if rows::load_event(tx, &hold.account, &hold.id).await?.is_some() {
+            NewEvent { id: format!("{}#unsettled", hold.id), ..event }
+        } else {
+            event
+        };
+        events.push(charge_hold(tx, &hold, event, true, now).await?);
+    }
+    Ok(events)
+}
+
+/// True when the account has any ledger state (so its cycles must not move).
+pub async fn has_ledger_state(tx: &Transaction<'_>, account: &str) -> Result<bool> {
+    let row = query_one(tx, "SELECT EXISTS (SELECT 1 FROM pool_cycles WHERE account = $1)", &[&account]).await?;
+    Ok(row.try_get(0)?)
+}

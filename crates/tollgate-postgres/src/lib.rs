@@ -1,0 +1,587 @@
+//! The PostgreSQL backend of the store: several tollgate processes on one database form one
+//! system (SPEC section 10).
+//!
+//! Every ledger write is one transaction that locks the rows its decision depends on (the
+//! pool's cycle row, `SELECT … FOR UPDATE`, created first with `INSERT … ON CONFLICT DO
+//! NOTHING`; then the key's) and asks `tollgate-core` for the decision under those locks, so a
+//! `block` limit holds exactly whatever the number of processes. Idempotency ids are primary
+//! keys. Nothing decides from process memory: no cache of totals or settings. A commit is
+//! durable when it returns: every connection sets `synchronous_commit = on`. `ledger` names the
+//! lock order that keeps transactions from deadlocking; a deadlock or a unique id taken by a
+//! concurrent transaction makes the whole transaction run again.
+//!
+//! Migrations run on open in one transaction under an advisory lock (`schema`), so several
+//! processes may start at once.
+//!
+//! *Decision — holds at start.* On SQLite one process owns the file, so every hold open at start
+//! was left by a dead run and `recover_open_holds` settles them all. Here other live processes
+//! may be in the middle of their calls, so `recover_open_holds` never settles a hold just
+//! because it is open: it settles the holds past their time to live (as `expire_holds` does)
+//! and the holds made by this very store (each open store takes a number, `holds.owner`), which
+//! the caller declares it can no longer finish — none, in a process that has just started. The
+//! holds of a process that died are settled, at their held amount and flagged `unsettled`, by
+//! whichever process sweeps first once their time to live has passed (gateway holds are extended
+//! only while their stream is alive). `expire_holds` may run in every process at once: it locks
+//! the holds it settles with `FOR UPDATE SKIP LOCKED`, so each is settled exactly once.
+
+mod audit;
+mod ledger;
+mod rows;
+mod schema;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls};
+use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
+use tollgate_store::{
+    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome,
+    HoldRequest, Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
+    StoreResult,
+};
+
+use crate::ledger::Sweep;
+use crate::rows::{execute, query, query_one, query_opt, us};
+
+/// Connections one store keeps open at most.
+pub const CONNECTIONS_MAX: usize = 16;
+/// Times a write transaction runs before its error is returned, when it keeps meeting a
+/// deadlock or a concurrent insert of the same id.
+const ATTEMPTS_MAX: u32 = 8;
+
+/// What goes wrong inside this crate; becomes a [`StoreError`] at the trait's boundary.
+#[derive(Debug)]
+pub(crate) enum Error {
+    Store(StoreError),
+    Pg(tokio_postgres::Error),
+    /// A concurrent transaction committed a row this one was about to insert (same id): run the
+    /// transaction again, and its checks see that row.
+    Retry,
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        Error::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        Error::Pg(e)
+    }
+}
+
+impl Error {
+    /// Whether running the whole transaction again may succeed.
+    fn retryable(&self) -> bool {
+        match self {
+            Error::Retry => true,
+            Error::Pg(e) => e
+                .code()
+                .is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE),
+            Error::Store(_) => false,
+        }
+    }
+}
+
+impl From<Error> for StoreError {
+    fn from(e: Error) -> StoreError {
+        match e {
+            Error::Store(e) => e,
+            Error::Pg(e) => StoreError::Backend(describe(&e)),
+            Error::Retry => StoreError::Backend("a write kept colliding with concurrent writes; retry".into()),
+        }
+    }
+}
+
+/// A PostgreSQL error in one line, with the server's message when there is one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("PostgreSQL {} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("PostgreSQL: {e}: {source}"),
+            None => format!("PostgreSQL: {e}"),
+        },
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => StoreError::Backend(format!("cannot connect: {}", describe(&e))),
+        e => StoreError::Backend(format!("cannot get a PostgreSQL connection: {e}")),
+    }
+}
+
+/// Runs `$body` (an expression of type `Result<T>` that uses the transaction `$tx`) in a
+/// read-committed transaction and commits; runs it all again when [`Error::retryable`].
+macro_rules! write_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {{
+        let mut attempt = 1u32;
+        loop {
+            let mut client = $store.client().await?;
+            let result: Result<_> = async {
+                let $tx = client.transaction().await?;
+                let body: Result<_> = $body;
+                let value = body?;
+                $tx.commit().await?;
+                Ok(value)
+            }
+            .await;
+            match result {
+                Ok(value) => break Ok(value),
+                Err(e) if e.retryable() && attempt < ATTEMPTS_MAX => {
+                    tracing::debug!(attempt, error = ?e, "transaction runs again");
+                    attempt += 1;
+                }
+                Err(e) => break Err(StoreError::from(e)),
+            }
+        }
+    }};
+}
+
+/// Runs `$body` in a read-only snapshot (repeatable read), so that its several reads agree.
+macro_rules! read_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {{
+        let mut client = $store.client().await?;
+        let result: Result<_> = async {
+            let $tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let body: Result<_> = $body;
+            let value = body?;
+            $tx.commit().await?;
+            Ok(value)
+        }
+        .await;
+        result.map_err(StoreError::from)
+    }};
+}
+
+pub struct PgStore {
+    pool: Pool,
+    /// This store's number, written on the holds it makes (see `recover_open_holds`).
+    owner: i64,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`; a host that is a
+    /// percent-encoded directory is a Unix socket), runs the migrations not yet applied, adds
+    /// the built-in tiers that are missing, and takes this store's owner number.
+    pub async fn open(url: &str) -> StoreResult<PgStore> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Invalid(format!("PostgreSQL url: {}", describe(&e))))?;
+        if config.get_application_name().is_none() {
+            config.application_name("tollgate");
+        }
+        // A commit returns only once it is on disk, whatever the server's default says.
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c synchronous_commit=on"),
+            None => "-c synchronous_commit=on".to_string(),
+        };
+        config.options(options);
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(CONNECTIONS_MAX)
+            .build()
+            .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        schema::migrate(&mut client).await?;
+        let owner: i64 =
+            query_one(&client, "SELECT nextval('store_owners')", &[]).await?.try_get(0).map_err(Error::from)?;
+        drop(client);
+        Ok(PgStore { pool, owner })
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    let local_day = now.with_timezone(&tz).date_naive();
+    tz.from_local_datetime(&local_day.and_time(NaiveTime::MIN))
+        .earliest()
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
+}
+
+const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, expires_us, note, created_us";
+
+fn grant_row(r: &tokio_postgres::Row) -> Result<Grant> {
+    let pool: String = r.try_get(2)?;
+    let kind: String = r.try_get(3)?;
+    Ok(Grant {
+        id: r.try_get(0)?,
+        account: r.try_get(1)?,
+        pool: rows::pool_of(&pool)?,
+        kind: if kind == "tier" { GrantKind::Tier } else { GrantKind::TopUp },
+        amount: Nanos(r.try_get(4)?),
+        cycle_start: rows::time(r.try_get(5)?),
+        expires_at: rows::time(r.try_get(6)?),
+        note: r.try_get(7)?,
+        created_at: rows::time(r.try_get(8)?),
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
+        let client = self.client().await?;
+        Ok(rows::write_tier(&client, &tier, true).await?)
+    }
+
+    async fn tiers(&self) -> StoreResult<Vec<Tier>> {
+        let client = self.client().await?;
+        let found = query(&client, &format!("SELECT {} FROM tiers ORDER BY id", rows::TIER_COLUMNS), &[]).await?;
+        Ok(found.iter().map(rows::tier).collect::<Result<_>>()?)
+    }
+
+    async fn create_account(&self, a: NewAccount, now: DateTime<Utc>) -> StoreResult<Account> {
+        let account = Account {
+            anchor: a.anchor.unwrap_or_else(|| default_anchor(now, a.timezone)),
+            id: a.id,
+            tier: a.tier,
+            timezone: a.timezone,
+            interactive_grant: a.interactive_grant,
+            programmatic_grant: a.programmatic_grant,
+            created_at: now,
+        };
+        write_tx!(self, |tx| async {
+            if rows::load_tier(&tx, &account.tier).await?.is_none() {
+                return Err(StoreError::Invalid(format!(
+                    "unknown tier {:?}: create it first or pick an existing one",
+                    account.tier
+                ))
+                .into());
+            }
+            let inserted = execute(
+                &tx,
+                "INSERT INTO accounts (id, tier, anchor_us, timezone, interactive_grant, programmatic_grant,
+                     created_us)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                &[
+                    &account.id,
+                    &account.tier,
+                    &us(account.anchor),
+                    &account.timezone.name(),
+                    &account.interactive_grant.map(|n| n.0),
+                    &account.programmatic_grant.map(|n| n.0),
+                    &us(now),
+                ],
+            )
+            .await?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!("account {:?} already exists", account.id)).into());
+            }
+            Ok(account.clone())
+        }
+        .await)
+    }
+
+    async fn update_account(&self, id: &str, u: AccountUpdate) -> StoreResult<Account> {
+        write_tx!(self, |tx| async {
+            let row = query_opt(
+                &tx,
+                &format!("SELECT {} FROM accounts WHERE id = $1 FOR UPDATE", rows::ACCOUNT_COLUMNS),
+                &[&id],
+            )
+            .await?;
+            let mut account = match row {
+                Some(r) => rows::account(&r)?,
+                None => return Err(StoreError::NotFound(format!("account {id:?}")).into()),
+            };
+            if let Some(tier) = &u.tier {
+                if rows::load_tier(&tx, tier).await?.is_none() {
+                    return Err(StoreError::Invalid(format!("unknown tier {tier:?}")).into());
+                }
+                account.tier = tier.clone();
+            }
+            let moves_cycles =
+                u.anchor.is_some_and(|a| a != account.anchor) || u.timezone.is_some_and(|t| t != account.timezone);
+            if moves_cycles && ledger::has_ledger_state(&tx, id).await? {
+                return Err(StoreError::Conflict(format!(
+                    "account {id:?} already has ledger state: its anchor and timezone can no longer change, or \
+                     cycles it was billed in would move"
+                ))
+                .into());
+            }
+            account.anchor = u.anchor.unwrap_or(account.anchor);
+            account.timezone = u.timezone.unwrap_or(account.timezone);
+            if let Some(g) = u.interactive_grant {
+                account.interactive_grant = g;
+            }
+            if let Some(g) = u.programmatic_grant {
+                account.programmatic_grant = g;
+            }
+            execute(
+                &tx,
+                "UPDATE accounts SET tier = $2, anchor_us = $3, timezone = $4, interactive_grant = $5,
+                     programmatic_grant = $6 WHERE id = $1",
+                &[
+                    &account.id,
+                    &account.tier,
+                    &us(account.anchor),
+                    &account.timezone.name(),
+                    &account.interactive_grant.map(|n| n.0),
+                    &account.programmatic_grant.map(|n| n.0),
+                ],
+            )
+            .await?;
+            Ok(account)
+        }
+        .await)
+    }
+
+    async fn account(&self, id: &str) -> StoreResult<Option<Account>> {
+        let client = self.client().await?;
+        Ok(rows::load_account(&client, id).await?)
+    }
+
+    async fn accounts(&self) -> StoreResult<Vec<Account>> {
+        let client = self.client().await?;
+        let found = query(&client, &format!("SELECT {} FROM accounts ORDER BY id", rows::ACCOUNT_COLUMNS), &[]).await?;
+        Ok(found.iter().map(rows::account).collect::<Result<_>>()?)
+    }
+
+    async fn set_policy(&self, account: &str, pool: PoolKind, p: PoolPolicy) -> StoreResult<()> {
+        write_tx!(self, |tx| async {
+            rows::require_account(&tx, account).await?;
+            execute(
+                &tx,
+                "INSERT INTO policies (account, pool, on_exhausted, overage_cap, spend_cap) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (account, pool) DO UPDATE SET on_exhausted = $3, overage_cap = $4, spend_cap = $5",
+                &[
+                    &account,
+                    &pool.as_str(),
+                    &p.on_exhausted.as_str(),
+                    &p.overage_cap.map(|n| n.0),
+                    &p.spend_cap.map(|n| n.0),
+                ],
+            )
+            .await?;
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn policy(&self, account: &str, pool: PoolKind) -> StoreResult<PoolPolicy> {
+        read_tx!(self, |tx| async {
+            rows::require_account(&tx, account).await?;
+            rows::load_policy(&tx, account, pool).await
+        }
+        .await)
+    }
+
+    async fn add_grant(&self, g: NewGrant, now: DateTime<Utc>) -> StoreResult<Grant> {
+        write_tx!(self, |tx| ledger::add_grant(&tx, &g, now).await)
+    }
+
+    async fn grants(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Vec<Grant>> {
+        read_tx!(self, |tx| async {
+            let a = rows::require_account(&tx, account).await?;
+            let cycle = a.cycle_anchor().cycle_at(now);
+            let found = query(
+                &tx,
+                &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE account = $1 AND cycle_start_us = $2 ORDER BY id"),
+                &[&account, &us(cycle.start)],
+            )
+            .await?;
+            found.iter().map(grant_row).collect::<Result<Vec<_>>>()
+        }
+        .await)
+    }
+
+    async fn create_key(&self, k: NewKey, now: DateTime<Utc>) -> StoreResult<Key> {
+        write_tx!(self, |tx| async {
+            rows::require_account(&tx, &k.account).await?;
+            // A taken id or secret hash: the key exists.
+            let inserted = execute(
+                &tx,
+                "INSERT INTO keys (id, account, secret_hash, name, pool, labels, cap, created_us)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                &[
+                    &k.id,
+                    &k.account,
+                    &k.secret_hash,
+                    &k.name,
+                    &k.pool.as_str(),
+                    &rows::labels_to_text(&k.labels),
+                    &k.cap.map(|n| n.0),
+                    &us(now),
+                ],
+            )
+            .await?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!("key {:?} already exists", k.id)).into());
+            }
+            Ok(Key {
+                id: k.id.clone(),
+                account: k.account.clone(),
+                name: k.name.clone(),
+                pool: k.pool,
+                labels: k.labels.clone(),
+                cap: k.cap,
+                created_at: now,
+                revoked_at: None,
+            })
+        }
+        .await)
+    }
+
+    async fn keys(&self, account: &str) -> StoreResult<Vec<Key>> {
+        read_tx!(self, |tx| async {
+            rows::require_account(&tx, account).await?;
+            let found = query(
+                &tx,
+                &format!("SELECT {} FROM keys WHERE account = $1 ORDER BY created_us, id", rows::KEY_COLUMNS),
+                &[&account],
+            )
+            .await?;
+            found.iter().map(rows::key).collect::<Result<Vec<_>>>()
+        }
+        .await)
+    }
+
+    async fn key_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Key>> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            &format!("SELECT {} FROM keys WHERE secret_hash = $1", rows::KEY_COLUMNS),
+            &[&secret_hash],
+        )
+        .await?;
+        Ok(row.as_ref().map(rows::key).transpose()?)
+    }
+
+    async fn revoke_key(&self, account: &str, key_id: &str, now: DateTime<Utc>) -> StoreResult<Key> {
+        // A revoked key keeps its first revocation time.
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            &format!(
+                "UPDATE keys SET revoked_us = COALESCE(revoked_us, $3) WHERE id = $1 AND account = $2 RETURNING {}",
+                rows::KEY_COLUMNS
+            ),
+            &[&key_id, &account, &us(now)],
+        )
+        .await?;
+        match row {
+            Some(r) => Ok(rows::key(&r)?),
+            None => Err(StoreError::NotFound(format!("key {key_id:?}"))),
+        }
+    }
+
+    async fn balance(&self, account: &str, now: DateTime<Utc>) -> StoreResult<Balance> {
+        read_tx!(self, |tx| async {
+            let a = rows::require_account(&tx, account).await?;
+            let cycle = a.cycle_anchor().cycle_at(now);
+            let tier = rows::load_tier(&tx, &a.tier)
+                .await?
+                .ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
+            let mut pools = Vec::with_capacity(2);
+            for kind in PoolKind::ALL {
+                let policy = rows::load_policy(&tx, account, kind).await?;
+                let row = query_opt(
+                    &tx,
+                    "SELECT grants, used, overage, held FROM pool_cycles
+                     WHERE account = $1 AND pool = $2 AND cycle_start_us = $3",
+                    &[&account, &kind.as_str(), &us(cycle.start)],
+                )
+                .await?;
+                let tier_grant = a.grant_override(kind).unwrap_or(tier.grant(kind));
+                let (grants, used, overage, held) = match row {
+                    Some(r) => (Nanos(r.try_get(0)?), Nanos(r.try_get(1)?), Nanos(r.try_get(2)?), Nanos(r.try_get(3)?)),
+                    None => (tier_grant, Nanos::ZERO, Nanos::ZERO, Nanos::ZERO),
+                };
+                pools.push(PoolBalance {
+                    pool: kind,
+                    policy,
+                    grants,
+                    used,
+                    overage,
+                    held,
+                    limit: policy.limit(grants),
+                });
+            }
+            let [interactive, programmatic]: [PoolBalance; 2] =
+                pools.try_into().map_err(|_| StoreError::Backend("two pools expected".into()))?;
+            Ok(Balance { account: a.id.clone(), tier: a.tier.clone(), cycle, pools: [interactive, programmatic] })
+        }
+        .await)
+    }
+
+    async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
+        write_tx!(self, |tx| ledger::hold(&tx, &request, now, self.owner).await)
+    }
+
+    async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
+        write_tx!(self, |tx| ledger::settle(&tx, &request, now).await)
+    }
+
+    async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
+        write_tx!(self, |tx| ledger::void(&tx, account, hold_id).await)
+    }
+
+    async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
+        write_tx!(self, |tx| ledger::extend(&tx, account, hold_id, ttl_s, now).await)
+    }
+
+    async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {
+        let client = self.client().await?;
+        Ok(rows::load_hold(&client, account, hold_id).await?.map(|r| r.hold))
+    }
+
+    async fn record_events(&self, events: Vec<NewEvent>, now: DateTime<Utc>) -> StoreResult<Vec<EventOutcome>> {
+        write_tx!(self, |tx| ledger::record_events(&tx, &events, now).await)
+    }
+
+    async fn events(&self, q: EventQuery) -> StoreResult<Vec<Event>> {
+        let mut sql = format!("SELECT {} FROM events WHERE account = $1", rows::EVENT_COLUMNS);
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(q.account.clone())];
+        let mut push = |cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ${}", args.len()));
+        };
+        if let Some(p) = q.pool {
+            push("pool =", Box::new(p.as_str()));
+        }
+        if let Some(m) = &q.model {
+            push("model =", Box::new(m.clone()));
+        }
+        if let Some(t) = q.since {
+            push("ts_us >=", Box::new(us(t)));
+        }
+        if let Some(t) = q.until {
+            push("ts_us <", Box::new(us(t)));
+        }
+        if let Some(s) = q.after_seq {
+            push("seq >", Box::new(s));
+        }
+        sql.push_str(&format!(" ORDER BY seq LIMIT {}", q.limit.clamp(1, 10_000)));
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
+        let client = self.client().await?;
+        let found = query(&client, &sql, &params).await?;
+        Ok(found.iter().map(|r| rows::event(r).map(|e| e.event)).collect::<Result<_>>()?)
+    }
+
+    async fn expire_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>> {
+        write_tx!(self, |tx| ledger::expire(&tx, now, Sweep::Expired).await)
+    }
+
+    /// Settles the holds past their time to live and the open holds this store made; never an
+    /// open hold of another live process (see the crate's documentation).
+    async fn recover_open_holds(&self, now: DateTime<Utc>) -> StoreResult<Vec<Event>> {
+        write_tx!(self, |tx| ledger::expire(&tx, now, Sweep::ExpiredAndOwnedBy(self.owner)).await)
+    }
+
+    async fn audit(&self) -> StoreResult<Audit> {
+        read_tx!(self, |tx| audit::audit(&tx).await)
+    }
+}

@@ -1,0 +1,179 @@
+//! Migrations, applied in order on open. The table `schema_version` records each one applied.
+//! Times are microseconds since the Unix epoch (UTC) and amounts nano-USD, both `BIGINT`, as in
+//! the SQLite backend: no floats, no `NUMERIC`.
+//!
+//! Several processes may open the same database at once: the whole migration runs in one
+//! transaction under a transaction-scoped advisory lock, so exactly one of them applies a
+//! migration and the others find it applied.
+
+use deadpool_postgres::Client;
+use tollgate_core::Tier;
+
+use crate::Result;
+use crate::rows;
+
+/// The advisory lock taken around migrations (the bytes of "tollgate" as a big-endian integer).
+/// One-integer advisory locks live in a key space apart from the two-integer ones.
+const MIGRATION_LOCK: i64 = 0x746F_6C6C_6761_7465;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tiers (
+    id TEXT PRIMARY KEY,
+    interactive BIGINT NOT NULL,
+    programmatic BIGINT NOT NULL,
+    monthly_price BIGINT,
+    payg_multiplier_ppm BIGINT NOT NULL
+);
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    tier TEXT NOT NULL,
+    anchor_us BIGINT NOT NULL,
+    timezone TEXT NOT NULL,
+    interactive_grant BIGINT,
+    programmatic_grant BIGINT,
+    created_us BIGINT NOT NULL
+);
+CREATE TABLE policies (
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    on_exhausted TEXT NOT NULL,
+    overage_cap BIGINT,
+    spend_cap BIGINT,
+    PRIMARY KEY (account, pool)
+);
+-- One row per pool and cycle: the running totals every ledger write locks (FOR UPDATE).
+CREATE TABLE pool_cycles (
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    cycle_end_us BIGINT NOT NULL,
+    grants BIGINT NOT NULL,
+    used BIGINT NOT NULL,
+    overage BIGINT NOT NULL,
+    held BIGINT NOT NULL,
+    PRIMARY KEY (account, pool, cycle_start_us)
+);
+CREATE TABLE grants (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    expires_us BIGINT NOT NULL,
+    note TEXT,
+    created_us BIGINT NOT NULL
+);
+CREATE INDEX grants_cycle ON grants (account, cycle_start_us);
+CREATE TABLE keys (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    name TEXT,
+    pool TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    cap BIGINT,
+    created_us BIGINT NOT NULL,
+    revoked_us BIGINT
+);
+CREATE INDEX keys_account ON keys (account);
+CREATE TABLE key_cycles (
+    key_id TEXT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    charged BIGINT NOT NULL,
+    held BIGINT NOT NULL,
+    PRIMARY KEY (key_id, cycle_start_us)
+);
+-- Each open store takes a number from this sequence and writes it on the holds it makes
+-- (`holds.owner`), so that `recover_open_holds` can tell its own holds from other processes'.
+CREATE SEQUENCE store_owners;
+CREATE TABLE holds (
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    key_id TEXT,
+    amount BIGINT NOT NULL,
+    model TEXT,
+    source TEXT,
+    state TEXT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    cycle_end_us BIGINT NOT NULL,
+    created_us BIGINT NOT NULL,
+    expires_us BIGINT NOT NULL,
+    remaining_after BIGINT,
+    fingerprint TEXT NOT NULL,
+    event_seq BIGINT,
+    owner BIGINT NOT NULL,
+    PRIMARY KEY (account, id)
+);
+CREATE INDEX holds_open ON holds (expires_us) WHERE state = 'open';
+CREATE TABLE events (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    cache_creation_5m_input_tokens BIGINT NOT NULL,
+    cache_creation_1h_input_tokens BIGINT NOT NULL,
+    cache_read_input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    web_search_requests BIGINT NOT NULL,
+    cost BIGINT NOT NULL,
+    grant_part BIGINT NOT NULL,
+    overage_part BIGINT NOT NULL,
+    overshoot BIGINT NOT NULL,
+    service_tier TEXT,
+    inference_geo TEXT,
+    speed TEXT,
+    source TEXT,
+    key_id TEXT,
+    labels TEXT NOT NULL,
+    ts_us BIGINT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    hold_id TEXT,
+    latency_ms BIGINT,
+    ttft_ms BIGINT,
+    partial BOOLEAN NOT NULL,
+    unsettled BOOLEAN NOT NULL,
+    recorded_us BIGINT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    UNIQUE (account, id)
+);
+CREATE INDEX events_account_ts ON events (account, ts_us);
+CREATE INDEX events_pool_cycle ON events (account, pool, cycle_start_us);
+CREATE INDEX events_key_cycle ON events (key_id, cycle_start_us) WHERE key_id IS NOT NULL;
+"#];
+
+/// Runs the migrations not yet applied and adds the built-in tiers that are missing, all in one
+/// transaction under the migration lock.
+pub async fn migrate(client: &mut Client) -> Result<()> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let applied: i32 = tx.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[]).await?.get(0);
+    let known = MIGRATIONS.len() as i32;
+    if applied > known {
+        return Err(tollgate_store::StoreError::Backend(format!(
+            "the database's schema is at version {applied}, newer than this tollgate knows ({known}): upgrade \
+             tollgate"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i32 + 1)]).await?;
+        tracing::info!(version = i + 1, "PostgreSQL schema migrated");
+    }
+    for tier in Tier::builtins() {
+        rows::write_tier(&tx, &tier, false).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
