@@ -5,6 +5,7 @@
 //! nothing about money themselves: prices come from `tollgate-core`, ledger decisions happen in
 //! the store. The router is built by [`router`] so tests drive it without a socket.
 
+pub mod alerts;
 mod api;
 mod auth;
 pub mod dto;
