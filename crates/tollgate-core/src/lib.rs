@@ -9,6 +9,7 @@ pub mod classify;
 pub mod cycle;
 pub mod ledger;
 pub mod money;
+pub mod plan;
 pub mod policy;
 pub mod price;
 mod price_builtin;
