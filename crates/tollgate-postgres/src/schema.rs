@@ -150,6 +150,8 @@ CREATE INDEX events_key_cycle ON events (key_id, cycle_start_us) WHERE key_id IS
 pub async fn migrate(client: &mut Client) -> Result<()> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    // No notice that the table exists on every open but the first.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_version (
              version INTEGER PRIMARY KEY,

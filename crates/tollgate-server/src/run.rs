@@ -61,7 +61,10 @@ pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>, String> {
             let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
             Ok(Arc::new(store))
         }
-        StoreUrl::Postgres(_) => Err("PostgreSQL is not supported by this build yet: use a sqlite:// store url".into()),
+        StoreUrl::Postgres(url) => {
+            let store = tollgate_postgres::PgStore::open(url).await.map_err(|e| format!("PostgreSQL store: {e}"))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
