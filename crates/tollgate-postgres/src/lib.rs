@@ -585,3 +585,5 @@ impl Store for PgStore {
         read_tx!(self, |tx| audit::audit(&tx).await)
     }
 }
+
+mod alerts;

@@ -16,7 +16,8 @@ use crate::rows;
 /// One-integer advisory locks live in a key space apart from the two-integer ones.
 const MIGRATION_LOCK: i64 = 0x746F_6C6C_6761_7465;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tiers (
     id TEXT PRIMARY KEY,
     interactive BIGINT NOT NULL,
@@ -143,7 +144,50 @@ CREATE TABLE events (
 CREATE INDEX events_account_ts ON events (account, ts_us);
 CREATE INDEX events_pool_cycle ON events (account, pool, cycle_start_us);
 CREATE INDEX events_key_cycle ON events (key_id, cycle_start_us) WHERE key_id IS NOT NULL;
-"#];
+"#,
+    r#"
+CREATE TABLE alert_rules (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    account TEXT,
+    pool TEXT,
+    percents TEXT NOT NULL,
+    window_s BIGINT,
+    factor_ppm BIGINT,
+    floor BIGINT,
+    days BIGINT,
+    channels TEXT NOT NULL,
+    from_config BOOLEAN NOT NULL
+);
+CREATE TABLE alerts (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    rule_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    cycle_end_us BIGINT NOT NULL,
+    percent BIGINT,
+    used BIGINT NOT NULL,
+    limit_amount BIGINT,
+    message TEXT NOT NULL,
+    fired_us BIGINT NOT NULL
+);
+CREATE INDEX alerts_account ON alerts (account, fired_us);
+CREATE TABLE outbox (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    alert_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    attempts BIGINT NOT NULL,
+    next_us BIGINT NOT NULL,
+    lease_until_us BIGINT,
+    state TEXT NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX outbox_due ON outbox (next_us) WHERE state = 'pending';
+"#,
+];
 
 /// Runs the migrations not yet applied and adds the built-in tiers that are missing, all in one
 /// transaction under the migration lock.

@@ -8,6 +8,7 @@
 //! the limit. Reads use a small pool of separate connections (WAL readers never block the
 //! writer). A lock file keeps a second process from writing the same database.
 
+mod alerts;
 mod audit;
 mod ledger;
 mod rows;

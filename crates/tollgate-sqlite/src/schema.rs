@@ -3,7 +3,8 @@
 
 use rusqlite::Connection;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tiers (
     id TEXT PRIMARY KEY,
     interactive INTEGER NOT NULL,
@@ -123,7 +124,50 @@ CREATE TABLE events (
     UNIQUE (account, id)
 );
 CREATE INDEX events_account_ts ON events (account, ts_us);
-"#];
+"#,
+    r#"
+CREATE TABLE alert_rules (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    account TEXT,
+    pool TEXT,
+    percents TEXT NOT NULL,
+    window_s INTEGER,
+    factor_ppm INTEGER,
+    floor INTEGER,
+    days INTEGER,
+    channels TEXT NOT NULL,
+    from_config INTEGER NOT NULL
+);
+CREATE TABLE alerts (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    rule_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    account TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    cycle_end_us INTEGER NOT NULL,
+    percent INTEGER,
+    used INTEGER NOT NULL,
+    limit_amount INTEGER,
+    message TEXT NOT NULL,
+    fired_us INTEGER NOT NULL
+);
+CREATE INDEX alerts_account ON alerts (account, fired_us);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    alert_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_us INTEGER NOT NULL,
+    lease_until_us INTEGER,
+    state TEXT NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX outbox_due ON outbox (next_us) WHERE state = 'pending';
+"#,
+];
 
 /// Runs the migrations not yet applied, each in its own transaction.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -18,6 +18,7 @@ use tokio::sync::Barrier;
 use tollgate_core::tier::PPM;
 use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Refusal, Tier, Usage};
 
+use crate::alerts::{AlertKind, AlertQuery, AlertRule, NewAlert, alert_id};
 use crate::{
     Account, AccountUpdate, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome, HoldRequest,
     HoldState, KeyPool, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
@@ -96,6 +97,11 @@ macro_rules! conformance_suite {
             concurrent_settle_and_void_have_one_winner
             concurrent_duplicate_events_charge_once
             concurrent_hold_replays_reserve_once
+            alert_rules_put_list_delete_and_config_rules_are_protected
+            alerts_fire_once_per_rule_pool_cycle_and_dedupe
+            alerts_history_filters_newest_first
+            deliveries_are_leased_retried_and_finished
+            concurrent_claims_hand_each_delivery_out_once
         );
     };
 }
@@ -2048,6 +2054,169 @@ pub async fn concurrent_hold_replays_reserve_once(store: Fresh) {
         }
     }
     assert_figures(&store, "acme", P, now(), fig(usd(50), Nanos::ZERO, Nanos::ZERO, usd(7)), "reserved once").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerts: rules, the history (each alert once), the delivery outbox.
+// ---------------------------------------------------------------------------------------------
+
+fn alert_rule(id: &str, kind: AlertKind, from_config: bool) -> AlertRule {
+    AlertRule {
+        id: id.to_string(),
+        kind,
+        account: None,
+        pool: Some(P),
+        percents: vec![50, 80, 100],
+        window_s: None,
+        factor_ppm: None,
+        floor: None,
+        days: None,
+        channels: vec!["ops".to_string(), "slack".to_string()],
+        from_config,
+    }
+}
+
+fn new_alert(rule: &str, account: &str, pool: PoolKind, dedupe: &str, fired_at: DateTime<Utc>) -> NewAlert {
+    NewAlert {
+        rule_id: rule.to_string(),
+        kind: AlertKind::Threshold,
+        account: account.to_string(),
+        pool,
+        cycle_start: at("2026-11-01T00:00:00Z"),
+        cycle_end: at("2026-12-01T00:00:00Z"),
+        dedupe: dedupe.to_string(),
+        percent: dedupe.parse().ok(),
+        used: usd(40),
+        limit: Some(usd(50)),
+        message: format!("{account} passed {dedupe}%"),
+        fired_at,
+        channels: vec!["ops".to_string(), "slack".to_string()],
+    }
+}
+
+pub async fn alert_rules_put_list_delete_and_config_rules_are_protected(store: Fresh) {
+    ok(store.put_alert_rule(alert_rule("api-1", AlertKind::Threshold, false)).await, "put api rule");
+    let mut spike = alert_rule("api-2", AlertKind::Spike, false);
+    spike.window_s = Some(300);
+    spike.factor_ppm = Some(3_000_000);
+    spike.floor = Some(cents(50));
+    spike.account = Some("acme".into());
+    spike.pool = None;
+    ok(store.put_alert_rule(spike.clone()).await, "put spike rule");
+    ok(store.replace_config_alert_rules(vec![alert_rule("cfg-1", AlertKind::CapHit, true)]).await, "config rules");
+    let rules = ok(store.alert_rules().await, "alert_rules");
+    assert_eq!(rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["api-1", "api-2", "cfg-1"]);
+    assert_eq!(rules[1], spike, "a rule reads back as written");
+    assert!(rules[2].from_config);
+    // The API cannot change or delete a configured rule.
+    let err = store.put_alert_rule(alert_rule("cfg-1", AlertKind::Threshold, false)).await;
+    assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
+    assert!(matches!(store.delete_alert_rule("cfg-1").await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.delete_alert_rule("nope").await, Err(StoreError::NotFound(_))));
+    ok(store.delete_alert_rule("api-1").await, "delete api rule");
+    // A new configuration replaces the configured rules only.
+    ok(store.replace_config_alert_rules(vec![alert_rule("cfg-2", AlertKind::Forecast, true)]).await, "reload");
+    let ids: Vec<String> = ok(store.alert_rules().await, "alert_rules").into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["api-2", "cfg-2"]);
+}
+
+pub async fn alerts_fire_once_per_rule_pool_cycle_and_dedupe(store: Fresh) {
+    let first = ok(store.fire_alert(new_alert("r", "acme", P, "80", now())).await, "fire");
+    let first = first.expect("a new alert is recorded");
+    assert!(first.id.starts_with("alr_") && first.id.len() == 24, "{}", first.id);
+    assert_eq!(first.id, alert_id("r", "acme", P, at("2026-11-01T00:00:00Z"), "80"), "the id is its key's digest");
+    assert_eq!(ok(store.fire_alert(new_alert("r", "acme", P, "80", later(5))).await, "again"), None, "once only");
+    let mut other_cycle = new_alert("r", "acme", P, "80", later(6));
+    other_cycle.cycle_start = at("2026-12-01T00:00:00Z");
+    assert!(ok(store.fire_alert(other_cycle).await, "next cycle").is_some(), "each cycle fires again");
+    assert!(ok(store.fire_alert(new_alert("r", "acme", P, "100", later(7))).await, "100").is_some());
+    assert!(ok(store.fire_alert(new_alert("r", "acme", I, "80", later(8))).await, "other pool").is_some());
+    assert!(ok(store.fire_alert(new_alert("r", "globex", P, "80", later(9))).await, "other account").is_some());
+    // Two deliveries (one per channel) per recorded alert: 5 alerts × 2.
+    let claimed = ok(store.claim_deliveries(later(60), 30, 100).await, "claim");
+    assert_eq!(claimed.len(), 10, "{claimed:?}");
+    assert_eq!(claimed.iter().filter(|d| d.alert.id == first.id).count(), 2);
+}
+
+pub async fn alerts_history_filters_newest_first(store: Fresh) {
+    for (i, (account, pool)) in [("acme", P), ("acme", I), ("globex", P), ("acme", P)].into_iter().enumerate() {
+        let mut a = new_alert("r", account, pool, &format!("{}", 50 + i), later(i as i64));
+        if i == 3 {
+            a.kind = AlertKind::CapHit;
+        }
+        ok(store.fire_alert(a).await, "fire");
+    }
+    let all = ok(store.alerts(AlertQuery { limit: 100, ..AlertQuery::default() }).await, "alerts");
+    assert_eq!(
+        all.iter().map(|a| a.percent).collect::<Vec<_>>(),
+        [Some(53), Some(52), Some(51), Some(50)],
+        "newest first"
+    );
+    let q = AlertQuery { account: Some("acme".into()), pool: Some(P), limit: 100, ..AlertQuery::default() };
+    assert_eq!(ok(store.alerts(q).await, "acme P").len(), 2);
+    let q = AlertQuery { kind: Some(AlertKind::CapHit), limit: 100, ..AlertQuery::default() };
+    let caps = ok(store.alerts(q).await, "cap_hit");
+    assert_eq!((caps.len(), caps[0].kind, caps[0].used, caps[0].limit), (1, AlertKind::CapHit, usd(40), Some(usd(50))));
+    let q = AlertQuery { since: Some(later(2)), limit: 100, ..AlertQuery::default() };
+    assert_eq!(ok(store.alerts(q).await, "since").len(), 2);
+    let q = AlertQuery { limit: 1, ..AlertQuery::default() };
+    assert_eq!(ok(store.alerts(q).await, "limit").len(), 1);
+}
+
+pub async fn deliveries_are_leased_retried_and_finished(store: Fresh) {
+    let mut a = new_alert("r", "acme", P, "80", now());
+    a.channels = vec!["ops".into()];
+    ok(store.fire_alert(a).await, "fire");
+    let first = ok(store.claim_deliveries(now(), 30, 10).await, "claim");
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].channel.as_str(), first[0].attempts), ("ops", 0));
+    assert!(ok(store.claim_deliveries(later(10), 30, 10).await, "leased").is_empty(), "leased to one caller");
+    // The holder died: the lease runs out and the delivery is due again.
+    let again = ok(store.claim_deliveries(later(31), 30, 10).await, "lease ran out");
+    assert_eq!(again.len(), 1);
+    // A failure: retried at the given time, with the attempt counted.
+    ok(store.delivery_failed(again[0].id, Some(later(100)), "503").await, "failed");
+    assert!(ok(store.claim_deliveries(later(99), 30, 10).await, "not yet").is_empty());
+    let retry = ok(store.claim_deliveries(later(100), 30, 10).await, "retry");
+    assert_eq!(retry[0].attempts, 1);
+    ok(store.delivery_done(retry[0].id, later(101)).await, "done");
+    assert!(ok(store.claim_deliveries(later(10_000), 30, 10).await, "done").is_empty(), "done is done");
+    // Given up: never again.
+    let mut b = new_alert("r", "acme", P, "100", now());
+    b.channels = vec!["ops".into()];
+    ok(store.fire_alert(b).await, "fire b");
+    let b = ok(store.claim_deliveries(later(200), 30, 10).await, "claim b");
+    ok(store.delivery_failed(b[0].id, None, "400").await, "give up");
+    assert!(ok(store.claim_deliveries(later(100_000), 30, 10).await, "given up").is_empty());
+}
+
+pub async fn concurrent_claims_hand_each_delivery_out_once(store: Fresh) {
+    for i in 0..20 {
+        let mut a = new_alert("r", "acme", P, &i.to_string(), now());
+        a.channels = vec!["ops".into()];
+        ok(store.fire_alert(a).await, "fire");
+    }
+    let barrier = Arc::new(Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut mine = Vec::new();
+            for _ in 0..5 {
+                mine.extend(ok(store.claim_deliveries(later(1), 60, 3).await, "claim").into_iter().map(|d| d.id));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("claimer"));
+    }
+    all.sort_unstable();
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "no delivery handed out twice: {all:?}");
+    assert_eq!(unique.len(), 20, "every delivery handed out");
 }
 
 #[cfg(test)]

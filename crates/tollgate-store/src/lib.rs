@@ -7,6 +7,7 @@
 //! keep a cap exact, so several processes can share one database. A write is acknowledged only
 //! once it is durable (fsync'd). This crate knows no SQL and no wire format.
 
+pub mod alerts;
 pub mod conformance;
 pub mod feed;
 pub mod simulation;
@@ -43,7 +44,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Everything tollgate keeps. Every method that takes `now` uses it as the clock; none reads the
 /// system clock, so tests drive time.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: alerts::AlertStore + Send + Sync + 'static {
     /// Creates or replaces a tier.
     async fn put_tier(&self, tier: Tier) -> StoreResult<()>;
     async fn tiers(&self) -> StoreResult<Vec<Tier>>;

@@ -104,6 +104,8 @@ impl Drop for TestDb {
 }
 
 /// A store on a fresh database, which it drops when the store is dropped.
+use tollgate_store::alerts::{Alert, AlertQuery, AlertRule, NewAlert, Outbound};
+
 pub struct TestStore {
     store: PgStore,
     _db: TestDb,
@@ -114,6 +116,37 @@ pub async fn fresh_store() -> Option<Arc<dyn Store>> {
     let db = TestDb::create().await?;
     let store = db.open().await;
     Some(Arc::new(TestStore { store, _db: db }))
+}
+
+#[async_trait]
+impl tollgate_store::alerts::AlertStore for TestStore {
+    async fn put_alert_rule(&self, rule: AlertRule) -> StoreResult<AlertRule> {
+        self.store.put_alert_rule(rule).await
+    }
+    async fn alert_rules(&self) -> StoreResult<Vec<AlertRule>> {
+        self.store.alert_rules().await
+    }
+    async fn delete_alert_rule(&self, id: &str) -> StoreResult<()> {
+        self.store.delete_alert_rule(id).await
+    }
+    async fn replace_config_alert_rules(&self, rules: Vec<AlertRule>) -> StoreResult<()> {
+        self.store.replace_config_alert_rules(rules).await
+    }
+    async fn fire_alert(&self, alert: NewAlert) -> StoreResult<Option<Alert>> {
+        self.store.fire_alert(alert).await
+    }
+    async fn alerts(&self, query: AlertQuery) -> StoreResult<Vec<Alert>> {
+        self.store.alerts(query).await
+    }
+    async fn claim_deliveries(&self, now: DateTime<Utc>, lease_s: u64, limit: usize) -> StoreResult<Vec<Outbound>> {
+        self.store.claim_deliveries(now, lease_s, limit).await
+    }
+    async fn delivery_done(&self, id: i64, now: DateTime<Utc>) -> StoreResult<()> {
+        self.store.delivery_done(id, now).await
+    }
+    async fn delivery_failed(&self, id: i64, retry_at: Option<DateTime<Utc>>, error: &str) -> StoreResult<()> {
+        self.store.delivery_failed(id, retry_at, error).await
+    }
 }
 
 #[async_trait]
