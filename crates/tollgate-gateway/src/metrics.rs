@@ -70,6 +70,13 @@ pub struct Metrics {
     pub holds_open: Gauge,
     pub upstream_latency: Histograms,
     pub overhead: Histograms,
+    pub alert_deliveries: Family<DeliveryLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub channel: String,
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -83,11 +90,18 @@ impl Default for Metrics {
             holds_open: Gauge::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             overhead: Family::new_with_constructor(latency_histogram),
+            alert_deliveries: Family::default(),
         }
     }
 }
 
 impl Metrics {
+    /// Counts one alert delivery to the channel named `channel` (a configured name).
+    pub fn alert_delivery(&self, channel: &str, delivered: bool) {
+        let outcome = if delivered { "delivered" } else { "failed" };
+        self.alert_deliveries.get_or_create(&DeliveryLabels { channel: channel.to_string(), outcome }).inc();
+    }
+
     pub fn usage(&self, pool: PoolKind, model: &str, usage: &Usage) {
         for (kind, n) in [
             ("input", usage.input_tokens),
@@ -129,6 +143,11 @@ impl Metrics {
             "gateway_overhead_seconds",
             "Time tollgate spends before forwarding a call (auth, pricing, the hold)",
             self.overhead.clone(),
+        );
+        registry.register(
+            "alert_deliveries",
+            "Alert deliveries by channel and outcome (delivered, failed)",
+            self.alert_deliveries.clone(),
         );
         let remaining = Family::<PoolLabels, Gauge>::default();
         let charged = Family::<PoolLabels, Gauge>::default();

@@ -45,6 +45,8 @@ pub struct AppState {
     pub api_body_size_bytes_max: usize,
     /// The live feed behind `GET /api/v1/stream`, shared with the gateway.
     pub feed: Arc<tollgate_store::feed::Feed>,
+    /// The alert engine, for rule checks and test deliveries; None where alerts do not run.
+    pub alerter: Option<Arc<alerts::engine::Alerter>>,
 }
 
 impl AppState {

@@ -10,6 +10,14 @@ use tollgate_config::{Env, Settings, StoreUrl};
 use tollgate_sqlite::SqliteStore;
 use tollgate_store::Store;
 
+use std::collections::HashMap;
+
+use tollgate_core::PoolKind;
+use tollgate_store::alerts::{AlertKind, AlertRule};
+use tollgate_store::feed::{Feed, FeedItem};
+
+use crate::alerts::deliver::Channel;
+use crate::alerts::engine::Alerter;
 use crate::{AdminToken, AppState, Clock, router};
 
 /// The file `serve` writes a generated admin token to, in its working directory.
@@ -86,21 +94,31 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     let mut gateway_settings = gateway_settings(&settings, env)?;
     gateway_settings.metrics_token_digest = Some(admin.digest().to_string());
     let feed = Arc::new(tollgate_store::feed::Feed::default());
+    let prices = Arc::new(settings.prices.clone());
+    let gateway = Arc::new(
+        tollgate_gateway::Gateway::new(store.clone(), prices.clone(), clock.clone(), gateway_settings)
+            .with_feed(feed.clone()),
+    );
+    store.replace_config_alert_rules(config_alert_rules(&settings)?).await.map_err(|e| e.to_string())?;
+    let alerter = Arc::new(Alerter::new(
+        store.clone(),
+        tollgate_gateway::upstream::http_client(Duration::from_secs(10)),
+        alert_channels(&settings, env)?,
+        gateway.metrics.clone(),
+    ));
     let state = AppState {
         store: store.clone(),
-        prices: Arc::new(settings.prices.clone()),
+        prices,
         unknown_model: settings.unknown_model.clone(),
         admin,
         clock: clock.clone(),
         hold_ttl_s: settings.file.server.hold_ttl_s,
         api_body_size_bytes_max: settings.file.server.api_body_size_bytes_max,
         feed: feed.clone(),
+        alerter: Some(alerter.clone()),
     };
-    let gateway = Arc::new(
-        tollgate_gateway::Gateway::new(store.clone(), state.prices.clone(), clock.clone(), gateway_settings)
-            .with_feed(feed.clone()),
-    );
-    let ticker = tokio::spawn(publish_feed(store.clone(), feed, clock.clone()));
+    let ticker = tokio::spawn(publish_feed(store.clone(), feed, alerter.clone(), clock.clone()));
+    let alerting = tokio::spawn(alert_tasks(alerter, clock.clone()));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -110,6 +128,7 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     sweeper.abort();
     ticker.abort();
+    alerting.abort();
     result.map_err(|e| format!("server error: {e}"))
 }
 
@@ -192,7 +211,7 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
 }
 
 /// Once a second: each active pool's tally, then the balances of the accounts that moved.
-async fn publish_feed(store: Arc<dyn Store>, feed: Arc<tollgate_store::feed::Feed>, clock: Clock) {
+async fn publish_feed(store: Arc<dyn Store>, feed: Arc<Feed>, alerter: Arc<Alerter>, clock: Clock) {
     let window = Duration::from_secs(1);
     let mut tick = tokio::time::interval(window);
     loop {
@@ -202,20 +221,113 @@ async fn publish_feed(store: Arc<dyn Store>, feed: Arc<tollgate_store::feed::Fee
             continue;
         }
         let now = clock();
-        let mut accounts: Vec<String> = Vec::new();
-        for ((account, pool), tally) in tallies {
-            if accounts.last() != Some(&account) {
-                accounts.push(account.clone());
-            }
-            feed.publish(tollgate_store::feed::FeedItem::Calls { account, pool, window_end: now, window_s: 1, tally });
+        for ((account, pool), tally) in &tallies {
+            let item =
+                FeedItem::Calls { account: account.clone(), pool: *pool, window_end: now, window_s: 1, tally: *tally };
+            feed.publish(item);
         }
-        for account in accounts {
-            match store.balance(&account, now).await {
-                Ok(b) => feed.publish(tollgate_store::feed::FeedItem::Balance(Box::new(b))),
+        let mut balances = std::collections::BTreeMap::new();
+        for ((account, _), _) in &tallies {
+            if balances.contains_key(account) {
+                continue;
+            }
+            match store.balance(account, now).await {
+                Ok(b) => {
+                    feed.publish(FeedItem::Balance(Box::new(b.clone())));
+                    balances.insert(account.clone(), b);
+                }
                 Err(e) => tracing::warn!(error = %e, account = %account, "cannot read a balance for the live stream"),
             }
         }
+        if let Err(e) = alerter.after_activity(now, &tallies, &balances).await {
+            tracing::error!(error = %e, "alert rules could not be checked");
+        }
     }
+}
+
+/// Delivers due alerts every second, checks spikes every 5 s and forecasts every minute.
+async fn alert_tasks(alerter: Arc<Alerter>, clock: Clock) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let now = clock();
+        if n.is_multiple_of(5)
+            && let Err(e) = alerter.check_spikes(now).await
+        {
+            tracing::error!(error = %e, "spike rules could not be checked");
+        }
+        if n.is_multiple_of(60)
+            && let Err(e) = alerter.check_forecasts(now).await
+        {
+            tracing::error!(error = %e, "forecast rules could not be checked");
+        }
+        if let Err(e) = alerter.deliver_due(now).await {
+            tracing::error!(error = %e, "alert deliveries could not be read");
+        }
+    }
+}
+
+/// The alert channels of the configuration; webhook secrets come from the environment.
+fn alert_channels(settings: &Settings, env: &dyn Env) -> Result<HashMap<String, Channel>, String> {
+    let mut channels = HashMap::new();
+    for c in &settings.file.channel {
+        let url = c.url.clone().unwrap_or_default();
+        let channel = match c.kind.as_str() {
+            "webhook" => {
+                let secret = match &c.secret_env {
+                    Some(name) => Some(env.var(name).ok_or_else(|| {
+                        format!("channel {:?}: the environment variable {name} (its secret_env) is not set", c.name)
+                    })?),
+                    None => None,
+                };
+                Channel::Webhook { url, secret }
+            }
+            "slack" => Channel::Slack { url },
+            _ => Channel::Log,
+        };
+        channels.insert(c.name.clone(), channel);
+    }
+    Ok(channels)
+}
+
+/// The alert rules of the configuration, named `config-<n>` in file order.
+fn config_alert_rules(settings: &Settings) -> Result<Vec<AlertRule>, String> {
+    settings
+        .file
+        .alert
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let rule = AlertRule {
+                id: format!("config-{}", i + 1),
+                kind: AlertKind::parse(&a.kind)
+                    .ok_or_else(|| format!("alert #{}: unknown kind {:?}", i + 1, a.kind))?,
+                account: (a.account != "*").then(|| a.account.clone()),
+                pool: PoolKind::parse(&a.pool),
+                percents: a.percent.iter().flatten().map(|p| *p as u8).collect(),
+                window_s: a.window_s,
+                factor_ppm: a
+                    .factor
+                    .as_ref()
+                    .map(|f| tollgate_config::parse_multiplier_ppm(&f.text()))
+                    .transpose()
+                    .map_err(|e| format!("alert #{}: factor {e}", i + 1))?,
+                floor: a
+                    .floor_usd
+                    .as_ref()
+                    .map(|f| f.nanos())
+                    .transpose()
+                    .map_err(|e| format!("alert #{}: floor_usd: {e}", i + 1))?,
+                days: a.days.map(|d| d.min(u64::from(u32::MAX)) as u32),
+                channels: a.channels.clone(),
+                from_config: true,
+            };
+            crate::alerts::engine::validate_rule(&rule).map_err(|e| format!("alert #{}: {e}", i + 1))?;
+            Ok(rule)
+        })
+        .collect()
 }
 
 /// Expires holds past their time to live. With the SQLite store there is one process, so this

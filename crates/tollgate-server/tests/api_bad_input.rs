@@ -85,6 +85,7 @@ impl Api {
             hold_ttl_s: 600,
             api_body_size_bytes_max: BODY_MAX,
             feed: Arc::default(),
+            alerter: None,
         };
         let mut api = Api { router: router(state), key_a: String::new(), key_b: String::new(), _dir: dir };
         let admin = Auth::Bearer(ADMIN);

@@ -77,6 +77,7 @@ async fn each_caller_sees_only_what_it_may_and_events_are_tallied() {
         hold_ttl_s: 600,
         api_body_size_bytes_max: 1 << 20,
         feed: feed.clone(),
+        alerter: None,
     };
     let app = router(state);
     for id in ["acme", "globex"] {

@@ -3,3 +3,4 @@
 //! store's outbox.
 
 pub mod deliver;
+pub mod engine;

@@ -1,6 +1,7 @@
 //! The management API router (SPEC section 5) and the checks its handlers share.
 
 mod accounts;
+mod alerts;
 mod extract;
 mod ledger;
 mod meta;
@@ -44,6 +45,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/accounts/{id}/holds/{hold}/settle", post(ledger::settle_hold))
         .route("/api/v1/accounts/{id}/holds/{hold}/void", post(ledger::void_hold))
         .route("/api/v1/stream", get(stream::stream))
+        .route("/api/v1/alerts", get(alerts::list))
+        .route("/api/v1/alerts/test", post(alerts::test))
+        .route("/api/v1/alert-rules", get(alerts::rules).post(alerts::put_rule))
+        .route("/api/v1/alert-rules/{id}", axum::routing::delete(alerts::delete_rule))
         .fallback(|| async { ApiError::NotFound("no such route; see /api/v1/openapi.json".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(log_request))

@@ -1,0 +1,388 @@
+//! The alert engine: turns ledger activity into alerts (once each, through the store), and
+//! delivers the store's outbox to the channels.
+//!
+//! - `threshold`, `overage_started` and `cap_hit` are checked once a second for every pool that
+//!   had activity (the live feed's tallies), from the pool's balance. The store records each
+//!   alert once per rule, pool and cycle, so every process may check and several thresholds
+//!   crossed by one call each fire.
+//! - `spike` compares the last window's spend with the trailing windows (six of them), from the
+//!   per-second spend this process saw; it fires when a spike starts and re-arms when it ends.
+//!   With several processes each watches its own calls (a limit of this design, documented).
+//! - `forecast` projects the cycle-to-date burn rate, once a minute, when the projection is
+//!   confident (core::plan).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+use tollgate_core::alert::{self, Spike, SpikeState, THRESHOLD_PERCENTS_DEFAULT};
+use tollgate_core::plan::{ForecastInput, forecast};
+use tollgate_core::{Nanos, PoolKind, PoolScope};
+use tollgate_gateway::metrics::Metrics;
+use tollgate_gateway::upstream::HttpClient;
+use tollgate_store::alerts::{Alert, AlertKind, AlertRule, NewAlert, Outbound};
+use tollgate_store::feed::Tally;
+use tollgate_store::{Balance, PoolBalance, Store, StoreResult};
+
+use super::deliver::{self, Channel, Delivery};
+use crate::dto;
+
+/// The channel every alert without channels goes to.
+pub const LOG_CHANNEL: &str = "log";
+/// Trailing windows a spike is compared with.
+const SPIKE_TRAILING_WINDOWS: usize = 6;
+/// Deliveries a failing channel is retried for, with backoff capped at 10 minutes: about a day.
+const DELIVERY_ATTEMPTS_MAX: u32 = 150;
+
+/// A pool's spend per second, oldest first: (unix second, nano-USD).
+type SpendHistory = VecDeque<(i64, i64)>;
+
+pub struct Alerter {
+    store: Arc<dyn Store>,
+    client: HttpClient,
+    channels: HashMap<String, Channel>,
+    /// Spend per second of each pool, newest last: (second, nano-USD).
+    spend: Mutex<HashMap<(String, PoolKind), SpendHistory>>,
+    spikes: Mutex<HashMap<(String, String, PoolKind), SpikeState>>,
+    metrics: Metrics,
+}
+
+impl Alerter {
+    pub fn new(
+        store: Arc<dyn Store>,
+        client: HttpClient,
+        mut channels: HashMap<String, Channel>,
+        metrics: Metrics,
+    ) -> Alerter {
+        channels.entry(LOG_CHANNEL.to_string()).or_insert(Channel::Log);
+        Alerter { store, client, channels, spend: Mutex::default(), spikes: Mutex::default(), metrics }
+    }
+
+    pub fn channel_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.channels.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Checks the rules that follow a pool's balance, for pools that just had activity.
+    pub async fn after_activity(
+        &self,
+        now: DateTime<Utc>,
+        active: &[((String, PoolKind), Tally)],
+        balances: &BTreeMap<String, Balance>,
+    ) -> StoreResult<Vec<Alert>> {
+        let rules = self.store.alert_rules().await?;
+        let mut fired = Vec::new();
+        for ((account, pool), tally) in active {
+            self.observe(now, account, *pool, tally.charged);
+            let Some(balance) = balances.get(account) else { continue };
+            let Some(p) = balance.pools.iter().find(|p| p.pool == *pool) else { continue };
+            for rule in rules.iter().filter(|r| r.watches(account, *pool)) {
+                for candidate in candidates(rule, balance, p, tally) {
+                    if let Some(a) = self.fire_for(rule, balance, p, candidate, now).await? {
+                        fired.push(a);
+                    }
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Adds a pool's spend of the second ending at `now` to its history.
+    fn observe(&self, now: DateTime<Utc>, account: &str, pool: PoolKind, charged: Nanos) {
+        let mut spend = self.spend.lock().expect("spend history");
+        let history = spend.entry((account.to_string(), pool)).or_default();
+        history.push_back((now.timestamp(), charged.0));
+        // Keep a day at most; spike windows beyond that are not useful.
+        while history.front().is_some_and(|(s, _)| *s < now.timestamp() - 86_400) {
+            history.pop_front();
+        }
+    }
+
+    /// Checks the spike rules of every pool with history, at `now`.
+    pub async fn check_spikes(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
+        let rules: Vec<AlertRule> =
+            self.store.alert_rules().await?.into_iter().filter(|r| r.kind == AlertKind::Spike).collect();
+        let pools: Vec<(String, PoolKind)> = self.spend.lock().expect("spend history").keys().cloned().collect();
+        let mut fired = Vec::new();
+        for rule in &rules {
+            let (Some(window_s), Some(factor_ppm)) = (rule.window_s, rule.factor_ppm) else { continue };
+            let spike = Spike { factor_ppm, floor: rule.floor.unwrap_or(Nanos::ZERO).0 };
+            for (account, pool) in pools.iter().filter(|(a, p)| rule.watches(a, *p)) {
+                let windows = self.windows(now, account, *pool, window_s as i64);
+                let (last, trailing) = windows.split_last().expect("at least one window");
+                let on = spike.is_on(*last, trailing);
+                let key = (rule.id.clone(), account.clone(), *pool);
+                let fire = {
+                    let mut states = self.spikes.lock().expect("spike states");
+                    let state = states.entry(key).or_default();
+                    let (next, fire) = state.step(on);
+                    *state = next;
+                    fire
+                };
+                if !fire {
+                    continue;
+                }
+                let Ok(balance) = self.store.balance(account, now).await else { continue };
+                let Some(p) = balance.pools.iter().find(|p| p.pool == *pool) else { continue };
+                let baseline = trailing.iter().sum::<i64>() / trailing.len().max(1) as i64;
+                let message = format!(
+                    "{account} {} spend spiked: ${} in the last {}, against ${} per window before",
+                    pool.as_str(),
+                    Nanos(*last),
+                    human_duration(window_s),
+                    Nanos(baseline)
+                );
+                // One alert per spike episode: the episode is named by the window it started in.
+                let episode = now.timestamp() / window_s as i64;
+                let candidate = Candidate { dedupe: episode.to_string(), percent: None, message };
+                if let Some(a) = self.fire_for(rule, &balance, p, candidate, now).await? {
+                    fired.push(a);
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    /// The spend of the last `SPIKE_TRAILING_WINDOWS + 1` windows of `window_s` ending at `now`,
+    /// oldest first; windows before the pool's first activity are left out.
+    fn windows(&self, now: DateTime<Utc>, account: &str, pool: PoolKind, window_s: i64) -> Vec<i64> {
+        let spend = self.spend.lock().expect("spend history");
+        let history = spend.get(&(account.to_string(), pool));
+        let end = now.timestamp();
+        let first_seen = history.and_then(|h| h.front()).map(|(s, _)| *s).unwrap_or(end);
+        let mut out = Vec::new();
+        for k in (0..=SPIKE_TRAILING_WINDOWS as i64).rev() {
+            let (from, to) = (end - (k + 1) * window_s, end - k * window_s);
+            if to <= first_seen && k > 0 {
+                continue;
+            }
+            let sum =
+                history.map(|h| h.iter().filter(|(s, _)| *s > from && *s <= to).map(|(_, v)| *v).sum()).unwrap_or(0);
+            out.push(sum);
+        }
+        out
+    }
+
+    /// Checks the forecast rules of every account, at `now`.
+    pub async fn check_forecasts(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
+        let rules: Vec<AlertRule> =
+            self.store.alert_rules().await?.into_iter().filter(|r| r.kind == AlertKind::Forecast).collect();
+        if rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut fired = Vec::new();
+        for account in self.store.accounts().await? {
+            let balance = self.store.balance(&account.id, now).await?;
+            for p in &balance.pools {
+                let scope =
+                    PoolScope { limit: p.limit, grants: p.grants, used: p.used, overage: p.overage, held: p.held };
+                let elapsed = now - balance.cycle.start;
+                let input = ForecastInput {
+                    now,
+                    cycle: balance.cycle,
+                    scope,
+                    recent: scope.charged(),
+                    recent_window: elapsed,
+                    // The balance does not count calls: for alerts, a cycle a day old with some
+                    // spend is enough to extrapolate (the day-old rule of `forecast` still holds).
+                    calls: if scope.charged().0 > 0 { tollgate_core::plan::CALLS_FOR_CONFIDENCE } else { 0 },
+                };
+                let f = forecast(&input);
+                if !f.confident {
+                    continue;
+                }
+                for rule in rules.iter().filter(|r| r.watches(&account.id, p.pool)) {
+                    let days = rule.days.unwrap_or(0);
+                    if !alert::forecast_fires(f.exhaustion, balance.cycle.end, days) {
+                        continue;
+                    }
+                    let at = f.exhaustion.expect("fires only with an exhaustion time");
+                    let message = format!(
+                        "{} {} pool runs out around {} at its current rate, {} days before its reset on {}",
+                        account.id,
+                        p.pool.as_str(),
+                        dto::time(at),
+                        (balance.cycle.end - at).num_days(),
+                        dto::time(balance.cycle.end)
+                    );
+                    let candidate = Candidate { dedupe: String::new(), percent: None, message };
+                    if let Some(a) = self.fire_for(rule, &balance, p, candidate, now).await? {
+                        fired.push(a);
+                    }
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    async fn fire_for(
+        &self,
+        rule: &AlertRule,
+        balance: &Balance,
+        p: &PoolBalance,
+        c: Candidate,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Alert>> {
+        let channels = if rule.channels.is_empty() { vec![LOG_CHANNEL.to_string()] } else { rule.channels.clone() };
+        let alert = NewAlert {
+            rule_id: rule.id.clone(),
+            kind: rule.kind,
+            account: balance.account.clone(),
+            pool: p.pool,
+            cycle_start: balance.cycle.start,
+            cycle_end: balance.cycle.end,
+            dedupe: c.dedupe,
+            percent: c.percent,
+            used: p.used.saturating_add(p.overage),
+            limit: p.limit,
+            message: c.message,
+            fired_at: now,
+            channels,
+        };
+        let fired = self.store.fire_alert(alert).await?;
+        if let Some(a) = &fired {
+            tracing::info!(alert = %a.id, kind = a.kind.as_str(), account = %a.account, "alert fired: {}", a.message);
+        }
+        Ok(fired)
+    }
+
+    /// Sends one delivery through a channel right away (`tollgate alerts test`).
+    pub async fn send_now(&self, channel: &str, d: &Delivery) -> Result<(), deliver::Failed> {
+        let c = self.channels.get(channel).ok_or_else(|| deliver::Failed {
+            message: format!("unknown channel {channel:?}: known: {}", self.channel_names().join(", ")),
+            retry: false,
+        })?;
+        deliver::send(&self.client, c, d).await
+    }
+
+    /// Delivers what the outbox has due; returns how many deliveries were attempted.
+    pub async fn deliver_due(&self, now: DateTime<Utc>) -> StoreResult<usize> {
+        let due = self.store.claim_deliveries(now, 60, 32).await?;
+        let n = due.len();
+        for out in due {
+            self.deliver(out, now).await?;
+        }
+        Ok(n)
+    }
+
+    async fn deliver(&self, out: Outbound, now: DateTime<Utc>) -> StoreResult<()> {
+        let Some(channel) = self.channels.get(&out.channel) else {
+            let error = format!("channel {:?} is no longer configured", out.channel);
+            tracing::error!(alert = %out.alert.id, "{error}");
+            self.metrics.alert_delivery(&out.channel, false);
+            return self.store.delivery_failed(out.id, None, &error).await;
+        };
+        match deliver::send(&self.client, channel, &delivery(&out.alert)).await {
+            Ok(()) => {
+                self.metrics.alert_delivery(&out.channel, true);
+                self.store.delivery_done(out.id, now).await
+            }
+            Err(e) => {
+                self.metrics.alert_delivery(&out.channel, false);
+                let attempt = out.attempts + 1;
+                let retry_at = (e.retry && attempt < DELIVERY_ATTEMPTS_MAX)
+                    .then(|| now + Duration::from_std(deliver::backoff(attempt)).unwrap_or(Duration::minutes(10)));
+                tracing::warn!(alert = %out.alert.id, channel = %out.channel, attempt, retry = retry_at.is_some(), "alert delivery failed: {}", e.message);
+                self.store.delivery_failed(out.id, retry_at, &e.message).await
+            }
+        }
+    }
+}
+
+struct Candidate {
+    dedupe: String,
+    percent: Option<u8>,
+    message: String,
+}
+
+/// The alerts a balance-following rule calls for now (each is recorded once by the store).
+fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, tally: &Tally) -> Vec<Candidate> {
+    let charged = p.used.saturating_add(p.overage);
+    let (account, pool) = (&balance.account, p.pool.as_str());
+    let mut out = Vec::new();
+    match rule.kind {
+        AlertKind::Threshold => {
+            let Some(limit) = p.limit else { return out };
+            let percents: &[u8] = if rule.percents.is_empty() { &THRESHOLD_PERCENTS_DEFAULT } else { &rule.percents };
+            for percent in alert::thresholds_crossed(percents, limit, Nanos::ZERO, charged) {
+                let message = format!("{account} {pool} pool passed {percent}% of its {} limit", limit.to_dollars());
+                out.push(Candidate { dedupe: percent.to_string(), percent: Some(percent), message });
+            }
+        }
+        AlertKind::OverageStarted if alert::overage_started(Nanos::ZERO, p.overage) => {
+            let message = format!("{account} {pool} pool is in overage: ${} beyond its grants", p.overage);
+            out.push(Candidate { dedupe: String::new(), percent: None, message });
+        }
+        AlertKind::CapHit if tally.refused > 0 => {
+            let limit = p.limit.map(|l| l.to_dollars()).unwrap_or_else(|| "key cap".into());
+            let message = format!("{account} {pool} pool refused calls: its {limit} limit is reached");
+            out.push(Candidate { dedupe: String::new(), percent: None, message });
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Checks a rule (from the configuration or the API) and says what to fix.
+pub fn validate_rule(r: &AlertRule) -> Result<(), String> {
+    if r.id.is_empty() || r.id.len() > 64 || !r.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!("rule id {:?} must be 1 to 64 letters, digits, '-' or '_'", r.id));
+    }
+    for p in &r.percents {
+        if !(1..=100).contains(p) {
+            return Err(format!("percent {p} must be between 1 and 100"));
+        }
+    }
+    match r.kind {
+        AlertKind::Threshold => {}
+        AlertKind::Spike => {
+            if r.window_s.is_none_or(|w| w == 0) {
+                return Err("a spike rule needs window_s, a positive number of seconds".into());
+            }
+            if r.factor_ppm.is_none_or(|f| f == 0) {
+                return Err("a spike rule needs factor, a multiple of the baseline above 0 (e.g. \"3\")".into());
+            }
+            if r.floor.is_some_and(|f| f.0 < 0) {
+                return Err("floor_usd must not be negative".into());
+            }
+        }
+        AlertKind::Forecast => {
+            if r.days.is_none() {
+                return Err("a forecast rule needs days: how many days before the reset is too early".into());
+            }
+        }
+        AlertKind::OverageStarted | AlertKind::CapHit => {}
+    }
+    if r.kind != AlertKind::Threshold && !r.percents.is_empty() {
+        return Err(format!("percent applies to threshold rules only, not {}", r.kind.as_str()));
+    }
+    Ok(())
+}
+
+/// The webhook body of SPEC section 11.
+pub fn delivery(a: &Alert) -> Delivery {
+    let body = json!({
+        "id": a.id,
+        "kind": a.kind.as_str(),
+        "account": a.account,
+        "pool": a.pool.as_str(),
+        "percent": a.percent,
+        "cycle": {"start": dto::time(a.cycle_start), "end": dto::time(a.cycle_end)},
+        "used_usd": dto::usd(a.used),
+        "limit_usd": a.limit.map(dto::usd),
+        "fired_at": dto::time(a.fired_at),
+        "message": a.message,
+    });
+    Delivery { id: a.id.clone(), body, message: a.message.clone() }
+}
+
+fn human_duration(s: u64) -> String {
+    match s {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
