@@ -73,6 +73,9 @@ pub enum Command {
         #[arg(long)]
         date: Option<String>,
     },
+    /// Alerts: history, rules, a test delivery.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
     /// Follow live activity: calls per second per pool, and balances (Ctrl-C to stop).
     Top {
         /// Only this account (an account key sees only its own anyway).
@@ -215,4 +218,27 @@ pub enum EventsCmd {
     },
     /// Post events from a JSON or JSONL file (`-` for stdin), in batches.
     Post { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AlertsCmd {
+    /// The alert history, newest first.
+    List {
+        /// Only this account.
+        account: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
+        /// threshold, overage_started, cap_hit, spike or forecast.
+        #[arg(long)]
+        kind: Option<String>,
+        /// RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// The alert rules (from tollgate.toml and the API).
+    Rules,
+    /// Send a test alert through a channel now.
+    Test { channel: String },
 }

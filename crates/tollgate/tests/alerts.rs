@@ -179,6 +179,57 @@ async fn thresholds_crossed_by_concurrent_events_each_fire_once_signed() {
         .unwrap();
     let history: Value = r.json().await.unwrap();
     assert_eq!(history["alerts"].as_array().map(Vec::len), Some(2), "{history}");
+
+    // The CLI: history, rules, a test delivery that reaches the receiver.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .env("TOLLGATE_SERVER", &s.base)
+            .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, _) = cli(&["alerts", "list", "acme", "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["alerts"].as_array().map(Vec::len), Some(2));
+    let (code, out, _) = cli(&["alerts", "rules"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("config-1") && out.contains("threshold") && out.contains("ops"), "{out}");
+    let (code, out, err) = cli(&["alerts", "test", "ops"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("delivered"), "{out}");
+    assert_eq!(seen.lock().unwrap().len(), 3, "the test alert reached the receiver");
+    let (code, _, err) = cli(&["alerts", "test", "nowhere"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown channel"), "{err}");
+
+    // Bad rules through the API are refused with what to fix; nothing is saved.
+    let bad = [
+        (json!({"id": "r1", "kind": "threshold", "pool": "batch"}), "interactive or programmatic"),
+        (json!({"id": "r1", "kind": "threshold", "percent": [120]}), "between 1 and 100"),
+        (json!({"id": "r1", "kind": "threshold", "percent": [-5]}), "between 1 and 100"),
+        (json!({"id": "r1", "kind": "spike", "window_s": 0, "factor": "3"}), "window_s"),
+        (json!({"id": "r1", "kind": "spike", "window_s": 60}), "factor"),
+        (json!({"id": "r1", "kind": "sometimes"}), "unknown alert kind"),
+        (json!({"id": "r1", "kind": "cap_hit", "channels": ["nope"]}), "unknown channel"),
+        (json!({"id": "config-1", "kind": "cap_hit"}), "tollgate.toml"),
+    ];
+    let http = reqwest::Client::new();
+    for (body, want) in bad {
+        let r =
+            http.post(format!("{}/api/v1/alert-rules", s.base)).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+        let v: Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains(want), "{body}: {message:?} should say {want:?}");
+    }
+    let (_, out, _) = cli(&["alerts", "rules", "--json"]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["rules"].as_array().map(Vec::len), Some(1), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::{Outcome, usage};
-use crate::cli::{AccountCmd, EventsCmd, GrantCmd, KeyCmd, PoolCmd, TierCmd};
+use crate::cli::{AccountCmd, AlertsCmd, EventsCmd, GrantCmd, KeyCmd, PoolCmd, TierCmd};
 use crate::client::{Client, seg};
 use crate::table;
 
@@ -380,5 +380,67 @@ pub async fn prices(c: &Client, model: Option<String>, date: Option<String>, jso
         .collect();
     println!("USD per million tokens");
     println!("{}", table::render(&["model", "from", "input", "write 5m", "write 1h", "read", "output"], &rows));
+    Ok(())
+}
+
+pub async fn alerts(c: &Client, cmd: AlertsCmd, json: bool) -> Outcome<()> {
+    match cmd {
+        AlertsCmd::List { account, pool, kind, since, limit } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (k, v) in [("account", account), ("pool", pool), ("kind", kind), ("since", since)] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", seg(&v)));
+                }
+            }
+            let v = c.get(&format!("/api/v1/alerts?{}", query.join("&"))).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["alerts"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|a| vec![s(a, "fired_at"), s(a, "kind"), s(a, "account"), s(a, "pool"), s(a, "message")])
+                .collect();
+            println!("{}", table::render(&["fired_at", "kind", "account", "pool", "message"], &rows));
+        }
+        AlertsCmd::Rules => {
+            let v = c.get("/api/v1/alert-rules").await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["rules"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    let channels = r["channels"]
+                        .as_array()
+                        .map(|c| c.iter().map(|x| x.as_str().unwrap_or("")).collect::<Vec<_>>().join(","));
+                    vec![
+                        s(r, "id"),
+                        s(r, "kind"),
+                        s(r, "account"),
+                        s(r, "pool"),
+                        channels.unwrap_or_default(),
+                        s(r, "from_config"),
+                    ]
+                })
+                .collect();
+            println!("{}", table::render(&["rule", "kind", "account", "pool", "channels", "from_config"], &rows));
+        }
+        AlertsCmd::Test { channel } => {
+            let v = c.post("/api/v1/alerts/test", json!({ "channel": channel })).await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("test alert delivered through {channel}");
+            }
+        }
+    }
     Ok(())
 }

@@ -102,6 +102,7 @@ pub async fn run(cli: Cli) -> Outcome<()> {
         Command::Status { account } => manage::status(&client(), &account, json).await,
         Command::Events(c) => manage::events(&client(), c, json).await,
         Command::Prices { model, date } => manage::prices(&client(), model, date, json).await,
+        Command::Alerts(c) => manage::alerts(&client(), c, json).await,
         Command::Top { account, count } => top(&client(), account, count, json).await,
     }
 }
