@@ -100,12 +100,15 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
             .with_feed(feed.clone()),
     );
     store.replace_config_alert_rules(config_alert_rules(&settings)?).await.map_err(|e| e.to_string())?;
-    let alerter = Arc::new(Alerter::new(
-        store.clone(),
-        tollgate_gateway::upstream::http_client(Duration::from_secs(10)),
-        alert_channels(&settings, env)?,
-        gateway.metrics.clone(),
-    ));
+    let alerter = Arc::new(
+        Alerter::new(
+            store.clone(),
+            tollgate_gateway::upstream::http_client(Duration::from_secs(10)),
+            alert_channels(&settings, env)?,
+            gateway.metrics.clone(),
+        )
+        .with_feed(feed.clone()),
+    );
     let state = AppState {
         store: store.clone(),
         prices,

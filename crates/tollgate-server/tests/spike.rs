@@ -48,12 +48,15 @@ async fn a_burst_fires_once_and_the_rule_rearms_after_it_subsides() {
         from_config: false,
     };
     store.put_alert_rule(rule).await.unwrap();
+    let feed = Arc::new(tollgate_store::feed::Feed::default());
+    let mut live = feed.subscribe();
     let alerter = Alerter::new(
         store.clone(),
         tollgate_gateway::upstream::http_client(Duration::from_secs(1)),
         HashMap::new(),
         Default::default(),
-    );
+    )
+    .with_feed(feed.clone());
 
     let cents = |c: i64| Nanos(c * 10_000_000);
     // (seconds, spend per second): calm at 1¢/s ($0.60 a minute, under the floor), a burst at
@@ -85,4 +88,13 @@ async fn a_burst_fires_once_and_the_rule_rearms_after_it_subsides() {
     let history =
         store.alerts(AlertQuery { kind: Some(AlertKind::Spike), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(history.len(), 2);
+    // Each alert also went to the live stream.
+    let mut streamed = 0;
+    while let Ok(item) = live.try_recv() {
+        if let tollgate_store::feed::FeedItem::Alert(a) = item {
+            assert_eq!(a.kind, AlertKind::Spike);
+            streamed += 1;
+        }
+    }
+    assert_eq!(streamed, 2);
 }

@@ -27,6 +27,7 @@ pub struct Tally {
 pub enum FeedItem {
     Calls { account: String, pool: PoolKind, window_end: DateTime<Utc>, window_s: u64, tally: Tally },
     Balance(Box<Balance>),
+    Alert(Box<crate::alerts::Alert>),
 }
 
 impl FeedItem {
@@ -34,6 +35,7 @@ impl FeedItem {
         match self {
             FeedItem::Calls { account, .. } => account,
             FeedItem::Balance(b) => &b.account,
+            FeedItem::Alert(a) => &a.account,
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Alerter {
     spend: Mutex<HashMap<(String, PoolKind), SpendHistory>>,
     spikes: Mutex<HashMap<(String, String, PoolKind), SpikeState>>,
     metrics: Metrics,
+    /// Where fired alerts are shown live (`GET /api/v1/stream`).
+    feed: Option<Arc<tollgate_store::feed::Feed>>,
 }
 
 impl Alerter {
@@ -56,7 +58,13 @@ impl Alerter {
         metrics: Metrics,
     ) -> Alerter {
         channels.entry(LOG_CHANNEL.to_string()).or_insert(Channel::Log);
-        Alerter { store, client, channels, spend: Mutex::default(), spikes: Mutex::default(), metrics }
+        Alerter { store, client, channels, spend: Mutex::default(), spikes: Mutex::default(), metrics, feed: None }
+    }
+
+    /// Shows fired alerts on the live stream too.
+    pub fn with_feed(mut self, feed: Arc<tollgate_store::feed::Feed>) -> Alerter {
+        self.feed = Some(feed);
+        self
     }
 
     pub fn channel_names(&self) -> Vec<String> {
@@ -244,6 +252,9 @@ impl Alerter {
         let fired = self.store.fire_alert(alert).await?;
         if let Some(a) = &fired {
             tracing::info!(alert = %a.id, kind = a.kind.as_str(), account = %a.account, "alert fired: {}", a.message);
+            if let Some(feed) = &self.feed {
+                feed.publish(tollgate_store::feed::FeedItem::Alert(Box::new(a.clone())));
+            }
         }
         Ok(fired)
     }

@@ -1,7 +1,8 @@
 //! `GET /api/v1/stream`: server-sent events of ledger activity (SPEC sections 5 and 9). The
 //! admin sees every account; an account key sees its own account only. Event names: `calls`
 //! (one per active pool per second: calls, refusals, charged, tokens) and `balance` (the
-//! balance JSON of SPEC section 11, after activity). A subscriber too slow to keep up gets a
+//! balance JSON of SPEC section 11, after activity) and `alert` (the webhook body of SPEC
+//! section 11, when an alert fires). A subscriber too slow to keep up gets a
 //! `lagged` event saying how many items it missed.
 
 use std::convert::Infallible;
@@ -54,5 +55,6 @@ fn sse_event(item: &FeedItem) -> Event {
             .to_string(),
         ),
         FeedItem::Balance(b) => Event::default().event("balance").data(dto::balance(b).to_string()),
+        FeedItem::Alert(a) => Event::default().event("alert").data(super::alerts::alert_json(a).to_string()),
     }
 }
