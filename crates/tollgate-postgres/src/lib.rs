@@ -175,22 +175,14 @@ impl PgStore {
     /// percent-encoded directory is a Unix socket), runs the migrations not yet applied, adds
     /// the built-in tiers that are missing, and takes this store's owner number.
     pub async fn open(url: &str) -> StoreResult<PgStore> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Invalid(format!("PostgreSQL url: {}", describe(&e))))?;
-        if config.get_application_name().is_none() {
-            config.application_name("tollgate");
-        }
+        let mut config = parse_url(url)?;
         // A commit returns only once it is on disk, whatever the server's default says.
         let options = match config.get_options() {
             Some(given) => format!("{given} -c synchronous_commit=on"),
             None => "-c synchronous_commit=on".to_string(),
         };
         config.options(options);
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(CONNECTIONS_MAX)
-            .build()
-            .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let pool = build_pool(config)?;
         let mut client = pool.get().await.map_err(pool_error)?;
         schema::migrate(&mut client).await?;
         let owner: i64 =
@@ -199,9 +191,74 @@ impl PgStore {
         Ok(PgStore { pool, owner })
     }
 
+    /// Opens an existing tollgate database only to read it (what `tollgate check` needs): no
+    /// migration, no tier written, no owner number taken, and every transaction read-only.
+    /// `NotFound` when the database does not exist; `Invalid` when it has no tollgate schema, or
+    /// one of another version; `Backend` when the server cannot be reached.
+    pub async fn open_read_only(url: &str) -> StoreResult<PgStore> {
+        let mut config = parse_url(url)?;
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c default_transaction_read_only=on"),
+            None => "-c default_transaction_read_only=on".to_string(),
+        };
+        config.options(options);
+        let pool = build_pool(config)?;
+        let client = pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+                StoreError::NotFound(format!("PostgreSQL database ({})", describe(&e)))
+            }
+            e => pool_error(e),
+        })?;
+        let has_schema: bool = query_one(&client, "SELECT to_regclass('schema_version') IS NOT NULL", &[])
+            .await?
+            .try_get(0)
+            .map_err(Error::from)?;
+        let found: Option<i32> = match has_schema {
+            false => None,
+            true => query_one(&client, "SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+                .await?
+                .try_get(0)
+                .map_err(Error::from)?,
+        };
+        let known = schema::VERSION;
+        match found {
+            None => {
+                return Err(StoreError::Invalid(
+                    "the database has no tollgate tables (no schema_version): it is not tollgate's".into(),
+                ));
+            }
+            Some(v) if v != known => {
+                return Err(StoreError::Invalid(format!(
+                    "the database's tollgate schema is at version {v}, this tollgate reads version {known}{}",
+                    if v < known { ": start `tollgate serve` on it once to migrate it" } else { ": upgrade tollgate" }
+                )));
+            }
+            Some(_) => {}
+        }
+        drop(client);
+        Ok(PgStore { pool, owner: 0 })
+    }
+
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_error)
     }
+}
+
+fn parse_url(url: &str) -> StoreResult<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| StoreError::Invalid(format!("PostgreSQL url: {}", describe(&e))))?;
+    if config.get_application_name().is_none() {
+        config.application_name("tollgate");
+    }
+    Ok(config)
+}
+
+fn build_pool(config: tokio_postgres::Config) -> StoreResult<Pool> {
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(CONNECTIONS_MAX)
+        .build()
+        .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))
 }
 
 fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {

@@ -189,6 +189,9 @@ CREATE INDEX outbox_due ON outbox (next_us) WHERE state = 'pending';
 "#,
 ];
 
+/// The schema version this code reads and writes: the number of migrations.
+pub const VERSION: i32 = MIGRATIONS.len() as i32;
+
 /// Runs the migrations not yet applied and adds the built-in tiers that are missing, all in one
 /// transaction under the migration lock.
 pub async fn migrate(client: &mut Client) -> Result<()> {

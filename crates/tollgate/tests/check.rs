@@ -5,6 +5,12 @@
 //! The database comes from real activity: the `tollgate serve` binary, driven over HTTP (accounts,
 //! a pool policy, a top-up, a capped key, events, holds settled, voided and left open), then
 //! stopped. The breach is made by hand with SQL, as a bug or a bad restore would.
+//!
+//! The same on PostgreSQL when `TOLLGATE_PG_URL` names a server (a fresh database per test; see
+//! `pg`); without it that test says it did not run:
+//! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate --test check`.
+
+mod pg;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,12 @@ struct Server {
 impl Server {
     /// Starts `tollgate serve` in `dir` on the database `dir/tollgate.db` and waits for /healthz.
     async fn start(dir: &Path) -> Server {
+        Server::start_on(dir, dir.join("tollgate.db").to_str().unwrap()).await
+    }
+
+    /// Starts `tollgate serve` in `dir` on the database `db` (a path or a url) and waits for
+    /// /healthz.
+    async fn start_on(dir: &Path, db: &str) -> Server {
         let mut last_log = String::new();
         // A free port can be taken between our probe and the server's bind: try a few.
         for attempt in 0..5 {
@@ -36,7 +48,7 @@ impl Server {
                 .arg("serve")
                 .current_dir(dir)
                 .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
-                .env("TOLLGATE_DB", dir.join("tollgate.db"))
+                .env("TOLLGATE_DB", db)
                 .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
                 .env("TOLLGATE_LOG", "warn")
                 .stdin(Stdio::null())
@@ -388,4 +400,75 @@ async fn check_json_output() {
     assert_eq!(v["ok"], json!(false), "{v}");
     let breach = v["breaches"][0].to_string();
     assert!(breach.contains("acme") && breach.contains("programmatic"), "{v}");
+}
+
+/// On PostgreSQL: real activity through `tollgate serve --db postgres://…`, then `tollgate check`
+/// on the same database: clean, then a breach made with SQL, then clean again; and the usage
+/// errors (no such database, a database that is not tollgate's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_postgres_passes_and_names_a_breach() {
+    let Some(db) = pg::TestDb::create("check").await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_on(dir.path(), &db.url).await;
+    activity(&server).await;
+    server.stop().await;
+
+    let out = check(dir.path(), &["--db", &db.url], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "clean database: {stdout}{stderr}");
+    assert!(stdout.contains("every invariant holds"), "{stdout}");
+    assert!(stdout.contains(&format!("{EVENTS} events")), "{stdout}");
+    assert!(stdout.contains("1 open holds"), "{stdout}");
+    // Through TOLLGATE_DB, with --json.
+    let out = check(dir.path(), &["--json"], &[("TOLLGATE_DB", &db.url)]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["ok"].clone(), v["database"].clone()), (json!(true), json!(db.url)), "{v}");
+    assert_eq!(v["events_checked"], json!(EVENTS), "{v}");
+
+    // Breach: acme's programmatic `used` no longer matches its events.
+    let corrupt = "UPDATE pool_cycles SET used = used + 1 WHERE account = 'acme' AND pool = 'programmatic'";
+    assert_eq!(db.execute(corrupt).await, 1, "one pool cycle row");
+    let out = check(dir.path(), &["--db", &db.url], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "breached database: {stdout}{stderr}");
+    let breaches: Vec<&str> = stdout.lines().filter(|l| l.starts_with("BREACH")).collect();
+    assert_eq!(breaches.len(), 1, "{stdout}");
+    assert!(breaches[0].contains("account acme pool programmatic"), "the breach names account and pool: {stdout}");
+    assert!(breaches[0].contains("used"), "the breach names the total at fault: {stdout}");
+    assert!(stderr.contains("ledger invariants breached"), "{stderr}");
+    db.execute("UPDATE pool_cycles SET used = used - 1 WHERE account = 'acme' AND pool = 'programmatic'").await;
+    let out = check(dir.path(), &["--db", &db.url], &[]);
+    assert_eq!(out.status.code(), Some(0), "restored: {:?}", text(&out));
+
+    // A database without tollgate's tables: a usage error, and nothing is created in it.
+    let Some(empty) = pg::TestDb::create("check").await else { return };
+    let out = check(dir.path(), &["--db", &empty.url], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains(&empty.name) && stderr.contains("not tollgate's"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let tables = empty.number("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'").await;
+    assert_eq!(tables, 0, "tollgate check created tables");
+    // A database that does not exist.
+    let missing = pg::with_database(&db.url, "tollgate_no_such_database");
+    let out = check(dir.path(), &["--db", &missing], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("tollgate_no_such_database") && stderr.contains("does not exist"), "{stderr}");
+}
+
+/// A PostgreSQL server that does not answer is the caller's to fix: exit 2, naming the database,
+/// with no password shown. Needs no PostgreSQL: nothing listens on port 1.
+#[test]
+fn check_on_an_unreachable_postgres_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "postgres://tollgate:s3cret@127.0.0.1:1/tollgate?connect_timeout=5";
+    let out = check(dir.path(), &["--db", url], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("postgres://tollgate:***@127.0.0.1:1/tollgate"), "names the database: {stderr}");
+    assert!(stderr.contains("cannot open the PostgreSQL database"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "the password is not shown: {stderr}");
 }

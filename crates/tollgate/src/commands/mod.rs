@@ -147,7 +147,7 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
         Some(url) => StoreUrl::parse(&url).map_err(|e| usage(e.to_string()))?,
         None => Settings::load(config_path(config).as_deref(), &ProcessEnv).map_err(|e| usage(e.to_string()))?.store,
     };
-    let (path, audit) = match &url {
+    let (database, audit) = match &url {
         StoreUrl::Sqlite(path) => {
             not_a_sqlite_file(path)?;
             let audit = tollgate_sqlite::SqliteStore::audit_file(path).map_err(|e| match e {
@@ -159,14 +159,17 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
                 )),
                 other => (Failure::Internal, format!("cannot check {}: {other}", path.display())),
             })?;
-            (path, audit)
+            (path.display().to_string(), audit)
         }
-        StoreUrl::Postgres(_) => return Err(usage("PostgreSQL is not supported by this build yet")),
+        StoreUrl::Postgres(url) => {
+            let shown = without_password(url);
+            (shown.clone(), check_postgres(url, &shown).await?)
+        }
     };
     if json {
         let v = serde_json::json!({
                 "ok": audit.breaches.is_empty(),
-                "database": path.display().to_string(),
+                "database": database,
                 "pools_checked": audit.pools_checked,
                 "events_checked": audit.events_checked,
                 "holds_open": audit.holds_open,
@@ -190,6 +193,43 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
         }
     }
     if audit.breaches.is_empty() { Ok(()) } else { Err((Failure::Refused, "ledger invariants breached".into())) }
+}
+
+/// Audits a PostgreSQL database read-only (no migration, nothing written). A database that does
+/// not exist, has no tollgate tables or cannot be reached is the caller's to fix (exit 2), with
+/// a message naming it (`shown`: the url without its password).
+async fn check_postgres(url: &str, shown: &str) -> Outcome<tollgate_store::Audit> {
+    use tollgate_store::{Store, StoreError};
+    let store = tollgate_postgres::PgStore::open_read_only(url).await.map_err(|e| match e {
+        StoreError::NotFound(_) => usage(format!("{shown}: the PostgreSQL database does not exist")),
+        StoreError::Invalid(m) | StoreError::Conflict(m) => usage(format!("{shown}: {m}")),
+        StoreError::Backend(m) => usage(format!("{shown}: cannot open the PostgreSQL database: {m}")),
+    })?;
+    store.audit().await.map_err(|e| (Failure::Internal, format!("cannot check {shown}: {e}")))
+}
+
+/// A database url as it may be printed: its password, if any, replaced by `***`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
+            format!("{user}:***@{host}")
+        }
+        _ => authority.to_string(),
+    };
+    // A password can also come as a query parameter.
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<&str> =
+                query.split('&').map(|p| if p.starts_with("password=") { "password=***" } else { p }).collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// The first 16 bytes of every SQLite database file.
@@ -218,4 +258,25 @@ fn not_a_sqlite_file(path: &Path) -> Outcome<()> {
         return Err(usage(format!("{} is not a database: it does not start with the SQLite header", path.display())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn a_printed_database_url_has_no_password() {
+        for (url, shown) in [
+            ("postgres://postgres@127.0.0.1:5432/postgres", "postgres://postgres@127.0.0.1:5432/postgres"),
+            ("postgres://u:s3cret@db.example/tollgate", "postgres://u:***@db.example/tollgate"),
+            ("postgresql://u:p%40ss@h:5433/db?sslmode=disable", "postgresql://u:***@h:5433/db?sslmode=disable"),
+            (
+                "postgres://u@h/db?password=s3cret&application_name=x",
+                "postgres://u@h/db?password=***&application_name=x",
+            ),
+            ("postgres://h", "postgres://h"),
+        ] {
+            assert_eq!(without_password(url), shown, "{url}");
+        }
+    }
 }
