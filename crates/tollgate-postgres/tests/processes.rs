@@ -91,7 +91,8 @@ async fn stores_started_at_once_migrate_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1], "each migration recorded once");
+    let each_once: Vec<i32> = (1..=versions.len() as i32).collect();
+    assert!(!versions.is_empty() && versions == each_once, "each migration recorded once: {versions:?}");
 }
 
 /// 200 holds of $1 on a $50 `block` pool, from four stores at once: exactly 50 admitted, each
