@@ -9,7 +9,9 @@
 //!    skipping those another transaction has (expiry, `FOR UPDATE SKIP LOCKED`);
 //! 2. `pool_cycles` rows, several only in (account, pool, cycle start) order, bytewise;
 //! 3. `key_cycles` rows, several only in (key, cycle start) order;
-//! 4. new rows (holds, events, grants). An insert whose id another open transaction is inserting
+//! 4. the event-order locks of the accounts whose events it inserts ([`lock_event_order`]),
+//!    several at once in one statement, in the order of their lock keys;
+//! 5. new rows (holds, events, grants). An insert whose id another open transaction is inserting
 //!    waits for it; a transaction takes no lock after its first insert but on rows it already has.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -349,6 +351,48 @@ fn event_id_taken(id: &str) -> Error {
     StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id")).into()
 }
 
+/// The class of the event-order locks: the first of the two integers of a PostgreSQL advisory
+/// lock key (the second is the hash of the account id). Two-integer advisory locks live in a key
+/// space apart from the one-integer lock of the migrations.
+const EVENT_ORDER_LOCK: i32 = 0x7467_6576; // "tgev"
+
+/// Takes the event-order locks of `accounts` until the transaction ends. Call it after the
+/// transaction's row locks and before its first event insert.
+///
+/// Why: an event's `seq` comes from an identity column when its row is inserted, and readers
+/// page an account's events by `seq` (`after_seq`). Without this lock two transactions could
+/// take seqs 7 and 8 for one account and commit 8 first (e.g. one settling in the interactive
+/// pool, the other in the programmatic one, so no pool row lock orders them); a reader paging at
+/// that moment sees 8, moves its cursor past 7, and never sees 7. With it, the transactions
+/// that insert events of one account take their seqs one after the other and commit in that same
+/// order (PostgreSQL makes a commit visible before it releases the transaction's locks), so when
+/// a reader sees an account's event, every event of that account with a lower seq is already
+/// visible too. A transaction-level advisory lock was chosen over a counter row per account: no
+/// schema change, nothing written, released by the commit itself. Two accounts whose ids hash
+/// alike share a lock, which only orders them too.
+pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result<()> {
+    match accounts {
+        [] => {}
+        [account] => {
+            execute(tx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&EVENT_ORDER_LOCK, account]).await?;
+        }
+        several => {
+            // One lock after the other in the order of their keys, so that two transactions that
+            // take several cannot wait on each other in a circle.
+            let accounts: Vec<&str> = several.to_vec();
+            execute(
+                tx,
+                "SELECT pg_advisory_xact_lock($1, h)
+                 FROM (SELECT DISTINCT hashtext(a) AS h FROM unnest($2::text[]) AS a ORDER BY h) AS sorted
+                 ORDER BY h",
+                &[&EVENT_ORDER_LOCK, &accounts],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Charges a locked hold with an event's cost, releases the hold, records the event.
 async fn charge_hold(
     tx: &Transaction<'_>,
@@ -378,6 +422,7 @@ async fn charge_hold(
         let totals = lock_key(tx, key, hold.cycle_start).await?;
         add_to_key(tx, key, hold.cycle_start, totals, KeyTotals { charged: split.total(), held: release }).await?;
     }
+    lock_event_order(tx, &[&hold.account]).await?;
     let recorded =
         insert_event(tx, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
             .await?
@@ -559,6 +604,8 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
     if events.len() > 1 {
         lock_pools_of(tx, events).await?;
+        let accounts: Vec<&str> = events.iter().map(|e| e.account.as_str()).collect();
+        lock_event_order(tx, &accounts).await?;
     }
     let mut outcomes = Vec::with_capacity(events.len());
     for e in events {
@@ -620,6 +667,8 @@ async fn record_event(tx: &Transaction<'_>, e: &NewEvent, now: DateTime<Utc>) ->
         let totals = lock_key(tx, key, cycle.start).await?;
         add_to_key(tx, key, cycle.start, totals, KeyTotals { charged: split.total(), held: Nanos::ZERO }).await?;
     }
+    // Already taken for a batch of several (with the others); taking it again does not wait.
+    lock_event_order(tx, &[&e.account]).await?;
     match insert_event(tx, e, cycle.start, split, Nanos::ZERO, None, false, now).await? {
         Some(event) => Ok(EventOutcome::Recorded(event)),
         // A copy committed while this transaction waited for the pool: run again, and the
@@ -681,6 +730,8 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
     for (key, start) in keys {
         lock_key(tx, key, rows::time(start)).await?;
     }
+    let accounts: Vec<&str> = holds.iter().map(|h| h.account.as_str()).collect();
+    lock_event_order(tx, &accounts).await?;
     let mut events = Vec::with_capacity(holds.len());
     for hold in holds {
         let event = NewEvent {
