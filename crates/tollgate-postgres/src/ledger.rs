@@ -5,8 +5,8 @@
 //!
 //! Lock order. Every transaction takes its row locks in this order, so no two can wait on each
 //! other in a circle (PostgreSQL would abort one of them; the caller retries it all the same):
-//! 1. rows of holds that already exist: one, waiting for it (settle, void, extend), or many,
-//!    skipping those another transaction has (expiry, `FOR UPDATE SKIP LOCKED`);
+//! 1. rows of holds that already exist: one (settle, void, extend) or many in (expiry, account,
+//!    id) order (expiry), waiting for each;
 //! 2. `pool_cycles` rows, several only in (account, pool, cycle start) order, bytewise;
 //! 3. `key_cycles` rows, several only in (key, cycle start) order;
 //! 4. the event-order locks of the accounts whose events it inserts ([`lock_event_order`]),
@@ -686,10 +686,10 @@ pub enum Sweep {
     ExpiredAndOwnedBy(i64),
 }
 
-/// Settles open holds at their held amount, flagged `unsettled`. Holds another transaction has
-/// locked (being settled, voided, extended or swept right now) are skipped: each hold is
-/// settled exactly once however many processes sweep at once, and a skipped hold that stays
-/// open is found by the next sweep.
+/// Settles open holds at their held amount, flagged `unsettled`. A hold another transaction has
+/// locked (being settled, voided, extended or swept right now) is waited for, and its state
+/// read again once that transaction ends (`FOR UPDATE` re-checks the `WHERE` on the new row):
+/// each hold is settled exactly once however many processes sweep at once.
 pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> Result<Vec<Event>> {
     let found = match sweep {
         Sweep::Expired => {
@@ -697,7 +697,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
                 tx,
                 &format!(
                     "SELECT {} FROM holds WHERE state = 'open' AND expires_us <= $1
-                     ORDER BY expires_us, account, id FOR UPDATE SKIP LOCKED",
+                     ORDER BY expires_us, account, id FOR UPDATE",
                     rows::HOLD_COLUMNS
                 ),
                 &[&us(now)],
@@ -709,7 +709,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
                 tx,
                 &format!(
                     "SELECT {} FROM holds WHERE state = 'open' AND (expires_us <= $1 OR owner = $2)
-                     ORDER BY expires_us, account, id FOR UPDATE SKIP LOCKED",
+                     ORDER BY expires_us, account, id FOR UPDATE",
                     rows::HOLD_COLUMNS
                 ),
                 &[&us(now), &owner],

@@ -22,7 +22,10 @@
 //! holds of a process that died are settled, at their held amount and flagged `unsettled`, by
 //! whichever process sweeps first once their time to live has passed (gateway holds are extended
 //! only while their stream is alive). `expire_holds` may run in every process at once: it locks
-//! the holds it settles with `FOR UPDATE SKIP LOCKED`, so each is settled exactly once.
+//! the holds it settles with `FOR UPDATE`, waiting for a concurrent settle, void or sweep of the
+//! same hold and re-reading its state after, so each is settled exactly once. (Skipping locked
+//! holds instead made a sweep miss a hold whose concurrent write then failed: the seeded
+//! simulation caught it.)
 
 mod audit;
 mod ledger;
