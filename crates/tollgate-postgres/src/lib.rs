@@ -647,3 +647,4 @@ impl Store for PgStore {
 }
 
 mod alerts;
+mod report;

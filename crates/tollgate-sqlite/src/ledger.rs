@@ -278,7 +278,7 @@ fn charge_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: Date
         add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
     }
     let recorded =
-        insert_event(conn, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)?;
+        insert_event(db, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)?;
     let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
     conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
         .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))
@@ -292,7 +292,7 @@ fn overflow(refusal: tollgate_core::Refusal) -> StoreError {
 
 #[allow(clippy::too_many_arguments)]
 fn insert_event(
-    conn: &Connection,
+    db: &Db,
     e: &NewEvent,
     cycle_start: DateTime<Utc>,
     split: ledger::Split,
@@ -301,6 +301,7 @@ fn insert_event(
     unsettled: bool,
     now: DateTime<Utc>,
 ) -> StoreResult<Event> {
+    let conn: &Connection = db;
     let labels = rows::labels_to_text(&e.labels);
     let event_id = &e.id;
     conn.prepare_cached(
@@ -351,6 +352,35 @@ fn insert_event(
             backend(e)
         }
     })?;
+    let u = &e.usage;
+    let hour = us(e.timestamp).div_euclid(3_600_000_000) * 3_600_000_000;
+    let key = (
+        e.account.clone(),
+        us(cycle_start),
+        e.pool,
+        hour,
+        e.model.clone(),
+        e.source.clone().unwrap_or_default(),
+        e.key.clone().unwrap_or_default(),
+        labels.clone(),
+    );
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    db.add_rollup(
+        key,
+        [
+            1,
+            n(u.input_tokens),
+            n(u.cache_creation_5m_input_tokens),
+            n(u.cache_creation_1h_input_tokens),
+            n(u.cache_read_input_tokens),
+            n(u.output_tokens),
+            n(u.web_search_requests),
+            e.cost.0,
+            split.grant.0.saturating_add(split.overage.0),
+            e.latency_ms.map(n).unwrap_or(0),
+            i64::from(e.latency_ms.is_some()),
+        ],
+    );
     Ok(Event {
         seq: conn.last_insert_rowid(),
         id: e.id.clone(),
@@ -440,7 +470,7 @@ pub fn record_event(db: &Db, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<Ev
     if let Some(key) = &e.key {
         add_to_key(db, key, cycle.start, split.total(), Nanos::ZERO)?;
     }
-    insert_event(conn, e, cycle.start, split, Nanos::ZERO, None, false, now).map(EventOutcome::Recorded)
+    insert_event(db, e, cycle.start, split, Nanos::ZERO, None, false, now).map(EventOutcome::Recorded)
 }
 
 /// Settles open holds at their held amount, flagged `unsettled`: those expired by `now`, or all.

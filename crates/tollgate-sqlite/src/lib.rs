@@ -11,6 +11,7 @@
 mod alerts;
 mod audit;
 mod ledger;
+mod report;
 mod rows;
 mod schema;
 mod writer;

@@ -167,6 +167,39 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (next_us) WHERE state = 'pending';
 "#,
+    r#"
+CREATE TABLE rollups (
+    account TEXT NOT NULL,
+    cycle_start_us INTEGER NOT NULL,
+    pool TEXT NOT NULL,
+    hour_us INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    calls INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cache_creation_5m_input_tokens INTEGER NOT NULL,
+    cache_creation_1h_input_tokens INTEGER NOT NULL,
+    cache_read_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    web_search_requests INTEGER NOT NULL,
+    cost INTEGER NOT NULL,
+    charged INTEGER NOT NULL,
+    latency_ms_sum INTEGER NOT NULL,
+    timed INTEGER NOT NULL,
+    PRIMARY KEY (account, cycle_start_us, pool, hour_us, model, source, key_id, labels)
+) WITHOUT ROWID;
+INSERT INTO rollups
+SELECT account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, COALESCE(source, ''),
+       COALESCE(key_id, ''), labels, COUNT(*), SUM(input_tokens), SUM(cache_creation_5m_input_tokens),
+       SUM(cache_creation_1h_input_tokens), SUM(cache_read_input_tokens), SUM(output_tokens),
+       SUM(web_search_requests), SUM(cost), SUM(grant_part + overage_part), COALESCE(SUM(latency_ms), 0),
+       COUNT(latency_ms)
+FROM events
+GROUP BY account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, COALESCE(source, ''),
+         COALESCE(key_id, ''), labels;
+"#,
 ];
 
 /// Runs the migrations not yet applied, each in its own transaction.

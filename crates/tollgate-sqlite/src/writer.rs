@@ -45,7 +45,16 @@ pub struct Db {
     conn: Connection,
     settings: RefCell<Settings>,
     totals: RefCell<Totals>,
+    /// Usage per hour added by this batch's events, written with its commit (`rollups`).
+    rollups: RefCell<HashMap<RollupKey, RollupDelta>>,
 }
+
+/// (account, cycle start µs, pool, hour µs, model, source, key id, labels JSON).
+pub type RollupKey = (String, i64, PoolKind, i64, String, String, String, String);
+
+/// calls, input, 5m writes, 1h writes, cache reads, output, web searches, cost, charged,
+/// latency ms sum, timed calls.
+pub type RollupDelta = [i64; 11];
 
 /// A pool's running totals in one cycle: the `pool_cycles` row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,6 +87,7 @@ struct Cached<T> {
 enum Undo {
     Pool(PoolId, Option<Cached<PoolTotals>>),
     Key(KeyId, Option<Cached<KeyTotals>>),
+    Rollup(RollupKey, Option<RollupDelta>),
 }
 
 /// Rows kept after a flush; beyond this the clean ones are dropped.
@@ -108,7 +118,7 @@ impl Deref for Db {
 
 impl Db {
     pub fn new(conn: Connection) -> Db {
-        Db { conn, settings: RefCell::default(), totals: RefCell::default() }
+        Db { conn, settings: RefCell::default(), totals: RefCell::default(), rollups: RefCell::default() }
     }
 
     /// A pool's totals in a cycle; None when the cycle has no row yet.
@@ -214,8 +224,63 @@ impl Db {
         Ok(())
     }
 
+    /// Adds an event's usage to its hour's rollup (written at the batch's end).
+    pub fn add_rollup(&self, key: RollupKey, delta: RollupDelta) {
+        let before = {
+            let mut rollups = self.rollups.borrow_mut();
+            let entry = rollups.entry(key.clone()).or_insert([0; 11]);
+            let before = *entry;
+            for (a, d) in entry.iter_mut().zip(delta) {
+                *a = a.saturating_add(d);
+            }
+            before
+        };
+        let before = (before != [0; 11]).then_some(before);
+        self.totals.borrow_mut().undo.push(Undo::Rollup(key, before));
+    }
+
     /// Writes every changed total to the file; the writer calls it just before COMMIT.
     fn flush(&self) -> StoreResult<()> {
+        for ((account, cycle, pool, hour, model, source, key, labels), d) in self.rollups.borrow_mut().drain() {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO rollups (account, cycle_start_us, pool, hour_us, model, source, key_id, labels, calls,
+                         input_tokens, cache_creation_5m_input_tokens, cache_creation_1h_input_tokens,
+                         cache_read_input_tokens, output_tokens, web_search_requests, cost, charged, latency_ms_sum, timed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                     ON CONFLICT (account, cycle_start_us, pool, hour_us, model, source, key_id, labels) DO UPDATE SET
+                         calls = calls + ?9, input_tokens = input_tokens + ?10,
+                         cache_creation_5m_input_tokens = cache_creation_5m_input_tokens + ?11,
+                         cache_creation_1h_input_tokens = cache_creation_1h_input_tokens + ?12,
+                         cache_read_input_tokens = cache_read_input_tokens + ?13, output_tokens = output_tokens + ?14,
+                         web_search_requests = web_search_requests + ?15, cost = cost + ?16, charged = charged + ?17,
+                         latency_ms_sum = latency_ms_sum + ?18, timed = timed + ?19",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        account,
+                        cycle,
+                        pool.as_str(),
+                        hour,
+                        model,
+                        source,
+                        key,
+                        labels,
+                        d[0],
+                        d[1],
+                        d[2],
+                        d[3],
+                        d[4],
+                        d[5],
+                        d[6],
+                        d[7],
+                        d[8],
+                        d[9],
+                        d[10]
+                    ])
+                })
+                .map_err(backend)?;
+        }
         let mut totals = self.totals.borrow_mut();
         for (id, c) in totals.pools.iter_mut().filter(|(_, c)| c.dirty) {
             self.conn
@@ -264,6 +329,12 @@ impl Db {
                 Undo::Key(id, None) => {
                     totals.keys.remove(&id);
                 }
+                Undo::Rollup(key, Some(before)) => {
+                    self.rollups.borrow_mut().insert(key, before);
+                }
+                Undo::Rollup(key, None) => {
+                    self.rollups.borrow_mut().remove(&key);
+                }
             }
         }
     }
@@ -275,6 +346,7 @@ impl Db {
     /// Forgets all totals, after a rollback of the whole batch.
     fn forget_totals(&self) {
         *self.totals.borrow_mut() = Totals::default();
+        self.rollups.borrow_mut().clear();
     }
 
     /// The account, or `NotFound`.

@@ -102,6 +102,7 @@ macro_rules! conformance_suite {
             alerts_history_filters_newest_first
             deliveries_are_leased_retried_and_finished
             concurrent_claims_hand_each_delivery_out_once
+            rollups_add_up_to_the_events
         );
     };
 }
@@ -2217,6 +2218,47 @@ pub async fn concurrent_claims_hand_each_delivery_out_once(store: Fresh) {
     let unique: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(all.len(), unique.len(), "no delivery handed out twice: {all:?}");
     assert_eq!(unique.len(), 20, "every delivery handed out");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollups: what reports read.
+// ---------------------------------------------------------------------------------------------
+
+pub async fn rollups_add_up_to_the_events(store: Fresh) {
+    standard_account(&store, "acme").await;
+    let mut a = event("acme", "e-1", P, cents(3), now());
+    a.latency_ms = Some(100);
+    let mut b = event("acme", "e-2", P, cents(5), later(60));
+    b.latency_ms = Some(300);
+    let mut c = event("acme", "e-3", I, cents(7), later(3_600));
+    c.model = OTHER_MODEL.to_string();
+    c.latency_ms = None;
+    for e in [a, b, c] {
+        ok(store.record_events(vec![with_event_fingerprint(e)], now()).await, "record");
+    }
+    let h = held(store.hold(hold_request("acme", "h-1", P, usd(1)), now()).await, "hold");
+    ok(store.settle(settle_request(&h, cents(11), later(120)), later(120)).await, "settle");
+    // A batch that fails leaves nothing behind, in the rollups either.
+    let dup = with_event_fingerprint(event("acme", "e-1", P, cents(99), now()));
+    let fresh = with_event_fingerprint(event("acme", "e-9", P, cents(13), now()));
+    assert!(store.record_events(vec![fresh, dup], now()).await.is_err(), "a conflicting batch fails");
+
+    let rollups = ok(store.rollups("acme", at("2026-11-01T00:00:00Z")).await, "rollups");
+    let sum = |pool: PoolKind| {
+        rollups.iter().filter(|r| r.pool == pool).fold((0u64, Nanos::ZERO, 0u64, 0u64), |acc, r| {
+            (acc.0 + r.calls, acc.1.saturating_add(r.cost), acc.2 + r.usage.input_tokens, acc.3 + r.timed)
+        })
+    };
+    assert_eq!(sum(P), (3, cents(19), 3_000, 3), "3 programmatic calls: 3¢ + 5¢ + 11¢");
+    assert_eq!(sum(I), (1, cents(7), 1_000, 0), "1 interactive call without latency");
+    let other = rollups.iter().find(|r| r.model == OTHER_MODEL).expect("the other model has its rollup");
+    assert_eq!(other.hour, at("2026-11-10T13:00:00Z"), "hours start on the hour");
+    let latency: u64 = rollups.iter().filter(|r| r.pool == P).map(|r| r.latency_ms_sum).sum();
+    assert_eq!(latency, 100 + 300 + 850, "latency sums (the settle's event says 850 ms)");
+    let charged: Nanos = rollups.iter().fold(Nanos::ZERO, |s, r| s.saturating_add(r.charged));
+    assert_eq!(charged, cents(26), "charged = Σ events");
+    assert!(ok(store.rollups("acme", at("2026-12-01T00:00:00Z")).await, "next cycle").is_empty());
+    assert!(ok(store.rollups("nobody", at("2026-11-01T00:00:00Z")).await, "unknown account").is_empty());
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod conformance;
 pub mod feed;
+pub mod report;
 pub mod simulation;
 mod types;
 
@@ -44,7 +45,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Everything tollgate keeps. Every method that takes `now` uses it as the clock; none reads the
 /// system clock, so tests drive time.
 #[async_trait]
-pub trait Store: alerts::AlertStore + Send + Sync + 'static {
+pub trait Store: alerts::AlertStore + report::ReportStore + Send + Sync + 'static {
     /// Creates or replaces a tier.
     async fn put_tier(&self, tier: Tier) -> StoreResult<()>;
     async fn tiers(&self) -> StoreResult<Vec<Tier>>;

@@ -150,6 +150,17 @@ impl tollgate_store::alerts::AlertStore for TestStore {
 }
 
 #[async_trait]
+impl tollgate_store::report::ReportStore for TestStore {
+    async fn rollups(
+        &self,
+        account: &str,
+        cycle_start: DateTime<Utc>,
+    ) -> StoreResult<Vec<tollgate_store::report::Rollup>> {
+        self.store.rollups(account, cycle_start).await
+    }
+}
+
+#[async_trait]
 impl Store for TestStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
         self.store.put_tier(tier).await

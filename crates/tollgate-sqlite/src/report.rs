@@ -1,0 +1,55 @@
+//! The hourly rollups on SQLite, kept by the writer with each batch (see `writer::Db`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tollgate_core::{Nanos, Usage};
+use tollgate_store::StoreResult;
+use tollgate_store::report::{ReportStore, Rollup};
+
+use crate::SqliteStore;
+use crate::rows::{backend, pool_of, time, us};
+
+#[async_trait]
+impl ReportStore for SqliteStore {
+    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<Vec<Rollup>> {
+        let account = account.to_string();
+        self.read(move |conn| {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT pool, hour_us, model, source, key_id, labels, calls, input_tokens,
+                         cache_creation_5m_input_tokens, cache_creation_1h_input_tokens, cache_read_input_tokens,
+                         output_tokens, web_search_requests, cost, charged, latency_ms_sum, timed
+                     FROM rollups WHERE account = ?1 AND cycle_start_us = ?2",
+                )
+                .map_err(backend)?;
+            s.query_map(rusqlite::params![account, us(cycle_start)], |r| {
+                let pool: String = r.get(0)?;
+                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                Ok(Rollup {
+                    pool: pool_of(&pool)?,
+                    hour: time(r.get(1)?),
+                    model: r.get(2)?,
+                    source: r.get(3)?,
+                    key: r.get(4)?,
+                    labels: r.get(5)?,
+                    calls: n(6)?,
+                    usage: Usage {
+                        input_tokens: n(7)?,
+                        cache_creation_5m_input_tokens: n(8)?,
+                        cache_creation_1h_input_tokens: n(9)?,
+                        cache_read_input_tokens: n(10)?,
+                        output_tokens: n(11)?,
+                        web_search_requests: n(12)?,
+                    },
+                    cost: Nanos(r.get(13)?),
+                    charged: Nanos(r.get(14)?),
+                    latency_ms_sum: n(15)?,
+                    timed: n(16)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(backend)
+        })
+        .await
+    }
+}
