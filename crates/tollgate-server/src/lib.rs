@@ -11,6 +11,7 @@ mod auth;
 pub mod dto;
 mod error;
 mod json;
+mod report;
 mod run;
 
 use std::sync::Arc;

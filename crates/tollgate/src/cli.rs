@@ -73,6 +73,20 @@ pub enum Command {
         #[arg(long)]
         date: Option<String>,
     },
+    /// A cycle's report per pool (and grouped with --by): table, JSON or CSV.
+    Report {
+        /// The account (default: every account).
+        account: Option<String>,
+        /// current, previous, or the month a cycle starts in as YYYY-MM.
+        #[arg(long, default_value = "current")]
+        cycle: String,
+        /// pool, model, source, key, label:NAME or day.
+        #[arg(long)]
+        by: Option<String>,
+        /// table, json or csv.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Alerts: history, rules, a test delivery.
     #[command(subcommand)]
     Alerts(AlertsCmd),

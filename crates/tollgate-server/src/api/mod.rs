@@ -5,6 +5,7 @@ mod alerts;
 mod extract;
 mod ledger;
 mod meta;
+mod reports;
 mod stream;
 
 use std::time::Instant;
@@ -39,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/accounts/{id}/keys", get(accounts::keys).post(accounts::create_key))
         .route("/api/v1/accounts/{id}/keys/{key}", axum::routing::delete(accounts::revoke_key))
         .route("/api/v1/accounts/{id}/events", get(ledger::list_events))
+        .route("/api/v1/accounts/{id}/report", get(reports::report))
         .route("/api/v1/events", post(ledger::post_events))
         .route("/api/v1/accounts/{id}/holds", post(ledger::create_hold))
         .route("/api/v1/accounts/{id}/holds/{hold}", get(ledger::get_hold))

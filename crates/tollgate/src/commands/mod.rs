@@ -103,6 +103,10 @@ pub async fn run(cli: Cli) -> Outcome<()> {
         Command::Events(c) => manage::events(&client(), c, json).await,
         Command::Prices { model, date } => manage::prices(&client(), model, date, json).await,
         Command::Alerts(c) => manage::alerts(&client(), c, json).await,
+        Command::Report { account, cycle, by, format } => {
+            let format = if json { "json".to_string() } else { format };
+            manage::report(&client(), account, &cycle, by.as_deref(), &format).await
+        }
         Command::Top { account, count } => top(&client(), account, count, json).await,
     }
 }
