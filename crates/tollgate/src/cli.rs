@@ -87,6 +87,30 @@ pub enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Burn rates and projections per pool: when does it run out, what will expire.
+    Forecast {
+        /// The account (default: every account).
+        account: Option<String>,
+    },
+    /// Does a job fit now, or when? Give its cost, or a model with tokens per call.
+    Plan {
+        account: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        cost_usd: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        input_tokens: Option<u64>,
+        #[arg(long)]
+        output_tokens: Option<u64>,
+        #[arg(long)]
+        calls: Option<u64>,
+    },
+    /// Advice: which tier, which models.
+    #[command(subcommand)]
+    Advise(AdviseCmd),
     /// Alerts: history, rules, a test delivery.
     #[command(subcommand)]
     Alerts(AlertsCmd),
@@ -255,4 +279,20 @@ pub enum AlertsCmd {
     Rules,
     /// Send a test alert through a channel now.
     Test { channel: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdviseCmd {
+    /// Replay past cycles on every tier; recommend the cheapest.
+    Tier {
+        account: String,
+        #[arg(long, default_value_t = 3)]
+        cycles: u32,
+    },
+    /// What this cycle's calls would have cost on other models; latency per model.
+    Model {
+        account: String,
+        #[arg(long)]
+        pool: Option<String>,
+    },
 }

@@ -142,6 +142,53 @@ fn report_figures_groupings_formats_and_bad_arguments() {
     let (_, out, _) = run(&base, &["report", "acme", "--cycle", &month, "--json"]);
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["total_usd"], "0.0345");
 
+    // Plans, by hand: $50 programmatic limit, $0.012 charged.
+    let plan = |args: &[&str]| -> Value {
+        let mut all = vec!["plan", "acme", "--pool", "programmatic", "--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = run(&base, &all);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let p = plan(&["--cost-usd", "10"]);
+    assert_eq!(
+        (p["fits"].as_str(), p["remaining_after_usd"].as_str(), p["overage_usd"].as_str()),
+        (Some("now"), Some("39.988"), Some("0"))
+    );
+    let p = plan(&["--cost-usd", "49.99"]);
+    assert_eq!(p["fits"], "after_reset");
+    assert_eq!(p["earliest"], r["cycle"]["end"]);
+    assert!(p["advice"].as_str().unwrap().contains("early in a cycle"));
+    let p = plan(&["--cost-usd", "80"]);
+    assert_eq!((p["fits"].as_str(), p["limit_usd"].as_str()), (Some("never"), Some("50")));
+    // 100 Sonnet calls of 1000 in / 200 out: 100 × $0.006 = $0.60.
+    let p =
+        plan(&["--model", "claude-sonnet-4-5", "--input-tokens", "1000", "--output-tokens", "200", "--calls", "100"]);
+    assert_eq!((p["cost_usd"].as_str(), p["remaining_after_usd"].as_str()), (Some("0.6"), Some("49.388")));
+
+    // Forecast: two calls in a young cycle are not extrapolated with confidence.
+    let (code, out, _) = run(&base, &["forecast", "acme", "--json"]);
+    assert_eq!(code, Some(0));
+    let f: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(f["pools"]["programmatic"]["charged_usd"], "0.012");
+    assert_eq!(f["pools"]["programmatic"]["confident"], false);
+    assert!(f["pools"]["programmatic"]["note"].as_str().unwrap().contains("uncertain"));
+
+    // Model advice: the 3000 in / 200 out on Sonnet would cost $0.0004 on Haiku 5.5 ($0.10 / $0.50).
+    let (code, out, _) = run(&base, &["advise", "model", "acme", "--pool", "programmatic", "--json"]);
+    assert_eq!(code, Some(0));
+    let m: Value = serde_json::from_str(&out).unwrap();
+    let sonnet = &m["models"][0];
+    assert_eq!((sonnet["model"].as_str(), sonnet["cost_usd"].as_str()), (Some("claude-sonnet-4-5"), Some("0.012")));
+    let haiku =
+        sonnet["on_other_models"].as_array().unwrap().iter().find(|o| o["model"] == "claude-haiku-5-5").unwrap();
+    assert_eq!(haiku["cost_usd"], "0.0004");
+    // Tier advice over the last cycle (empty): no overage on any tier.
+    let (code, out, _) = run(&base, &["advise", "tier", "acme", "--cycles", "1", "--json"]);
+    assert_eq!(code, Some(0));
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert!(t["tiers"].as_array().unwrap().iter().all(|x| x["overage_usd"] == "0"), "{t}");
+
     // Bad arguments: a clear message and a non-zero exit.
     for (args, want) in [
         (vec!["report", "nobody"], "not found"),
@@ -149,6 +196,27 @@ fn report_figures_groupings_formats_and_bad_arguments() {
         (vec!["report", "acme", "--cycle", "last"], "current, previous"),
         (vec!["report", "acme", "--by", "color"], "label:NAME"),
         (vec!["report", "acme", "--format", "xml"], "table, json or csv"),
+        (vec!["plan", "acme", "--pool", "batch", "--cost-usd", "1"], "interactive or programmatic"),
+        (vec!["plan", "acme", "--pool", "programmatic", "--cost-usd=-1"], "must not be negative"),
+        (
+            vec![
+                "plan",
+                "acme",
+                "--pool",
+                "programmatic",
+                "--model",
+                "gpt-9000",
+                "--input-tokens",
+                "1",
+                "--output-tokens",
+                "1",
+            ],
+            "gpt-9000",
+        ),
+        (vec!["plan", "acme", "--pool", "programmatic", "--input-tokens=-5"], "-5"),
+        (vec!["plan", "acme", "--pool", "programmatic"], "cost_usd"),
+        (vec!["forecast", "nobody"], "not found"),
+        (vec!["advise", "tier", "acme", "--cycles", "99"], "between 1 and 24"),
     ] {
         let (code, _, err) = run(&base, &args);
         assert_ne!(code, Some(0), "{args:?}");

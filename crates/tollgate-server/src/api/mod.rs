@@ -5,6 +5,7 @@ mod alerts;
 mod extract;
 mod ledger;
 mod meta;
+mod planning;
 mod reports;
 mod stream;
 
@@ -41,6 +42,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/accounts/{id}/keys/{key}", axum::routing::delete(accounts::revoke_key))
         .route("/api/v1/accounts/{id}/events", get(ledger::list_events))
         .route("/api/v1/accounts/{id}/report", get(reports::report))
+        .route("/api/v1/accounts/{id}/forecast", get(planning::forecast))
+        .route("/api/v1/accounts/{id}/plan", post(planning::plan_job))
+        .route("/api/v1/accounts/{id}/advice/tier", get(planning::advise_tier))
+        .route("/api/v1/accounts/{id}/advice/model", get(planning::advise_model))
         .route("/api/v1/events", post(ledger::post_events))
         .route("/api/v1/accounts/{id}/holds", post(ledger::create_hold))
         .route("/api/v1/accounts/{id}/holds/{hold}", get(ledger::get_hold))

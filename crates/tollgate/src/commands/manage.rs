@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::{Outcome, usage};
-use crate::cli::{AccountCmd, AlertsCmd, EventsCmd, GrantCmd, KeyCmd, PoolCmd, TierCmd};
+use crate::cli::{AccountCmd, AdviseCmd, AlertsCmd, EventsCmd, GrantCmd, KeyCmd, PoolCmd, TierCmd};
 use crate::client::{Client, seg};
 use crate::table;
 
@@ -567,6 +567,132 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
                         table::render(&[by.unwrap_or("group"), "charged", "calls", "input", "output"], &rows)
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn forecast(c: &Client, account: Option<String>, json: bool) -> Outcome<()> {
+    let accounts = match account {
+        Some(a) => vec![a],
+        None => c.get("/api/v1/accounts").await?["accounts"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+    };
+    for a in accounts {
+        let v = c.get(&format!("/api/v1/accounts/{}/forecast", seg(&a))).await?;
+        if json {
+            print_json(&v);
+            continue;
+        }
+        println!("{}  cycle {} → {}", a, s(&v["cycle"], "start"), s(&v["cycle"], "end"));
+        let rows: Vec<Vec<String>> = ["interactive", "programmatic"]
+            .iter()
+            .map(|p| {
+                let f = &v["pools"][*p];
+                let out = f["exhaustion"].as_str().map(str::to_string).unwrap_or_else(|| "not before the reset".into());
+                vec![
+                    p.to_string(),
+                    format!("${} of ${}", s(f, "charged_usd"), s(f, "limit_usd")),
+                    format!(
+                        "${}/day (24 h), ${}/day (cycle)",
+                        s(f, "burn_per_day_recent_usd"),
+                        s(f, "burn_per_day_cycle_usd")
+                    ),
+                    format!("${}", s(f, "projected_cycle_end_usd")),
+                    out,
+                    format!("${}", s(f, "expiring_unused_usd")),
+                    if f["confident"].as_bool() == Some(true) { "".into() } else { "uncertain: little data".into() },
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table::render(&["pool", "charged", "burn", "projected", "runs out", "expires unused", ""], &rows)
+        );
+        println!("{} days to the reset", s(&v["pools"]["programmatic"], "days_to_reset"));
+    }
+    Ok(())
+}
+
+pub async fn plan(c: &Client, account: &str, body: Value, json: bool) -> Outcome<()> {
+    let v = c.post(&format!("/api/v1/accounts/{}/plan", seg(account)), body).await?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    match v["fits"].as_str() {
+        Some("now") => println!(
+            "fits now: ${} leaves ${} ({} overage)",
+            s(&v, "cost_usd"),
+            s(&v, "remaining_after_usd"),
+            s(&v, "overage_usd")
+        ),
+        Some("after_reset") => println!(
+            "does not fit now (${} left); fits after the reset at {}",
+            s(&v, "remaining_now_usd"),
+            s(&v, "earliest")
+        ),
+        _ => println!("never fits: ${} against a limit of ${}", s(&v, "charge_usd"), s(&v, "limit_usd")),
+    }
+    println!("advice: {}", s(&v, "advice"));
+    Ok(())
+}
+
+pub async fn advise(c: &Client, cmd: AdviseCmd, json: bool) -> Outcome<()> {
+    match cmd {
+        AdviseCmd::Tier { account, cycles } => {
+            let v = c.get(&format!("/api/v1/accounts/{}/advice/tier?cycles={cycles}", seg(&account))).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["tiers"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|t| {
+                    vec![
+                        s(t, "tier"),
+                        format!("${}", s(t, "overage_usd")),
+                        t["total_usd"]
+                            .as_str()
+                            .map(|x| format!("${x}"))
+                            .unwrap_or_else(|| "price not configured".into()),
+                    ]
+                })
+                .collect();
+            println!("{}", table::render(&["tier", "overage", "total"], &rows));
+            println!("recommended: {} (now on {})", s(&v, "recommended"), s(&v, "current_tier"));
+        }
+        AdviseCmd::Model { account, pool } => {
+            let path = match &pool {
+                Some(p) => format!("/api/v1/accounts/{}/advice/model?pool={}", seg(&account), seg(p)),
+                None => format!("/api/v1/accounts/{}/advice/model", seg(&account)),
+            };
+            let v = c.get(&path).await?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            for m in v["models"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                println!(
+                    "{}: ${} this cycle, median latency {} ms",
+                    s(m, "model"),
+                    s(m, "cost_usd"),
+                    s(m, "median_latency_ms")
+                );
+                let rows: Vec<Vec<String>> = m["on_other_models"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|o| vec![s(o, "model"), format!("${}", s(o, "cost_usd"))])
+                    .collect();
+                println!("{}", table::render(&["on model", "would cost"], &rows));
             }
         }
     }

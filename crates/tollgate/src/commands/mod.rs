@@ -103,6 +103,23 @@ pub async fn run(cli: Cli) -> Outcome<()> {
         Command::Events(c) => manage::events(&client(), c, json).await,
         Command::Prices { model, date } => manage::prices(&client(), model, date, json).await,
         Command::Alerts(c) => manage::alerts(&client(), c, json).await,
+        Command::Forecast { account } => manage::forecast(&client(), account, json).await,
+        Command::Plan { account, pool, cost_usd, model, input_tokens, output_tokens, calls } => {
+            let mut body = serde_json::json!({ "pool": pool });
+            for (k, v) in [
+                ("cost_usd", cost_usd.map(serde_json::Value::from)),
+                ("model", model.map(serde_json::Value::from)),
+                ("input_tokens", input_tokens.map(serde_json::Value::from)),
+                ("output_tokens", output_tokens.map(serde_json::Value::from)),
+                ("calls", calls.map(serde_json::Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            manage::plan(&client(), &account, body, json).await
+        }
+        Command::Advise(c) => manage::advise(&client(), c, json).await,
         Command::Report { account, cycle, by, format } => {
             let format = if json { "json".to_string() } else { format };
             manage::report(&client(), account, &cycle, by.as_deref(), &format).await
