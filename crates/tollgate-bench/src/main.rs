@@ -5,10 +5,12 @@
 //! cargo run --release -p tollgate-bench -- core
 //! cargo run --release -p tollgate-bench -- sqlite [--tasks 64] [--calls 200000]
 //! cargo run --release -p tollgate-bench -- gateway [--calls 5000] [--connections 64] [--seconds 10]
+//! cargo run --release -p tollgate-bench -- reports [--events 10000000] [--postgres URL]
 //! ```
 
 mod core_decisions;
 mod gateway;
+mod reports;
 mod sqlite_ledger;
 
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ fn main() -> ExitCode {
         Some("core") => core_decisions::run(&args[1..]),
         Some("sqlite") => sqlite_ledger::run(&args[1..]),
         Some("gateway") => gateway::run(&args[1..]),
+        Some("reports") => reports::run(&args[1..]),
         _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N]".to_string()),
     };
     match result {

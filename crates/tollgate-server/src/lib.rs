@@ -11,7 +11,7 @@ mod auth;
 pub mod dto;
 mod error;
 mod json;
-mod report;
+pub mod report;
 mod run;
 
 use std::sync::Arc;
