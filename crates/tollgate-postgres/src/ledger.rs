@@ -1,12 +1,14 @@
-//! The ledger's writes, each run inside one transaction of its own. Each reads the state it
-//! needs, asks `tollgate-core` for the decision, and writes the result; the rows that decision
-//! depends on stay locked until the transaction commits, so several processes can write one
-//! database and a `block` limit still holds exactly.
+//! The ledger's writes that run in a transaction of their own (events, grants, expiry; holds,
+//! settles, voids and extensions run in the batches of `batch`). Each reads the state it needs,
+//! asks `tollgate-core` for the decision, and writes the result; the rows that decision depends
+//! on stay locked until the transaction commits, so several processes can write one database
+//! and a `block` limit still holds exactly.
 //!
-//! Lock order. Every transaction takes its row locks in this order, so no two can wait on each
-//! other in a circle (PostgreSQL would abort one of them; the caller retries it all the same):
-//! 1. rows of holds that already exist: one (settle, void, extend) or many in (expiry, account,
-//!    id) order (expiry), waiting for each;
+//! Lock order. Every transaction (here and in `batch`) takes its row locks in this order, so no
+//! two can wait on each other in a circle (PostgreSQL would abort one of them; the caller retries
+//! it all the same):
+//! 1. rows of holds that already exist, waiting for each, several only in (account, id) order,
+//!    bytewise: a batch's settles, voids, extensions and repeated holds; an expiry's holds;
 //! 2. `pool_cycles` rows, several only in (account, pool, cycle start) order, bytewise;
 //! 3. `key_cycles` rows, several only in (key, cycle start) order;
 //! 4. the event-order locks of the accounts whose events it inserts ([`lock_event_order`]),
@@ -16,14 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use tollgate_core::ledger::{self, PoolScope, Replay};
-use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{
-    Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, NewGrant,
-    SettleRequest, StoreError,
-};
+use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
+use tollgate_store::{Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, StoreError};
 
 use crate::rows::{self, execute, query, query_one, query_opt, us};
 use crate::{Error, Result};
@@ -209,144 +208,6 @@ async fn key_cap(tx: &Transaction<'_>, account: &str, key_id: &str) -> Result<Op
     }
 }
 
-/// Reserves `req.amount` against the pool (and key) of the cycle containing `now`, or refuses.
-/// The checks come in the SQLite backend's order: account, key, a repeated id, then the limits.
-pub async fn hold(tx: &Transaction<'_>, req: &HoldRequest, now: DateTime<Utc>, owner: i64) -> Result<HoldOutcome> {
-    let account = rows::require_account(tx, &req.account).await?;
-    let cap = match &req.key {
-        Some(id) => Some(key_cap(tx, &req.account, id).await?),
-        None => None,
-    };
-    let cycle = account.cycle_anchor().cycle_at(now);
-    if let Some(outcome) = replay_hold(tx, req).await? {
-        return Ok(outcome);
-    }
-    let pool = pool_cycle(tx, &account, req.pool, &cycle).await?;
-    let key = match (&req.key, cap) {
-        (Some(id), Some(cap)) => {
-            let totals = lock_key(tx, id, cycle.start).await?;
-            Some((id.as_str(), totals, KeyScope { cap, charged: totals.charged, held: totals.held }))
-        }
-        _ => None,
-    };
-    let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, _, k)| k), req.amount) {
-        Ok(d) => d,
-        Err(refusal) => {
-            // The same id may have been held by another process while this one waited for the lock.
-            return Ok(match replay_hold(tx, req).await? {
-                Some(outcome) => outcome,
-                None => HoldOutcome::Refused { refusal, resets_at: cycle.end },
-            });
-        }
-    };
-    let hold = Hold {
-        id: req.id.clone(),
-        account: req.account.clone(),
-        pool: req.pool,
-        key: req.key.clone(),
-        amount: req.amount,
-        model: req.model.clone(),
-        source: req.source.clone(),
-        state: HoldState::Open,
-        cycle_start: cycle.start,
-        cycle_end: cycle.end,
-        created_at: now,
-        expires_at: now + Duration::seconds(req.ttl_s as i64),
-        remaining_after: decision.pool_remaining,
-    };
-    let inserted = execute(
-        tx,
-        "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
-                            created_us, expires_us, remaining_after, fingerprint, owner)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8, $9, $10, $11, $12, $13, $14)
-         ON CONFLICT DO NOTHING",
-        &[
-            &hold.account,
-            &hold.id,
-            &hold.pool.as_str(),
-            &hold.key,
-            &hold.amount.0,
-            &hold.model,
-            &hold.source,
-            &us(hold.cycle_start),
-            &us(hold.cycle_end),
-            &us(hold.created_at),
-            &us(hold.expires_at),
-            &hold.remaining_after.map(|n| n.0),
-            &req.fingerprint,
-            &owner,
-        ],
-    )
-    .await?;
-    if inserted == 0 {
-        // Another transaction committed a hold of this id (in another pool) since the check
-        // above: run again, and the check answers.
-        return Err(Error::Retry);
-    }
-    let add = PoolTotals { held: hold.amount, ..PoolTotals::default() };
-    add_to_pool(tx, &hold.account, hold.pool, cycle.start, pool.totals, add).await?;
-    if let Some((id, totals, _)) = key {
-        add_to_key(tx, id, cycle.start, totals, KeyTotals { charged: Nanos::ZERO, held: hold.amount }).await?;
-    }
-    Ok(HoldOutcome::Held(hold))
-}
-
-/// The outcome of a hold request whose id was used before: the first hold if the request is the
-/// same, a conflict if not; None if the id is new.
-async fn replay_hold(tx: &Transaction<'_>, req: &HoldRequest) -> Result<Option<HoldOutcome>> {
-    let existing = rows::load_hold(tx, &req.account, &req.id).await?;
-    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
-        Replay::Same(hold) => Ok(Some(HoldOutcome::Replayed(hold))),
-        Replay::Conflict => Err(StoreError::Conflict(format!(
-            "hold id {:?} was already used for a different request; use a new id",
-            req.id
-        ))
-        .into()),
-        Replay::New => Ok(None),
-    }
-}
-
-/// Locks a hold for settling, voiding or extending, or says it does not exist.
-async fn locked_hold(tx: &Transaction<'_>, account: &str, hold_id: &str) -> Result<rows::HoldRow> {
-    rows::lock_hold(tx, account, hold_id).await?.ok_or_else(|| StoreError::NotFound(format!("hold {hold_id:?}")).into())
-}
-
-pub async fn settle(tx: &Transaction<'_>, req: &SettleRequest, now: DateTime<Utc>) -> Result<Event> {
-    let row = locked_hold(tx, &req.account, &req.hold_id).await?;
-    match row.hold.state {
-        HoldState::Open => {}
-        HoldState::Settled => {
-            let seq = row.event_seq.ok_or_else(|| rows::corrupt("settled hold without its event", &req.hold_id))?;
-            let first = rows::load_event_by_seq(tx, seq).await?;
-            return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
-                Replay::Same(event) => Ok(event),
-                _ => Err(StoreError::Conflict(format!(
-                    "hold {:?} is already settled with a different usage",
-                    req.hold_id
-                ))
-                .into()),
-            };
-        }
-        state => {
-            return Err(StoreError::Conflict(format!(
-                "hold {:?} is {} and can no longer be settled",
-                req.hold_id,
-                state.as_str()
-            ))
-            .into());
-        }
-    }
-    let mut event = req.event.clone();
-    // The hold decides where the charge goes: its account, pool and key, never the event's.
-    event.account = row.hold.account.clone();
-    if event.id.is_empty() {
-        event.id = row.hold.id.clone();
-    }
-    event.pool = row.hold.pool;
-    event.key = row.hold.key.clone();
-    charge_hold(tx, &row.hold, event, false, now).await
-}
-
 fn event_id_taken(id: &str) -> Error {
     StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id")).into()
 }
@@ -354,7 +215,14 @@ fn event_id_taken(id: &str) -> Error {
 /// The class of the event-order locks: the first of the two integers of a PostgreSQL advisory
 /// lock key (the second is the hash of the account id). Two-integer advisory locks live in a key
 /// space apart from the one-integer lock of the migrations.
-const EVENT_ORDER_LOCK: i32 = 0x7467_6576; // "tgev"
+pub const EVENT_ORDER_LOCK: i32 = 0x7467_6576; // "tgev"
+
+/// Takes the event-order locks of several accounts (`$2`, a text array) with the class `$1`, one
+/// after the other in the order of their keys, so that two transactions that take several
+/// cannot wait on each other in a circle.
+pub const EVENT_ORDER_LOCKS: &str = "SELECT pg_advisory_xact_lock($1, h)
+     FROM (SELECT DISTINCT hashtext(a) AS h FROM unnest($2::text[]) AS a ORDER BY h) AS sorted
+     ORDER BY h";
 
 /// Takes the event-order locks of `accounts` until the transaction ends. Call it after the
 /// transaction's row locks and before its first event insert.
@@ -377,17 +245,8 @@ pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result
             execute(tx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&EVENT_ORDER_LOCK, account]).await?;
         }
         several => {
-            // One lock after the other in the order of their keys, so that two transactions that
-            // take several cannot wait on each other in a circle.
             let accounts: Vec<&str> = several.to_vec();
-            execute(
-                tx,
-                "SELECT pg_advisory_xact_lock($1, h)
-                 FROM (SELECT DISTINCT hashtext(a) AS h FROM unnest($2::text[]) AS a ORDER BY h) AS sorted
-                 ORDER BY h",
-                &[&EVENT_ORDER_LOCK, &accounts],
-            )
-            .await?;
+            execute(tx, EVENT_ORDER_LOCKS, &[&EVENT_ORDER_LOCK, &accounts]).await?;
         }
     }
     Ok(())
@@ -526,55 +385,6 @@ async fn insert_event(
     }))
 }
 
-pub async fn void(tx: &Transaction<'_>, account: &str, hold_id: &str) -> Result<Hold> {
-    let row = locked_hold(tx, account, hold_id).await?;
-    match row.hold.state {
-        HoldState::Open => {}
-        HoldState::Voided => return Ok(row.hold),
-        state => {
-            return Err(StoreError::Conflict(format!(
-                "hold {hold_id:?} is {} and can no longer be voided",
-                state.as_str()
-            ))
-            .into());
-        }
-    }
-    let h = &row.hold;
-    let release = Nanos(-h.amount.0);
-    let totals = lock_pool(tx, account, h.pool, us(h.cycle_start))
-        .await?
-        .ok_or_else(|| StoreError::Backend(format!("pool {account} {} has no row for its cycle", h.pool.as_str())))?;
-    add_to_pool(tx, account, h.pool, h.cycle_start, totals, PoolTotals { held: release, ..PoolTotals::default() })
-        .await?;
-    if let Some(key) = &h.key {
-        let totals = lock_key(tx, key, h.cycle_start).await?;
-        add_to_key(tx, key, h.cycle_start, totals, KeyTotals { charged: Nanos::ZERO, held: release }).await?;
-    }
-    execute(tx, "UPDATE holds SET state = 'voided' WHERE account = $1 AND id = $2", &[&account, &hold_id]).await?;
-    Ok(Hold { state: HoldState::Voided, ..row.hold })
-}
-
-pub async fn extend(
-    tx: &Transaction<'_>,
-    account: &str,
-    hold_id: &str,
-    ttl_s: u64,
-    now: DateTime<Utc>,
-) -> Result<Hold> {
-    let row = locked_hold(tx, account, hold_id).await?;
-    if row.hold.state != HoldState::Open {
-        return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", row.hold.state.as_str())).into());
-    }
-    let expires_at = now + Duration::seconds(ttl_s as i64);
-    execute(
-        tx,
-        "UPDATE holds SET expires_us = $3 WHERE account = $1 AND id = $2",
-        &[&account, &hold_id, &us(expires_at)],
-    )
-    .await?;
-    Ok(Hold { expires_at, ..row.hold })
-}
-
 /// Adds a top-up to the pool's cycle that contains `now`.
 pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -> Result<Grant> {
     if g.amount <= Nanos::ZERO {
@@ -697,7 +507,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
                 tx,
                 &format!(
                     "SELECT {} FROM holds WHERE state = 'open' AND expires_us <= $1
-                     ORDER BY expires_us, account, id FOR UPDATE",
+                     ORDER BY account COLLATE \"C\", id COLLATE \"C\" FOR UPDATE",
                     rows::HOLD_COLUMNS
                 ),
                 &[&us(now)],
@@ -709,7 +519,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
                 tx,
                 &format!(
                     "SELECT {} FROM holds WHERE state = 'open' AND (expires_us <= $1 OR owner = $2)
-                     ORDER BY expires_us, account, id FOR UPDATE",
+                     ORDER BY account COLLATE \"C\", id COLLATE \"C\" FOR UPDATE",
                     rows::HOLD_COLUMNS
                 ),
                 &[&us(now), &owner],

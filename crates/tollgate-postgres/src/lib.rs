@@ -1,14 +1,17 @@
 //! The PostgreSQL backend of the store: several tollgate processes on one database form one
 //! system (SPEC section 10).
 //!
-//! Every ledger write is one transaction that locks the rows its decision depends on (the
+//! Every ledger write runs in a transaction that locks the rows its decision depends on (the
 //! pool's cycle row, `SELECT … FOR UPDATE`, created first with `INSERT … ON CONFLICT DO
 //! NOTHING`; then the key's) and asks `tollgate-core` for the decision under those locks, so a
-//! `block` limit holds exactly whatever the number of processes. Idempotency ids are primary
-//! keys. Nothing decides from process memory: no cache of totals or settings. A commit is
-//! durable when it returns: every connection sets `synchronous_commit = on`. `ledger` names the
-//! lock order that keeps transactions from deadlocking; a deadlock or a unique id taken by a
-//! concurrent transaction makes the whole transaction run again.
+//! `block` limit holds exactly whatever the number of processes. Holds, settles, voids and
+//! extensions (the calls' hot path) are group-committed: a writer task per store runs every
+//! one waiting in one transaction (`batch`); the other writes run one transaction each
+//! (`ledger`). Idempotency ids are primary keys. Nothing decides from process memory: no cache
+//! of totals or settings. A commit is durable when it returns: every connection sets
+//! `synchronous_commit = on`. `ledger` names the lock order that keeps transactions from
+//! deadlocking; a deadlock or a unique id taken by a concurrent transaction makes the whole
+//! transaction run again.
 //!
 //! Migrations run on open in one transaction under an advisory lock (`schema`), so several
 //! processes may start at once.
@@ -28,6 +31,7 @@
 //! simulation caught it.)
 
 mod audit;
+mod batch;
 mod ledger;
 mod rows;
 mod schema;
@@ -102,7 +106,7 @@ impl From<Error> for StoreError {
 }
 
 /// A PostgreSQL error in one line, with the server's message when there is one.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("PostgreSQL {} {}: {}", db.severity(), db.code().code(), db.message()),
         None => match std::error::Error::source(e) {
@@ -171,7 +175,15 @@ pub struct PgStore {
     pool: Pool,
     /// This store's number, written on the holds it makes (see `recover_open_holds`).
     owner: i64,
+    /// The writer tasks that run holds, settles, voids and extensions in shared transactions
+    /// (`batch`); None for a store opened read-only.
+    batcher: Option<batch::Batcher>,
 }
+
+/// Writer tasks per store (see `batch`). One: the fixed cost of a transaction (its statements,
+/// its commit) is shared by more writes when one writer takes them all; measured with 1, 2 and
+/// 4 (docs/BENCHMARKS.md), one was fastest on one pool and on 1,000.
+const WRITERS: usize = 1;
 
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user@host:port/db`; a host that is a
@@ -180,10 +192,13 @@ impl PgStore {
     pub async fn open(url: &str) -> StoreResult<PgStore> {
         let mut config = parse_url(url)?;
         // A commit returns only once it is on disk, whatever the server's default says.
+        const OPTIONS: &str = "-c synchronous_commit=on";
         let options = match config.get_options() {
-            Some(given) => format!("{given} -c synchronous_commit=on"),
-            None => "-c synchronous_commit=on".to_string(),
+            Some(given) => format!("{given} {OPTIONS}"),
+            None => OPTIONS.to_string(),
         };
+        let mut writer_config = config.clone();
+        writer_config.options(format!("{options} {}", batch::WRITER_OPTIONS));
         config.options(options);
         let pool = build_pool(config)?;
         let mut client = pool.get().await.map_err(pool_error)?;
@@ -191,7 +206,8 @@ impl PgStore {
         let owner: i64 =
             query_one(&client, "SELECT nextval('store_owners')", &[]).await?.try_get(0).map_err(Error::from)?;
         drop(client);
-        Ok(PgStore { pool, owner })
+        let batcher = Some(batch::Batcher::start(writer_config, owner, WRITERS));
+        Ok(PgStore { pool, owner, batcher })
     }
 
     /// Opens an existing tollgate database only to read it (what `tollgate check` needs): no
@@ -239,7 +255,15 @@ impl PgStore {
             Some(_) => {}
         }
         drop(client);
-        Ok(PgStore { pool, owner: 0 })
+        Ok(PgStore { pool, owner: 0, batcher: None })
+    }
+
+    /// Runs a hold, settle, void or extension in the writer's next batch.
+    async fn batched(&self, op: batch::Op, now: DateTime<Utc>) -> StoreResult<batch::Done> {
+        match &self.batcher {
+            Some(batcher) => batcher.run(op, now).await,
+            None => Err(StoreError::Invalid("this store was opened read-only".into())),
+        }
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -578,19 +602,33 @@ impl Store for PgStore {
     }
 
     async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
-        write_tx!(self, |tx| ledger::hold(&tx, &request, now, self.owner).await)
+        match self.batched(batch::Op::Hold(request), now).await? {
+            batch::Done::Hold(outcome) => Ok(outcome),
+            _ => Err(StoreError::Backend("a hold answered with something else".into())),
+        }
     }
 
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
-        write_tx!(self, |tx| ledger::settle(&tx, &request, now).await)
+        match self.batched(batch::Op::Settle(Box::new(request)), now).await? {
+            batch::Done::Settled(event) => Ok(event),
+            _ => Err(StoreError::Backend("a settle answered with something else".into())),
+        }
     }
 
-    async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
-        write_tx!(self, |tx| ledger::void(&tx, account, hold_id).await)
+    async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {
+        let op = batch::Op::Void { account: account.to_string(), hold_id: hold_id.to_string() };
+        match self.batched(op, now).await? {
+            batch::Done::Changed(hold) => Ok(hold),
+            _ => Err(StoreError::Backend("a void answered with something else".into())),
+        }
     }
 
     async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
-        write_tx!(self, |tx| ledger::extend(&tx, account, hold_id, ttl_s, now).await)
+        let op = batch::Op::Extend { account: account.to_string(), hold_id: hold_id.to_string(), ttl_s };
+        match self.batched(op, now).await? {
+            batch::Done::Changed(hold) => Ok(hold),
+            _ => Err(StoreError::Backend("an extension answered with something else".into())),
+        }
     }
 
     async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {

@@ -73,12 +73,17 @@ fn count(r: &Row, i: usize) -> Result<u64> {
 pub const TIER_COLUMNS: &str = "id, interactive, programmatic, monthly_price, payg_multiplier_ppm";
 
 pub fn tier(r: &Row) -> Result<Tier> {
+    tier_at(r, 0)
+}
+
+/// A tier from the five `TIER_COLUMNS` starting at column `at`.
+pub fn tier_at(r: &Row, at: usize) -> Result<Tier> {
     Ok(Tier {
-        id: r.try_get(0)?,
-        interactive: Nanos(r.try_get(1)?),
-        programmatic: Nanos(r.try_get(2)?),
-        monthly_price: nanos_opt(r.try_get(3)?),
-        payg_multiplier_ppm: count(r, 4)?,
+        id: r.try_get(at)?,
+        interactive: Nanos(r.try_get(at + 1)?),
+        programmatic: Nanos(r.try_get(at + 2)?),
+        monthly_price: nanos_opt(r.try_get(at + 3)?),
+        payg_multiplier_ppm: count(r, at + 4)?,
     })
 }
 
@@ -208,18 +213,6 @@ pub async fn load_hold(c: &impl GenericClient, account: &str, id: &str) -> Resul
     row.as_ref().map(hold).transpose()
 }
 
-/// Loads a hold and locks its row until the transaction ends: the first lock a settle, void or
-/// extension takes (see the lock order in `ledger`).
-pub async fn lock_hold(c: &impl GenericClient, account: &str, id: &str) -> Result<Option<HoldRow>> {
-    let row = query_opt(
-        c,
-        &format!("SELECT {HOLD_COLUMNS} FROM holds WHERE account = $1 AND id = $2 FOR UPDATE"),
-        &[&account, &id],
-    )
-    .await?;
-    row.as_ref().map(hold).transpose()
-}
-
 pub const EVENT_COLUMNS: &str = "seq, id, account, pool, model, input_tokens, cache_creation_5m_input_tokens, \
      cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost, grant_part, \
      overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us, cycle_start_us, \
@@ -277,9 +270,4 @@ pub async fn load_event(c: &impl GenericClient, account: &str, id: &str) -> Resu
         query_opt(c, &format!("SELECT {EVENT_COLUMNS} FROM events WHERE account = $1 AND id = $2"), &[&account, &id])
             .await?;
     row.as_ref().map(event).transpose()
-}
-
-pub async fn load_event_by_seq(c: &impl GenericClient, seq: i64) -> Result<EventRow> {
-    let row = query_one(c, &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = $1"), &[&seq]).await?;
-    event(&row)
 }

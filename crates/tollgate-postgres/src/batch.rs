@@ -1,0 +1,1305 @@
+//! Group commit of the ledger's hot writes: holds, settles, voids and extensions.
+//!
+//! One transaction per hold cannot go fast on one hot pool: its row is locked from the hold's
+//! first read until its commit is on disk, so the writes of every process to that pool go one
+//! commit (one WAL flush) at a time. So each store sends these writes to its writer task, which
+//! takes every write waiting and runs them all in one transaction, on a connection of its own,
+//! in four round trips:
+//!
+//! 1. `BEGIN` and the reads the decisions need, sent together: each account with its tier and
+//!    policies, the caps of the keys named; the existing holds the batch names, locked (the
+//!    first step of the lock order in `ledger`);
+//! 2. the batch's pool rows, locked in (account, pool, cycle start) order (the missing ones
+//!    created with their tier grant first);
+//! 3. its key rows, locked in (key, cycle start) order (only when a write has a key);
+//! 4. then each write is decided in arrival order with `tollgate-core`, on running totals in
+//!    memory: every refusal and error comes before a write's first change, so one write's
+//!    refusal or error is its own and the others go on. The event-order locks, one statement
+//!    that writes everything (new holds and events, settled, voided and extended holds, pool
+//!    and key totals) and `COMMIT` are then sent together; every write of the batch is answered
+//!    after the commit.
+//!
+//! Every row a decision depends on stays locked until the commit, as in a transaction of its
+//! own, so a `block` limit still holds exactly across processes. A batch that meets a deadlock,
+//! a serialization failure or an id inserted meanwhile by another transaction (a unique
+//! violation) runs again from the start; a batch that fails otherwise runs again one write at a
+//! time, so that the write at fault fails alone. Whether the event id a settle takes is taken
+//! already is not read on a first attempt: its insert fails, and the batch runs again
+//! "carefully", reading it (see [`batch`]).
+//!
+//! Plans. The statements are prepared once per connection and planned once (generic plans):
+//! no planning per batch. They look rows up by arrays of ids, and a generic plan chosen while a
+//! table was small (a sequential scan, the table driving a join, or another index than the one
+//! that matches) would stay cached as the table grows. So each lookup is a `LATERAL` subquery
+//! driven by the array (the array's rows first, then one probe each of the only index that
+//! matches), updates find their rows by the `ctid`s read under the locks (a TID scan), and the
+//! writer's connection sets `enable_seqscan = off`: no statement here has a plan whose cost
+//! grows with a table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::error::Error as StdError;
+
+use bytes::BytesMut;
+use chrono::{DateTime, Duration, Utc};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, NoTls, Row, Statement};
+use tollgate_core::ledger::{self, PoolScope, Replay};
+use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, PoolPolicy, Tier};
+use tollgate_store::{
+    Account, Event, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest, StoreError, StoreResult,
+};
+
+use crate::ledger::{EVENT_ORDER_LOCK, EVENT_ORDER_LOCKS, KeyTotals, PoolTotals};
+use crate::rows::{self, us};
+use crate::{ATTEMPTS_MAX, Error, Result, describe};
+
+/// Most writes in one transaction.
+const BATCH_JOBS_MAX: usize = 512;
+
+/// Settings of a writer's connection, beyond the store's (see "Plans" above).
+pub const WRITER_OPTIONS: &str = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
+
+/// A write the writer task runs.
+pub enum Op {
+    Hold(HoldRequest),
+    Settle(Box<SettleRequest>),
+    Void { account: String, hold_id: String },
+    Extend { account: String, hold_id: String, ttl_s: u64 },
+}
+
+impl Op {
+    fn account(&self) -> &str {
+        match self {
+            Op::Hold(r) => &r.account,
+            Op::Settle(r) => &r.account,
+            Op::Void { account, .. } | Op::Extend { account, .. } => account,
+        }
+    }
+
+    /// The hold this write names: (account, hold id).
+    fn hold_key(&self) -> (&str, &str) {
+        match self {
+            Op::Hold(r) => (&r.account, &r.id),
+            Op::Settle(r) => (&r.account, &r.hold_id),
+            Op::Void { account, hold_id } | Op::Extend { account, hold_id, .. } => (account, hold_id),
+        }
+    }
+}
+
+/// What a write returns.
+pub enum Done {
+    Hold(HoldOutcome),
+    Settled(Event),
+    /// A voided or extended hold.
+    Changed(Hold),
+}
+
+struct Job {
+    op: Op,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<StoreResult<Done>>,
+}
+
+/// The sending end of a store's writer tasks.
+pub struct Batcher {
+    writers: Vec<mpsc::UnboundedSender<Job>>,
+}
+
+impl Batcher {
+    /// Starts `writers` writer tasks (in the current tokio runtime), each with a connection of
+    /// its own made from `config`; they stop when the batcher is dropped. Each account's writes
+    /// go to one of them (by a hash of its id): the writers' batches touch different pools and
+    /// do not wait for each other's locks, and the writes of one account keep their order.
+    pub fn start(config: tokio_postgres::Config, owner: i64, writers: usize) -> Batcher {
+        let writers = (0..writers.max(1))
+            .map(|_| {
+                let (jobs, waiting) = mpsc::unbounded_channel();
+                tokio::spawn(writer(config.clone(), owner, waiting));
+                jobs
+            })
+            .collect();
+        Batcher { writers }
+    }
+
+    /// Runs `op` in a coming batch and returns its result once that batch is committed.
+    pub async fn run(&self, op: Op, now: DateTime<Utc>) -> StoreResult<Done> {
+        // FNV-1a, so that an account goes to the same writer whatever the process.
+        let hash = op
+            .account()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let writer = &self.writers[(hash % self.writers.len() as u64) as usize];
+        let (reply, answer) = oneshot::channel();
+        writer
+            .send(Job { op, now, reply })
+            .map_err(|_| StoreError::Backend("the store's writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Backend("the store's writer stopped before answering".into()))?
+    }
+}
+
+async fn writer(config: tokio_postgres::Config, owner: i64, mut waiting: mpsc::UnboundedReceiver<Job>) {
+    let mut conn: Option<Conn> = None;
+    while let Some(first) = waiting.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < BATCH_JOBS_MAX {
+            match waiting.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let work: Vec<Work<'_>> = jobs.iter().map(|j| (&j.op, j.now)).collect();
+        let results = run(&config, &mut conn, owner, &work).await;
+        drop(work);
+        for (job, result) in jobs.into_iter().zip(results) {
+            // A caller that went away does not need its answer.
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+type Work<'a> = (&'a Op, DateTime<Utc>);
+
+/// Runs a batch; one result per write, in order.
+async fn run(
+    config: &tokio_postgres::Config,
+    conn: &mut Option<Conn>,
+    owner: i64,
+    jobs: &[Work<'_>],
+) -> Vec<StoreResult<Done>> {
+    match attempts(config, conn, owner, jobs).await {
+        Ok(results) => results,
+        Err(e) if jobs.len() > 1 => {
+            tracing::debug!(error = %e, jobs = jobs.len(), "a batch failed: its writes run again one by one");
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(match attempts(config, conn, owner, std::slice::from_ref(job)).await {
+                    Ok(mut one) => one.pop().expect("one result for one write"),
+                    Err(e) => Err(e),
+                });
+            }
+            results
+        }
+        Err(e) => vec![Err(e)],
+    }
+}
+
+/// Runs a batch in one transaction, again from the start when that may succeed.
+async fn attempts(
+    config: &tokio_postgres::Config,
+    conn: &mut Option<Conn>,
+    owner: i64,
+    jobs: &[Work<'_>],
+) -> StoreResult<Vec<StoreResult<Done>>> {
+    let mut attempt = 1u32;
+    let mut careful = false;
+    loop {
+        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *conn = Some(Conn::connect(config).await?);
+        }
+        let c = conn.as_ref().expect("connected above");
+        let result = batch(c, owner, jobs, careful).await;
+        if result.is_err() {
+            // Whatever the batch sent, nothing of it stays: end the transaction if one is open.
+            let _ = c.client.execute(&c.st.rollback, &[]).await;
+        }
+        match result {
+            Ok(results) => return Ok(results),
+            Err(e) if e.retryable() && attempt < ATTEMPTS_MAX => {
+                tracing::debug!(attempt, error = ?e, "batch runs again");
+                careful |= matches!(e, Error::Retry);
+                attempt += 1;
+            }
+            Err(e) => {
+                // A connection that failed otherwise is made anew for the next batch (its
+                // statements prepared again, e.g. after a migration changed a table).
+                *conn = None;
+                return Err(StoreError::from(e));
+            }
+        }
+    }
+}
+
+/// A row's physical address, read under its lock and used to update it (a TID scan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Tid([u8; 6]);
+
+impl<'a> FromSql<'a> for Tid {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Tid, Box<dyn StdError + Sync + Send>> {
+        Ok(Tid(raw.try_into().map_err(|_| "a tid is 6 bytes")?))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+}
+
+impl ToSql for Tid {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+
+    to_sql_checked!();
+}
+
+const HOLD_LOCK_COLUMNS: &str = "h.id, h.account, h.pool, h.key_id, h.amount, h.model, h.source, h.state, \
+     h.cycle_start_us, h.cycle_end_us, h.created_us, h.expires_us, h.remaining_after, h.fingerprint, h.event_seq, h.ctid";
+
+/// A writer's connection and its prepared statements.
+struct Conn {
+    client: Client,
+    st: Statements,
+}
+
+struct Statements {
+    begin: Statement,
+    custom_plans: Statement,
+    commit: Statement,
+    rollback: Statement,
+    settings: Statement,
+    keys: Statement,
+    lock_holds: Statement,
+    taken: Statement,
+    events_by_seq: Statement,
+    lock_pools: Statement,
+    create_pool: Statement,
+    insert_tier_grant: Statement,
+    lock_keys: Statement,
+    create_key: Statement,
+    event_order: Statement,
+    write: Statement,
+    update_hold: Statement,
+    read_holds: Statement,
+}
+
+impl Conn {
+    async fn connect(config: &tokio_postgres::Config) -> StoreResult<Conn> {
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Backend(format!("cannot connect: {}", describe(&e))))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "a writer's PostgreSQL connection ended");
+            }
+        });
+        let prepare = |sql: String| {
+            let client = &client;
+            async move { client.prepare(&sql).await }
+        };
+        let st = async {
+            Ok::<_, tokio_postgres::Error>(Statements {
+                begin: prepare("BEGIN".into()).await?,
+                custom_plans: prepare("SET LOCAL plan_cache_mode = force_custom_plan".into()).await?,
+                commit: prepare("COMMIT".into()).await?,
+                rollback: prepare("ROLLBACK".into()).await?,
+                settings: prepare(SETTINGS.into()).await?,
+                keys: prepare("SELECT id, account, cap FROM keys WHERE id = ANY($1::text[])".into()).await?,
+                // Locked in the order of the arrays, which the caller sorts.
+                lock_holds: prepare(format!(
+                    "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+                     CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i FOR UPDATE) AS h"
+                ))
+                .await?,
+                taken: prepare(
+                    "SELECT e.account, e.id FROM unnest($1::text[], $2::text[]) AS u(a, i)
+                     CROSS JOIN LATERAL (SELECT account, id FROM events WHERE account = u.a AND id = u.i OFFSET 0) AS e"
+                        .into(),
+                )
+                .await?,
+                events_by_seq: prepare(format!("SELECT {} FROM events WHERE seq = ANY($1::int8[])", rows::EVENT_COLUMNS))
+                    .await?,
+                lock_pools: prepare(
+                    "SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held, p.ctid
+                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(a, pl, c)
+                     CROSS JOIN LATERAL (SELECT *, ctid FROM pool_cycles
+                         WHERE account = u.a AND pool = u.pl AND cycle_start_us = u.c FOR UPDATE) AS p"
+                        .into(),
+                )
+                .await?,
+                create_pool: prepare(
+                    "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
+                     VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING"
+                        .into(),
+                )
+                .await?,
+                insert_tier_grant: prepare(
+                    "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
+                     VALUES ($1, $2, 'tier', $3, $4, $5, NULL, $4)"
+                        .into(),
+                )
+                .await?,
+                lock_keys: prepare(
+                    "SELECT k.key_id, k.cycle_start_us, k.charged, k.held, k.ctid
+                     FROM unnest($1::text[], $2::int8[]) AS u(k, c)
+                     CROSS JOIN LATERAL (SELECT *, ctid FROM key_cycles WHERE key_id = u.k AND cycle_start_us = u.c
+                         FOR UPDATE) AS k"
+                        .into(),
+                )
+                .await?,
+                create_key: prepare(
+                    "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES ($1, $2, 0, 0)
+                     ON CONFLICT DO NOTHING"
+                        .into(),
+                )
+                .await?,
+                event_order: prepare(EVENT_ORDER_LOCKS.into()).await?,
+                write: prepare(WRITE.into()).await?,
+                update_hold: prepare(
+                    "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq)
+                     WHERE account = $1 AND id = $2"
+                        .into(),
+                )
+                .await?,
+                read_holds: prepare(format!(
+                    "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+                     CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i OFFSET 0) AS h"
+                ))
+                .await?,
+            })
+        }
+        .await
+        .map_err(|e| StoreError::Backend(format!("cannot prepare the writer's statements: {}", describe(&e))))?;
+        Ok(Conn { client, st })
+    }
+}
+
+/// Each account with its tier and the policies of its two pools (`SETTINGS_COLUMNS`).
+const SETTINGS: &str = "SELECT a.*, t.*, pi.*, pp.* FROM unnest($1::text[]) AS u(id)
+     CROSS JOIN LATERAL (SELECT id, tier, anchor_us, timezone, interactive_grant, programmatic_grant, created_us
+         FROM accounts WHERE id = u.id) AS a
+     LEFT JOIN LATERAL (SELECT id, interactive, programmatic, monthly_price, payg_multiplier_ppm
+         FROM tiers WHERE id = a.tier) AS t ON true
+     LEFT JOIN LATERAL (SELECT on_exhausted, overage_cap, spend_cap FROM policies
+         WHERE account = a.id AND pool = 'interactive') AS pi ON true
+     LEFT JOIN LATERAL (SELECT on_exhausted, overage_cap, spend_cap FROM policies
+         WHERE account = a.id AND pool = 'programmatic') AS pp ON true";
+
+/// Everything a batch writes, in one statement: new holds (`$1`…`$14`), new events (`$15`…`$42`),
+/// the holds they settle (found by `ctid`, `$43`, each with its event by hold id), voided holds
+/// (`$44`), extended holds (`$45`, `$46`), pools (`$47`…`$51`) and keys (`$52`…`$54`), the last
+/// two found by `ctid` with their new totals at the same position in the arrays. Its rows: the
+/// new events' seqs. The statement's parts change different rows.
+const WRITE: &str = "WITH new_holds AS (
+         INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
+             created_us, expires_us, remaining_after, fingerprint, owner)
+         SELECT a, i, p, k, amt, m, src, 'open', cs, ce, cr, ex, ra, fp, $14
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[], $8::int8[],
+                     $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[])
+             AS u(a, i, p, k, amt, m, src, cs, ce, cr, ex, ra, fp)),
+     e AS (
+         INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
+             cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
+             grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+         SELECT a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt, pa,
+             false, rec, fp
+         FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::int8[], $20::int8[], $21::int8[],
+                     $22::int8[], $23::int8[], $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::int8[],
+                     $29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[], $35::int8[],
+                     $36::int8[], $37::text[], $38::int8[], $39::int8[], $40::bool[], $41::int8[], $42::text[])
+             AS u(a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt,
+                  pa, rec, fp)
+         RETURNING account, id, hold_id, seq),
+     settled AS (
+         UPDATE holds SET state = 'settled', event_seq = e.seq FROM e
+         WHERE holds.ctid = ANY($43::tid[]) AND e.account = holds.account AND e.hold_id = holds.id),
+     voided AS (UPDATE holds SET state = 'voided' WHERE ctid = ANY($44::tid[])),
+     extended AS (
+         UPDATE holds SET expires_us = ($46::int8[])[array_position($45::tid[], ctid)] WHERE ctid = ANY($45::tid[])),
+     pool_totals AS (
+         UPDATE pool_cycles p SET (grants, used, overage, held) =
+             (SELECT ($48::int8[])[n], ($49::int8[])[n], ($50::int8[])[n], ($51::int8[])[n]
+              FROM (SELECT array_position($47::tid[], p.ctid) AS n) AS x)
+         WHERE ctid = ANY($47::tid[])),
+     key_totals AS (
+         UPDATE key_cycles k SET (charged, held) =
+             (SELECT ($53::int8[])[n], ($54::int8[])[n] FROM (SELECT array_position($52::tid[], k.ctid) AS n) AS x)
+         WHERE ctid = ANY($52::tid[]))
+     SELECT account, id, seq FROM e";
+
+/// (account, pool, cycle start in µs).
+type PoolId = (String, PoolKind, i64);
+/// (key id, cycle start in µs).
+type KeyId = (String, i64);
+
+/// Where a settled hold's event is: committed before, or made by this batch.
+#[derive(Clone, Copy)]
+enum EventRef {
+    Seq(i64),
+    New(usize),
+}
+
+struct HoldEntry {
+    hold: Hold,
+    fingerprint: String,
+    event: Option<EventRef>,
+    /// Where its row is, for a hold read (and locked) from the database.
+    tid: Option<Tid>,
+    /// Whether this batch extended it.
+    expires_changed: bool,
+}
+
+/// An event this batch inserts.
+struct NewRow {
+    event: NewEvent,
+    cycle_start: DateTime<Utc>,
+    split: ledger::Split,
+    overshoot: Nanos,
+    hold_id: String,
+    recorded: DateTime<Utc>,
+}
+
+impl NewRow {
+    fn event(&self, seq: i64) -> Event {
+        let e = &self.event;
+        Event {
+            seq,
+            id: e.id.clone(),
+            account: e.account.clone(),
+            pool: e.pool,
+            model: e.model.clone(),
+            usage: e.usage,
+            cost: e.cost,
+            grant_part: self.split.grant,
+            overage_part: self.split.overage,
+            overshoot: self.overshoot,
+            service_tier: e.service_tier.clone(),
+            inference_geo: e.inference_geo.clone(),
+            speed: e.speed.clone(),
+            source: e.source.clone(),
+            key: e.key.clone(),
+            labels: e.labels.clone(),
+            timestamp: e.timestamp,
+            cycle_start: self.cycle_start,
+            hold_id: Some(self.hold_id.clone()),
+            latency_ms: e.latency_ms,
+            ttft_ms: e.ttft_ms,
+            partial: e.partial,
+            unsettled: false,
+            recorded_at: self.recorded,
+        }
+    }
+}
+
+/// A write's result before the batch's events have their seqs. Short-lived, one per write of a
+/// batch: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Ready(StoreResult<Done>),
+    Settled(usize),
+}
+
+/// What a batch read, locked and changed.
+#[derive(Default)]
+struct State {
+    accounts: HashMap<String, Account>,
+    tiers: HashMap<String, Tier>,
+    policies: HashMap<(String, PoolKind), PoolPolicy>,
+    /// Key id → (its account, its cap).
+    keys: HashMap<String, (String, Option<Nanos>)>,
+    holds: HashMap<(String, String), HoldEntry>,
+    /// Whether this attempt reads which event ids are taken (see [`batch`]).
+    careful: bool,
+    /// Set when a decision needs what only a careful attempt reads.
+    needs_careful: bool,
+    /// (account, event id) of committed events among the ids the batch's settles take; read
+    /// only by a careful attempt.
+    taken: HashSet<(String, String)>,
+    /// Committed events of the settled holds the batch names, by seq, with their fingerprints.
+    settled_events: HashMap<i64, (String, Event)>,
+    pools: HashMap<PoolId, PoolTotals>,
+    pool_tids: HashMap<PoolId, Tid>,
+    key_totals: HashMap<KeyId, KeyTotals>,
+    key_tids: HashMap<KeyId, Tid>,
+    // What the batch writes.
+    new_holds: Vec<(Hold, String)>,
+    new_events: Vec<NewRow>,
+    /// (account, event id) of the events this batch inserts.
+    new_event_ids: HashSet<(String, String)>,
+    changed_holds: BTreeSet<(String, String)>,
+    changed_pools: BTreeSet<PoolId>,
+    changed_keys: BTreeSet<KeyId>,
+}
+
+fn sorted<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    items.into_iter().collect::<BTreeSet<T>>().into_iter().collect()
+}
+
+/// The event id a settle records: its own, or the hold's when it has none.
+fn settle_event_id(r: &SettleRequest) -> &str {
+    if r.event.id.is_empty() { &r.hold_id } else { &r.event.id }
+}
+
+fn hold_not_found(hold_id: &str) -> StoreError {
+    StoreError::NotFound(format!("hold {hold_id:?}"))
+}
+
+/// A hold row read with `HOLD_LOCK_COLUMNS`.
+fn hold_entry(r: &Row) -> Result<HoldEntry> {
+    let row = rows::hold(r)?;
+    Ok(HoldEntry {
+        event: row.event_seq.map(EventRef::Seq),
+        hold: row.hold,
+        fingerprint: row.fingerprint,
+        tid: Some(r.try_get(15)?),
+        expires_changed: false,
+    })
+}
+
+/// One attempt at a batch. A first attempt does not look up whether the event ids its settles
+/// take are taken (that lookup would need a plan per batch, see "Plans"): the insert of a taken
+/// id fails the attempt (a unique violation) and the batch runs again carefully, reading them
+/// with plans made for its parameters.
+async fn batch(c: &Conn, owner: i64, jobs: &[Work<'_>], careful: bool) -> Result<Vec<StoreResult<Done>>> {
+    let mut s = State { careful, ..State::default() };
+    read(c, &mut s, jobs).await?;
+    lock_pools(c, &mut s, jobs).await?;
+    lock_keys(c, &mut s, jobs).await?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (op, now) in jobs {
+        outcomes.push(match op {
+            Op::Hold(r) => decide_hold(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
+            Op::Settle(r) => decide_settle(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
+            Op::Void { account, hold_id } => Outcome::Ready(decide_void(&mut s, account, hold_id).map(Done::Changed)),
+            Op::Extend { account, hold_id, ttl_s } => {
+                Outcome::Ready(decide_extend(&mut s, account, hold_id, *ttl_s, *now).map(Done::Changed))
+            }
+        });
+    }
+    if s.needs_careful {
+        return Err(Error::Retry);
+    }
+    let seqs = write(c, &s, owner, jobs, &mut outcomes).await.map_err(|e| match &e {
+        // A hold or event id inserted by another transaction since it was checked: run again,
+        // and the checks see it.
+        Error::Pg(pg) if pg.code() == Some(&SqlState::UNIQUE_VIOLATION) => Error::Retry,
+        _ => e,
+    })?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Ready(result) => result,
+            Outcome::Settled(i) => Ok(Done::Settled(s.new_events[i].event(seqs[i]))),
+        })
+        .collect())
+}
+
+/// `BEGIN` and every read of the batch, sent together: accounts, their tiers and policies, the
+/// caps of the keys the holds name; the existing holds the batch names, locked in (account, id)
+/// order (the first step of the lock order); which event ids its settles would take are taken.
+async fn read(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
+    let accounts: Vec<&str> = sorted(jobs.iter().map(|(op, _)| op.account()));
+    let keys: Vec<&str> = sorted(jobs.iter().filter_map(|(op, _)| match op {
+        Op::Hold(r) => r.key.as_deref(),
+        _ => None,
+    }));
+    let named: Vec<(&str, &str)> = sorted(jobs.iter().map(|(op, _)| op.hold_key()));
+    let (hold_accounts, hold_ids): (Vec<&str>, Vec<&str>) = named.into_iter().unzip();
+    let settles: Vec<(&str, &str)> = sorted(jobs.iter().filter_map(|(op, _)| match op {
+        Op::Settle(r) => Some((r.account.as_str(), settle_event_id(r))),
+        _ => None,
+    }));
+    let (event_accounts, event_ids): (Vec<&str>, Vec<&str>) = settles.into_iter().unzip();
+    let (st, client) = (&c.st, &c.client);
+    let (_, _, setting_rows, key_rows, hold_rows, taken_rows) = tokio::try_join!(
+        client.execute(&st.begin, &[]),
+        async { if s.careful { client.execute(&st.custom_plans, &[]).await } else { Ok(0) } },
+        async { client.query(&st.settings, &[&accounts]).await },
+        async { if keys.is_empty() { Ok(Vec::new()) } else { client.query(&st.keys, &[&keys]).await } },
+        async { client.query(&st.lock_holds, &[&hold_accounts, &hold_ids]).await },
+        async {
+            if event_ids.is_empty() || !s.careful {
+                Ok(Vec::new())
+            } else {
+                client.query(&st.taken, &[&event_accounts, &event_ids]).await
+            }
+        },
+    )?;
+    for r in &setting_rows {
+        let account = rows::account(r)?;
+        if r.try_get::<_, Option<String>>(7)?.is_some() {
+            let tier = rows::tier_at(r, 7)?;
+            s.tiers.insert(tier.id.clone(), tier);
+        }
+        for (pool, at) in [(PoolKind::Interactive, 12), (PoolKind::Programmatic, 15)] {
+            if r.try_get::<_, Option<String>>(at)?.is_some() {
+                s.policies.insert((account.id.clone(), pool), rows::policy(r, at)?);
+            }
+        }
+        s.accounts.insert(account.id.clone(), account);
+    }
+    for r in &key_rows {
+        s.keys.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get::<_, Option<i64>>(2)?.map(Nanos)));
+    }
+    for r in &hold_rows {
+        let entry = hold_entry(r)?;
+        s.holds.insert((entry.hold.account.clone(), entry.hold.id.clone()), entry);
+    }
+    for r in &taken_rows {
+        s.taken.insert((r.try_get(0)?, r.try_get(1)?));
+    }
+    // The first events of settled holds that settles name again (a settle repeated): rare.
+    let repeated: Vec<i64> = jobs
+        .iter()
+        .filter_map(|(op, _)| match op {
+            Op::Settle(r) => s.holds.get(&(r.account.clone(), r.hold_id.clone())),
+            _ => None,
+        })
+        .filter(|h| h.hold.state == HoldState::Settled)
+        .filter_map(|h| match h.event {
+            Some(EventRef::Seq(seq)) => Some(seq),
+            _ => None,
+        })
+        .collect();
+    if !repeated.is_empty() {
+        for r in client.query(&st.events_by_seq, &[&repeated]).await? {
+            let e = rows::event(&r)?;
+            s.settled_events.insert(e.event.seq, (e.fingerprint, e.event));
+        }
+    }
+    Ok(())
+}
+
+/// A pool's tier grant and PAYG multiplier; None when the account's tier does not exist.
+fn tier_grant(s: &State, account: &Account, pool: PoolKind) -> Option<(Nanos, u64)> {
+    let tier = s.tiers.get(&account.tier)?;
+    Some((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+}
+
+/// Whether a hold request passes the checks before its pool: its account exists, its key is
+/// the account's, its id is not taken already.
+fn hold_reaches_pool(s: &State, r: &HoldRequest) -> bool {
+    s.accounts.contains_key(&r.account)
+        && r.key.as_ref().is_none_or(|k| s.keys.get(k).is_some_and(|(a, _)| *a == r.account))
+        && !s.holds.contains_key(&(r.account.clone(), r.id.clone()))
+}
+
+/// The open, existing hold a settle or void names.
+fn open_hold<'a>(s: &'a State, account: &str, hold_id: &str) -> Option<&'a Hold> {
+    s.holds.get(&(account.to_string(), hold_id.to_string())).map(|h| &h.hold).filter(|h| h.state == HoldState::Open)
+}
+
+/// Locks the pool rows the batch changes, in (account, pool, cycle start) order, creating with
+/// their tier grant the ones a hold or settle needs and that do not exist yet (the first write
+/// of a cycle: rare). A row another transaction creates meanwhile is waited for, then found.
+async fn lock_pools(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
+    // Pool → the account and cycle to create it with, when a write may create it.
+    let mut wanted: BTreeMap<PoolId, Option<(Account, Cycle)>> = BTreeMap::new();
+    for (op, now) in jobs {
+        match op {
+            Op::Hold(r) if hold_reaches_pool(s, r) => {
+                let account = &s.accounts[&r.account];
+                let cycle = account.cycle_anchor().cycle_at(*now);
+                wanted.insert((r.account.clone(), r.pool, us(cycle.start)), Some((account.clone(), cycle)));
+            }
+            Op::Settle(r) => {
+                if let (Some(h), Some(account)) = (open_hold(s, &r.account, &r.hold_id), s.accounts.get(&r.account)) {
+                    let cycle = Cycle { index: 0, start: h.cycle_start, end: h.cycle_end };
+                    wanted.insert((h.account.clone(), h.pool, us(h.cycle_start)), Some((account.clone(), cycle)));
+                }
+            }
+            Op::Void { account, hold_id } => {
+                if let Some(h) = open_hold(s, account, hold_id) {
+                    wanted.entry((h.account.clone(), h.pool, us(h.cycle_start))).or_insert(None);
+                }
+            }
+            _ => {}
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&PoolId> = wanted.keys().collect();
+    lock_pool_rows(c, s, &ids).await?;
+    let missing: Vec<(&PoolId, &Account, &Cycle)> = wanted
+        .iter()
+        .filter(|(id, _)| !s.pools.contains_key(*id))
+        .filter_map(|(id, create)| create.as_ref().map(|(a, c)| (id, a, c)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut created = Vec::new();
+    for (id, account, cycle) in missing {
+        let Some((grant, _)) = tier_grant(s, account, id.1) else { continue };
+        let inserted =
+            c.client.execute(&c.st.create_pool, &[&id.0, &id.1.as_str(), &id.2, &us(cycle.end), &grant.0]).await?;
+        if inserted == 1 {
+            c.client
+                .execute(&c.st.insert_tier_grant, &[&id.0, &id.1.as_str(), &grant.0, &id.2, &us(cycle.end)])
+                .await?;
+        }
+        created.push(id);
+    }
+    lock_pool_rows(c, s, &created).await
+}
+
+/// Locks pool rows in the order given (the caller's is sorted) and reads their totals.
+async fn lock_pool_rows(c: &Conn, s: &mut State, ids: &[&PoolId]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
+    let pools: Vec<&str> = ids.iter().map(|id| id.1.as_str()).collect();
+    let starts: Vec<i64> = ids.iter().map(|id| id.2).collect();
+    for r in c.client.query(&c.st.lock_pools, &[&accounts, &pools, &starts]).await? {
+        let pool: String = r.try_get(1)?;
+        let id = (r.try_get(0)?, rows::pool_of(&pool)?, r.try_get(2)?);
+        let totals = PoolTotals {
+            grants: Nanos(r.try_get(3)?),
+            used: Nanos(r.try_get(4)?),
+            overage: Nanos(r.try_get(5)?),
+            held: Nanos(r.try_get(6)?),
+        };
+        s.pool_tids.insert(id.clone(), r.try_get(7)?);
+        s.pools.insert(id, totals);
+    }
+    Ok(())
+}
+
+/// Locks the key rows the batch changes, in (key, cycle start) order, creating them at zero.
+async fn lock_keys(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
+    let mut wanted: BTreeSet<KeyId> = BTreeSet::new();
+    for (op, now) in jobs {
+        match op {
+            Op::Hold(r) if hold_reaches_pool(s, r) => {
+                if let Some(key) = &r.key {
+                    let cycle = s.accounts[&r.account].cycle_anchor().cycle_at(*now);
+                    wanted.insert((key.clone(), us(cycle.start)));
+                }
+            }
+            Op::Settle(_) | Op::Void { .. } => {
+                let (account, hold_id) = op.hold_key();
+                if let Some(h) = open_hold(s, account, hold_id)
+                    && let Some(key) = &h.key
+                {
+                    wanted.insert((key.clone(), us(h.cycle_start)));
+                }
+            }
+            _ => {}
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&KeyId> = wanted.iter().collect();
+    lock_key_rows(c, s, &ids).await?;
+    let missing: Vec<&KeyId> = wanted.iter().filter(|id| !s.key_totals.contains_key(*id)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (key, start) in &missing {
+        c.client.execute(&c.st.create_key, &[key, start]).await?;
+    }
+    lock_key_rows(c, s, &missing).await
+}
+
+/// Locks key rows in the order given (the caller's is sorted) and reads their totals.
+async fn lock_key_rows(c: &Conn, s: &mut State, ids: &[&KeyId]) -> Result<()> {
+    let (keys, starts): (Vec<&str>, Vec<i64>) = ids.iter().map(|(k, c)| (k.as_str(), *c)).unzip();
+    for r in c.client.query(&c.st.lock_keys, &[&keys, &starts]).await? {
+        let id = (r.try_get(0)?, r.try_get(1)?);
+        s.key_tids.insert((r.try_get(0)?, r.try_get(1)?), r.try_get(4)?);
+        s.key_totals.insert(id, KeyTotals { charged: Nanos(r.try_get(2)?), held: Nanos(r.try_get(3)?) });
+    }
+    Ok(())
+}
+
+fn out_of_range() -> StoreError {
+    StoreError::Invalid("amount out of the ledger's range".into())
+}
+
+fn add_pool(current: PoolTotals, add: PoolTotals) -> StoreResult<PoolTotals> {
+    let sum = |a: Nanos, b: Nanos| a.checked_add(b).ok_or_else(out_of_range);
+    Ok(PoolTotals {
+        grants: sum(current.grants, add.grants)?,
+        used: sum(current.used, add.used)?,
+        overage: sum(current.overage, add.overage)?,
+        held: sum(current.held, add.held)?,
+    })
+}
+
+fn add_key(current: KeyTotals, add: KeyTotals) -> StoreResult<KeyTotals> {
+    let out = || StoreError::Invalid("amount out of range".into());
+    Ok(KeyTotals {
+        charged: current.charged.checked_add(add.charged).ok_or_else(out)?,
+        held: current.held.checked_add(add.held).ok_or_else(out)?,
+    })
+}
+
+/// The locked pool of a cycle, with its scope for core's decisions.
+fn pool_scope(s: &State, id: &PoolId) -> StoreResult<(PoolTotals, PoolScope)> {
+    let totals = *s
+        .pools
+        .get(id)
+        .ok_or_else(|| StoreError::Backend(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str())))?;
+    let policy = s.policies.get(&(id.0.clone(), id.1)).copied().unwrap_or_default();
+    let PoolTotals { grants, used, overage, held } = totals;
+    Ok((totals, PoolScope { limit: policy.limit(grants), grants, used, overage, held }))
+}
+
+fn key_totals(s: &State, id: &KeyId) -> StoreResult<KeyTotals> {
+    s.key_totals.get(id).copied().ok_or_else(|| StoreError::Backend(format!("key {} has no row for its cycle", id.0)))
+}
+
+/// The same checks, in the same order, as `ledger::hold`.
+fn decide_hold(s: &mut State, r: &HoldRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
+    let account = s.accounts.get(&r.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", r.account)))?;
+    let cap = match &r.key {
+        Some(id) => match s.keys.get(id) {
+            Some((a, cap)) if *a == r.account => Some(*cap),
+            _ => {
+                return Err(StoreError::Invalid(format!("account {:?} has no key {id:?}", r.account)));
+            }
+        },
+        None => None,
+    };
+    let cycle = account.cycle_anchor().cycle_at(now);
+    let key = (r.account.clone(), r.id.clone());
+    if let Some(existing) = s.holds.get(&key) {
+        return match ledger::replay(Some((existing.fingerprint.clone(), existing.hold.clone())), &r.fingerprint) {
+            Replay::Same(hold) => Ok(Outcome::Ready(Ok(Done::Hold(HoldOutcome::Replayed(hold))))),
+            _ => Err(StoreError::Conflict(format!(
+                "hold id {:?} was already used for a different request; use a new id",
+                r.id
+            ))),
+        };
+    }
+    let pool_id = (r.account.clone(), r.pool, us(cycle.start));
+    if tier_grant(s, account, r.pool).is_none() {
+        return Err(StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)));
+    }
+    let (totals, scope) = pool_scope(s, &pool_id)?;
+    let key_scope = match (&r.key, cap) {
+        (Some(id), Some(cap)) => {
+            let key_id = (id.clone(), us(cycle.start));
+            let t = key_totals(s, &key_id)?;
+            Some((key_id, t, KeyScope { cap, charged: t.charged, held: t.held }))
+        }
+        _ => None,
+    };
+    let decision = match ledger::decide_hold(&scope, key_scope.as_ref().map(|(_, _, k)| k), r.amount) {
+        Ok(d) => d,
+        Err(refusal) => {
+            return Ok(Outcome::Ready(Ok(Done::Hold(HoldOutcome::Refused { refusal, resets_at: cycle.end }))));
+        }
+    };
+    let new_pool = add_pool(totals, PoolTotals { held: r.amount, ..PoolTotals::default() })?;
+    let new_key = match &key_scope {
+        Some((id, t, _)) => Some((id.clone(), add_key(*t, KeyTotals { charged: Nanos::ZERO, held: r.amount })?)),
+        None => None,
+    };
+    let hold = Hold {
+        id: r.id.clone(),
+        account: r.account.clone(),
+        pool: r.pool,
+        key: r.key.clone(),
+        amount: r.amount,
+        model: r.model.clone(),
+        source: r.source.clone(),
+        state: HoldState::Open,
+        cycle_start: cycle.start,
+        cycle_end: cycle.end,
+        created_at: now,
+        expires_at: now + Duration::seconds(r.ttl_s as i64),
+        remaining_after: decision.pool_remaining,
+    };
+    // No refusal after this point: the changes.
+    s.pools.insert(pool_id.clone(), new_pool);
+    s.changed_pools.insert(pool_id);
+    if let Some((id, t)) = new_key {
+        s.key_totals.insert(id.clone(), t);
+        s.changed_keys.insert(id);
+    }
+    s.new_holds.push((hold.clone(), r.fingerprint.clone()));
+    let entry = HoldEntry {
+        hold: hold.clone(),
+        fingerprint: r.fingerprint.clone(),
+        event: None,
+        tid: None,
+        expires_changed: false,
+    };
+    s.holds.insert(key, entry);
+    Ok(Outcome::Ready(Ok(Done::Hold(HoldOutcome::Held(hold)))))
+}
+
+fn event_id_taken(id: &str) -> StoreError {
+    StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id"))
+}
+
+/// The same checks, in the same order, as `ledger::settle` and `ledger::charge_hold`.
+fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
+    let key = (r.account.clone(), r.hold_id.clone());
+    let entry = s.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?;
+    match entry.hold.state {
+        HoldState::Open => {}
+        HoldState::Settled => {
+            let first = match entry.event {
+                Some(EventRef::Seq(seq)) => s.settled_events.get(&seq).map(|(f, e)| (f.clone(), Ok(e.clone()))),
+                Some(EventRef::New(i)) => Some((s.new_events[i].event.fingerprint.clone(), Err(i))),
+                None => None,
+            }
+            .ok_or_else(|| rows::corrupt("settled hold without its event", &r.hold_id))?;
+            return match ledger::replay(Some(first), &r.event.fingerprint) {
+                Replay::Same(Ok(event)) => Ok(Outcome::Ready(Ok(Done::Settled(event)))),
+                Replay::Same(Err(i)) => Ok(Outcome::Settled(i)),
+                _ => {
+                    Err(StoreError::Conflict(format!("hold {:?} is already settled with a different usage", r.hold_id)))
+                }
+            };
+        }
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {:?} is {} and can no longer be settled",
+                r.hold_id,
+                state.as_str()
+            )));
+        }
+    }
+    let hold = entry.hold.clone();
+    let mut event = r.event.clone();
+    // The hold decides where the charge goes: its account, pool and key, never the event's.
+    event.account = hold.account.clone();
+    if event.id.is_empty() {
+        event.id = hold.id.clone();
+    }
+    event.pool = hold.pool;
+    event.key = hold.key.clone();
+    let account =
+        s.accounts.get(&hold.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", hold.account)))?;
+    let (_, ppm) = tier_grant(s, account, hold.pool)
+        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
+    let (totals, scope) = pool_scope(s, &pool_id)?;
+    let event_key = (event.account.clone(), event.id.clone());
+    let taken = s.taken.contains(&event_key) || s.new_event_ids.contains(&event_key);
+    let settlement = match ledger::settle(hold.amount, event.cost, &scope, ppm) {
+        Ok(settlement) => settlement,
+        // A taken event id is reported before a bad amount, as in `ledger::charge_hold`: only a
+        // careful attempt knows.
+        Err(_) if taken => return Err(event_id_taken(&event.id)),
+        Err(_) if !s.careful => {
+            s.needs_careful = true;
+            return Err(StoreError::Backend("the batch runs again carefully".into()));
+        }
+        Err(refusal) => return Err(StoreError::Invalid(format!("amount out of range ({})", refusal.code()))),
+    };
+    let split = settlement.split;
+    let release = Nanos(-hold.amount.0);
+    let new_pool =
+        add_pool(totals, PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: release })?;
+    let new_key = match &hold.key {
+        Some(k) => {
+            let id = (k.clone(), us(hold.cycle_start));
+            let t = key_totals(s, &id)?;
+            Some((id, add_key(t, KeyTotals { charged: split.total(), held: release })?))
+        }
+        None => None,
+    };
+    if taken {
+        return Err(event_id_taken(&event.id));
+    }
+    // No refusal after this point: the changes.
+    s.pools.insert(pool_id.clone(), new_pool);
+    s.changed_pools.insert(pool_id);
+    if let Some((id, t)) = new_key {
+        s.key_totals.insert(id.clone(), t);
+        s.changed_keys.insert(id);
+    }
+    let i = s.new_events.len();
+    s.new_event_ids.insert(event_key);
+    s.new_events.push(NewRow {
+        event,
+        cycle_start: hold.cycle_start,
+        split,
+        overshoot: settlement.overshoot,
+        hold_id: hold.id.clone(),
+        recorded: now,
+    });
+    let entry = s.holds.get_mut(&key).expect("the hold read above");
+    entry.hold.state = HoldState::Settled;
+    entry.event = Some(EventRef::New(i));
+    s.changed_holds.insert(key);
+    Ok(Outcome::Settled(i))
+}
+
+/// The same checks, in the same order, as `ledger::void`.
+fn decide_void(s: &mut State, account: &str, hold_id: &str) -> StoreResult<Hold> {
+    let key = (account.to_string(), hold_id.to_string());
+    let entry = s.holds.get(&key).ok_or_else(|| hold_not_found(hold_id))?;
+    match entry.hold.state {
+        HoldState::Open => {}
+        HoldState::Voided => return Ok(entry.hold.clone()),
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "hold {hold_id:?} is {} and can no longer be voided",
+                state.as_str()
+            )));
+        }
+    }
+    let h = entry.hold.clone();
+    let release = Nanos(-h.amount.0);
+    let pool_id = (account.to_string(), h.pool, us(h.cycle_start));
+    let (totals, _) = pool_scope(s, &pool_id)?;
+    let new_pool = add_pool(totals, PoolTotals { held: release, ..PoolTotals::default() })?;
+    let new_key = match &h.key {
+        Some(k) => {
+            let id = (k.clone(), us(h.cycle_start));
+            let t = key_totals(s, &id)?;
+            Some((id, add_key(t, KeyTotals { charged: Nanos::ZERO, held: release })?))
+        }
+        None => None,
+    };
+    s.pools.insert(pool_id.clone(), new_pool);
+    s.changed_pools.insert(pool_id);
+    if let Some((id, t)) = new_key {
+        s.key_totals.insert(id.clone(), t);
+        s.changed_keys.insert(id);
+    }
+    let entry = s.holds.get_mut(&key).expect("the hold read above");
+    entry.hold.state = HoldState::Voided;
+    s.changed_holds.insert(key);
+    Ok(entry.hold.clone())
+}
+
+/// The same checks as `ledger::extend`.
+fn decide_extend(s: &mut State, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
+    let key = (account.to_string(), hold_id.to_string());
+    let entry = s.holds.get_mut(&key).ok_or_else(|| hold_not_found(hold_id))?;
+    if entry.hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", entry.hold.state.as_str())));
+    }
+    entry.hold.expires_at = now + Duration::seconds(ttl_s as i64);
+    entry.expires_changed = true;
+    let hold = entry.hold.clone();
+    s.changed_holds.insert(key);
+    Ok(hold)
+}
+
+/// Writes what the batch decided and commits: the event-order locks, one statement per kind of
+/// row written, the re-check of refused holds and `COMMIT`, all sent at once (in that order: the
+/// statements are prepared, so each is sent when first polled). Holds that cannot be found by
+/// their `ctid` (made by this batch) or whose event id is not their own are updated one by one
+/// first (rare). Returns the seq of each new event, in order.
+async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mut [Outcome]) -> Result<Vec<i64>> {
+    let (st, client) = (&c.st, &c.client);
+    // New holds.
+    let h = &s.new_holds;
+    let h_account: Vec<&str> = h.iter().map(|(x, _)| x.account.as_str()).collect();
+    let h_id: Vec<&str> = h.iter().map(|(x, _)| x.id.as_str()).collect();
+    let h_pool: Vec<&str> = h.iter().map(|(x, _)| x.pool.as_str()).collect();
+    let h_key: Vec<Option<&str>> = h.iter().map(|(x, _)| x.key.as_deref()).collect();
+    let h_amount: Vec<i64> = h.iter().map(|(x, _)| x.amount.0).collect();
+    let h_model: Vec<Option<&str>> = h.iter().map(|(x, _)| x.model.as_deref()).collect();
+    let h_source: Vec<Option<&str>> = h.iter().map(|(x, _)| x.source.as_deref()).collect();
+    let h_cs: Vec<i64> = h.iter().map(|(x, _)| us(x.cycle_start)).collect();
+    let h_ce: Vec<i64> = h.iter().map(|(x, _)| us(x.cycle_end)).collect();
+    let h_cr: Vec<i64> = h.iter().map(|(x, _)| us(x.created_at)).collect();
+    let h_ex: Vec<i64> = h.iter().map(|(x, _)| us(x.expires_at)).collect();
+    let h_ra: Vec<Option<i64>> = h.iter().map(|(x, _)| x.remaining_after.map(|n| n.0)).collect();
+    let h_fp: Vec<&str> = h.iter().map(|(_, f)| f.as_str()).collect();
+    // New events.
+    let e = &s.new_events;
+    let e_account: Vec<&str> = e.iter().map(|x| x.event.account.as_str()).collect();
+    let e_id: Vec<&str> = e.iter().map(|x| x.event.id.as_str()).collect();
+    let e_pool: Vec<&str> = e.iter().map(|x| x.event.pool.as_str()).collect();
+    let e_model: Vec<&str> = e.iter().map(|x| x.event.model.as_str()).collect();
+    let usage =
+        |f: fn(&tollgate_core::Usage) -> u64| -> Vec<i64> { e.iter().map(|x| f(&x.event.usage) as i64).collect() };
+    let e_in = usage(|u| u.input_tokens);
+    let e_c5 = usage(|u| u.cache_creation_5m_input_tokens);
+    let e_c1 = usage(|u| u.cache_creation_1h_input_tokens);
+    let e_cr = usage(|u| u.cache_read_input_tokens);
+    let e_out = usage(|u| u.output_tokens);
+    let e_ws = usage(|u| u.web_search_requests);
+    let e_cost: Vec<i64> = e.iter().map(|x| x.event.cost.0).collect();
+    let e_gp: Vec<i64> = e.iter().map(|x| x.split.grant.0).collect();
+    let e_op: Vec<i64> = e.iter().map(|x| x.split.overage.0).collect();
+    let e_os: Vec<i64> = e.iter().map(|x| x.overshoot.0).collect();
+    let e_st: Vec<Option<&str>> = e.iter().map(|x| x.event.service_tier.as_deref()).collect();
+    let e_ig: Vec<Option<&str>> = e.iter().map(|x| x.event.inference_geo.as_deref()).collect();
+    let e_sp: Vec<Option<&str>> = e.iter().map(|x| x.event.speed.as_deref()).collect();
+    let e_src: Vec<Option<&str>> = e.iter().map(|x| x.event.source.as_deref()).collect();
+    let e_key: Vec<Option<&str>> = e.iter().map(|x| x.event.key.as_deref()).collect();
+    let e_labels: Vec<String> = e.iter().map(|x| rows::labels_to_text(&x.event.labels)).collect();
+    let e_ts: Vec<i64> = e.iter().map(|x| us(x.event.timestamp)).collect();
+    let e_cs: Vec<i64> = e.iter().map(|x| us(x.cycle_start)).collect();
+    let e_hold: Vec<&str> = e.iter().map(|x| x.hold_id.as_str()).collect();
+    let e_lat: Vec<Option<i64>> = e.iter().map(|x| x.event.latency_ms.map(|v| v as i64)).collect();
+    let e_tt: Vec<Option<i64>> = e.iter().map(|x| x.event.ttft_ms.map(|v| v as i64)).collect();
+    let e_pa: Vec<bool> = e.iter().map(|x| x.event.partial).collect();
+    let e_rec: Vec<i64> = e.iter().map(|x| us(x.recorded)).collect();
+    let e_fp: Vec<&str> = e.iter().map(|x| x.event.fingerprint.as_str()).collect();
+
+    // Changed holds, found by ctid: settled (by the events' statement), voided, extended;
+    // anything else (a hold made by this batch, or changed two ways) one by one.
+    let (mut settled, mut voided, mut extended, mut extended_to, mut one_by_one) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for key in &s.changed_holds {
+        let entry = &s.holds[key];
+        let new_event = match entry.event {
+            Some(EventRef::New(i)) => Some(i),
+            _ => None,
+        };
+        match (entry.tid, entry.hold.state, entry.expires_changed) {
+            (Some(tid), HoldState::Settled, false) if new_event.is_some() => settled.push(tid),
+            (Some(tid), HoldState::Voided, false) => voided.push(tid),
+            (Some(tid), HoldState::Open, true) => {
+                extended.push(tid);
+                extended_to.push(us(entry.hold.expires_at));
+            }
+            _ => one_by_one.push((entry, new_event)),
+        }
+    }
+    // Changed pools and keys, by ctid.
+    let (mut p_tid, mut p_grants, mut p_used, mut p_overage, mut p_held) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for id in &s.changed_pools {
+        let t = s.pools[id];
+        p_tid.push(s.pool_tids[id]);
+        p_grants.push(t.grants.0);
+        p_used.push(t.used.0);
+        p_overage.push(t.overage.0);
+        p_held.push(t.held.0);
+    }
+    let (mut k_tid, mut k_charged, mut k_held) = (Vec::new(), Vec::new(), Vec::new());
+    for id in &s.changed_keys {
+        let t = s.key_totals[id];
+        k_tid.push(s.key_tids[id]);
+        k_charged.push(t.charged.0);
+        k_held.push(t.held.0);
+    }
+    let event_accounts: Vec<&str> = sorted(e.iter().map(|x| x.event.account.as_str()));
+    // Holds refused for lack of credit: another process may have made one of the same id
+    // meanwhile (a retried request); then the answer is the replay, as in `ledger::hold`.
+    let refused: Vec<(usize, &HoldRequest)> = jobs
+        .iter()
+        .zip(outcomes.iter())
+        .enumerate()
+        .filter_map(|(i, ((op, _), outcome))| match (op, outcome) {
+            (Op::Hold(r), Outcome::Ready(Ok(Done::Hold(HoldOutcome::Refused { .. })))) => Some((i, r)),
+            _ => None,
+        })
+        .collect();
+    let r_account: Vec<&str> = refused.iter().map(|(_, r)| r.account.as_str()).collect();
+    let r_id: Vec<&str> = refused.iter().map(|(_, r)| r.id.as_str()).collect();
+    let commit_now = one_by_one.is_empty();
+
+    let params: [&(dyn ToSql + Sync); 54] = [
+        &h_account,
+        &h_id,
+        &h_pool,
+        &h_key,
+        &h_amount,
+        &h_model,
+        &h_source,
+        &h_cs,
+        &h_ce,
+        &h_cr,
+        &h_ex,
+        &h_ra,
+        &h_fp,
+        &owner,
+        &e_account,
+        &e_id,
+        &e_pool,
+        &e_model,
+        &e_in,
+        &e_c5,
+        &e_c1,
+        &e_cr,
+        &e_out,
+        &e_ws,
+        &e_cost,
+        &e_gp,
+        &e_op,
+        &e_os,
+        &e_st,
+        &e_ig,
+        &e_sp,
+        &e_src,
+        &e_key,
+        &e_labels,
+        &e_ts,
+        &e_cs,
+        &e_hold,
+        &e_lat,
+        &e_tt,
+        &e_pa,
+        &e_rec,
+        &e_fp,
+        &settled,
+        &voided,
+        &extended,
+        &extended_to,
+        &p_tid,
+        &p_grants,
+        &p_used,
+        &p_overage,
+        &p_held,
+        &k_tid,
+        &k_charged,
+        &k_held,
+    ];
+    let writes = !(h.is_empty()
+        && e.is_empty()
+        && voided.is_empty()
+        && extended.is_empty()
+        && p_tid.is_empty()
+        && k_tid.is_empty());
+    let (_, seq_rows, refused_rows, _) = tokio::try_join!(
+        async {
+            if event_accounts.is_empty() {
+                Ok(0)
+            } else {
+                client.execute(&st.event_order, &[&EVENT_ORDER_LOCK, &event_accounts]).await
+            }
+        },
+        async { if writes { client.query(&st.write, &params).await } else { Ok(Vec::new()) } },
+        async {
+            if refused.is_empty() { Ok(Vec::new()) } else { client.query(&st.read_holds, &[&r_account, &r_id]).await }
+        },
+        async { if commit_now { client.execute(&st.commit, &[]).await } else { Ok(0) } },
+    )?;
+    let index: HashMap<(&str, &str), usize> =
+        e.iter().enumerate().map(|(n, x)| ((x.event.account.as_str(), x.event.id.as_str()), n)).collect();
+    let mut seqs = vec![0i64; e.len()];
+    for r in &seq_rows {
+        let (account, id): (&str, &str) = (r.try_get(0)?, r.try_get(1)?);
+        let n = index.get(&(account, id)).ok_or_else(|| rows::corrupt("event returned by its insert", id))?;
+        seqs[*n] = r.try_get(2)?;
+    }
+    if !commit_now {
+        for (entry, new_event) in &one_by_one {
+            let hold = &entry.hold;
+            let seq = new_event.map(|i| seqs[i]);
+            client
+                .execute(&st.update_hold, &[&hold.account, &hold.id, &hold.state.as_str(), &us(hold.expires_at), &seq])
+                .await?;
+        }
+        client.execute(&st.commit, &[]).await?;
+    }
+    let mut existing: HashMap<(String, String), HoldEntry> = HashMap::new();
+    for r in &refused_rows {
+        let entry = hold_entry(r)?;
+        existing.insert((entry.hold.account.clone(), entry.hold.id.clone()), entry);
+    }
+    for (i, r) in refused {
+        let Some(entry) = existing.remove(&(r.account.clone(), r.id.clone())) else { continue };
+        outcomes[i] = Outcome::Ready(match ledger::replay(Some((entry.fingerprint, entry.hold)), &r.fingerprint) {
+            Replay::Same(hold) => Ok(Done::Hold(HoldOutcome::Replayed(hold))),
+            _ => Err(StoreError::Conflict(format!(
+                "hold id {:?} was already used for a different request; use a new id",
+                r.id
+            ))),
+        });
+    }
+    Ok(seqs)
+}

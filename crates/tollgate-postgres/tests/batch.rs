@@ -1,0 +1,258 @@
+//! The group commit of holds, settles, voids and extensions (`batch`): writes sent at the same
+//! moment to one store run in one transaction, and each must still get the answer it would get
+//! alone — repeated ids, conflicts and refusals inside one batch, an event id taken before, a
+//! settle racing a void. Needs `TOLLGATE_PG_URL` like the other tests:
+//! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate-postgres
+//! --test batch`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use tokio::sync::Barrier;
+use tollgate_core::{Nanos, PoolKind, Usage};
+use tollgate_postgres::PgStore;
+use tollgate_store::{
+    HoldOutcome, HoldRequest, HoldState, NewAccount, NewEvent, SettleRequest, Store, StoreError, StoreResult,
+};
+
+use common::TestDb;
+
+const P: PoolKind = PoolKind::Programmatic;
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-10T12:00:00Z").expect("a time").with_timezone(&Utc)
+}
+
+async fn store() -> Option<(TestDb, Arc<PgStore>)> {
+    let db = TestDb::create().await?;
+    let store = Arc::new(db.open().await);
+    let account = NewAccount {
+        id: "acme".to_string(),
+        tier: "team-standard".to_string(),
+        anchor: Some(DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z").expect("a time").with_timezone(&Utc)),
+        timezone: Tz::UTC,
+        interactive_grant: None,
+        programmatic_grant: None,
+    };
+    store.create_account(account, now()).await.expect("create_account");
+    Some((db, store))
+}
+
+fn hold(id: &str, usd: i64, fingerprint: &str) -> HoldRequest {
+    HoldRequest {
+        account: "acme".to_string(),
+        id: id.to_string(),
+        pool: P,
+        key: None,
+        amount: Nanos::from_usd(usd),
+        ttl_s: 600,
+        model: Some("claude-sonnet-4-5".to_string()),
+        source: Some("batch".to_string()),
+        fingerprint: fingerprint.to_string(),
+    }
+}
+
+fn settle(hold_id: &str, event_id: &str, cost: Nanos, fingerprint: &str) -> SettleRequest {
+    SettleRequest {
+        account: "acme".to_string(),
+        hold_id: hold_id.to_string(),
+        event: NewEvent {
+            id: event_id.to_string(),
+            account: "acme".to_string(),
+            pool: P,
+            model: "claude-sonnet-4-5".to_string(),
+            usage: Usage { input_tokens: 10, output_tokens: 1, ..Usage::default() },
+            cost,
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: Some("batch".to_string()),
+            key: None,
+            labels: BTreeMap::new(),
+            timestamp: now(),
+            latency_ms: None,
+            ttft_ms: None,
+            partial: false,
+            fingerprint: fingerprint.to_string(),
+        },
+    }
+}
+
+/// Runs the futures made by `make(i)` for i in 0..n at the same moment.
+async fn at_once<T, F>(n: usize, make: impl Fn(usize) -> F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let barrier = Arc::new(Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (barrier, call) = (barrier.clone(), make(i));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call.await
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+async fn audit_clean(store: &PgStore) {
+    let audit = store.audit().await.expect("audit");
+    assert!(audit.breaches.is_empty(), "breaches: {:#?}", audit.breaches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_hold_id_sent_many_times_at_once_is_held_once() {
+    let Some((_db, store)) = store().await else { return };
+    let outcomes = at_once(12, |_| {
+        let store = store.clone();
+        async move { store.hold(hold("h-1", 2, "fp-1"), now()).await }
+    })
+    .await;
+    let held = outcomes.iter().filter(|o| matches!(o, Ok(HoldOutcome::Held(_)))).count();
+    let replayed = outcomes.iter().filter(|o| matches!(o, Ok(HoldOutcome::Replayed(_)))).count();
+    assert_eq!((held, replayed), (1, 11), "{outcomes:?}");
+    // The same id with other contents: a conflict, whether in the same batch or a later one.
+    let outcomes = at_once(6, |i| {
+        let store = store.clone();
+        async move { store.hold(hold("h-2", 1, &format!("fp-2-{i}")), now()).await }
+    })
+    .await;
+    let held = outcomes.iter().filter(|o| matches!(o, Ok(HoldOutcome::Held(_)))).count();
+    let conflicts = outcomes.iter().filter(|o| matches!(o, Err(StoreError::Conflict(_)))).count();
+    assert_eq!((held, conflicts), (1, 5), "{outcomes:?}");
+    let balance = store.balance("acme", now()).await.expect("balance");
+    assert_eq!(balance.pool(P).held, Nanos::from_usd(3), "each hold counted once");
+    audit_clean(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_and_errors_in_a_batch_are_their_own() {
+    let Some((_db, store)) = store().await else { return };
+    // $50 programmatic: 30 holds of $2 at once, plus writes that must fail alone.
+    let outcomes = at_once(34, |i| {
+        let store = store.clone();
+        async move {
+            match i {
+                30 => store.settle(settle("nowhere", "", Nanos(1), "x"), now()).await.map(|_| None),
+                31 => store.void("acme", "nowhere", now()).await.map(|_| None),
+                32 => {
+                    store.hold(HoldRequest { account: "nobody".into(), ..hold("h-x", 1, "x") }, now()).await.map(Some)
+                }
+                33 => {
+                    store.hold(HoldRequest { key: Some("no-key".into()), ..hold("h-y", 1, "y") }, now()).await.map(Some)
+                }
+                _ => store.hold(hold(&format!("h-{i}"), 2, &format!("fp-{i}")), now()).await.map(Some),
+            }
+        }
+    })
+    .await;
+    let held = outcomes.iter().filter(|o| matches!(o, Ok(Some(HoldOutcome::Held(_))))).count();
+    let refused = outcomes.iter().filter(|o| matches!(o, Ok(Some(HoldOutcome::Refused { .. })))).count();
+    assert_eq!((held, refused), (25, 5), "exactly what fits: {outcomes:?}");
+    assert!(matches!(outcomes[30], Err(StoreError::NotFound(_))), "{:?}", outcomes[30]);
+    assert!(matches!(outcomes[31], Err(StoreError::NotFound(_))), "{:?}", outcomes[31]);
+    assert!(matches!(outcomes[32], Err(StoreError::NotFound(_))), "{:?}", outcomes[32]);
+    assert!(matches!(outcomes[33], Err(StoreError::Invalid(_))), "{:?}", outcomes[33]);
+    audit_clean(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settles_in_one_batch_repeat_conflict_and_meet_taken_event_ids() {
+    let Some((_db, store)) = store().await else { return };
+    for i in 0..6 {
+        let outcome = store.hold(hold(&format!("h-{i}"), 1, &format!("fp-{i}")), now()).await.expect("hold");
+        assert!(matches!(outcome, HoldOutcome::Held(_)));
+    }
+    // h-0 settled first under the event id "taken".
+    store.settle(settle("h-0", "taken", Nanos(1_000), "s-0"), now()).await.expect("first settle");
+    let cost = Nanos(500_000);
+    let results: Vec<StoreResult<_>> = at_once(9, |i| {
+        let store = store.clone();
+        async move {
+            let request = match i {
+                // h-1 settled twice at once with the same usage: one event, both answers.
+                0 | 1 => settle("h-1", "", cost, "s-1"),
+                // h-2 twice with different usages: one wins, the other is a conflict.
+                2 => settle("h-2", "", cost, "s-2a"),
+                3 => settle("h-2", "", cost, "s-2b"),
+                // h-3 under an event id already taken by h-0's event: a conflict, the hold stays open.
+                4 => settle("h-3", "taken", cost, "s-3"),
+                // h-4 and h-5 under one new event id: one wins.
+                5 => settle("h-4", "shared", cost, "s-4"),
+                6 => settle("h-5", "shared", cost, "s-5"),
+                // h-0 again, as before: the first event.
+                7 => settle("h-0", "taken", Nanos(1_000), "s-0"),
+                _ => {
+                    return store.void("acme", "h-4", now()).await.map(|h| (h.id, -1));
+                }
+            };
+            store.settle(request, now()).await.map(|e| (e.hold_id.expect("a hold's event"), e.seq))
+        }
+    })
+    .await;
+    let ok = |i: usize| results[i].as_ref().unwrap_or_else(|e| panic!("settle {i}: {e}"));
+    assert_eq!(ok(0), ok(1), "one settle repeated: the same event");
+    assert_eq!(
+        [&results[2], &results[3]].iter().filter(|r| matches!(r, Err(StoreError::Conflict(_)))).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(matches!(results[4], Err(StoreError::Conflict(_))), "taken event id: {:?}", results[4]);
+    assert_eq!(ok(7).0, "h-0");
+    let h4 = store.hold_by_id("acme", "h-4").await.expect("hold_by_id").expect("h-4").state;
+    let h5 = store.hold_by_id("acme", "h-5").await.expect("hold_by_id").expect("h-5").state;
+    // "shared" goes to one of h-4 and h-5; h-4 is also raced by a void.
+    let shared: Vec<bool> = [5, 6].iter().map(|i| results[*i].is_ok()).collect();
+    assert!(shared.iter().filter(|ok| **ok).count() <= 1, "one event id, one event: {results:?}");
+    match (&results[5], &results[8]) {
+        (Ok(_), Err(StoreError::Conflict(_))) => assert_eq!(h4, HoldState::Settled),
+        (Err(StoreError::Conflict(_)), Ok(_)) => assert_eq!(h4, HoldState::Voided),
+        other => panic!("h-4 is settled or voided, once: {other:?}"),
+    }
+    assert!(matches!(h5, HoldState::Settled | HoldState::Open), "{h5:?}");
+    let h3 = store.hold_by_id("acme", "h-3").await.expect("hold_by_id").expect("h-3");
+    assert_eq!(h3.state, HoldState::Open, "a refused settle changes nothing");
+    audit_clean(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extensions_and_voids_in_one_batch() {
+    let Some((_db, store)) = store().await else { return };
+    for i in 0..8 {
+        store.hold(hold(&format!("h-{i}"), 1, &format!("fp-{i}")), now()).await.expect("hold");
+    }
+    let later = now() + chrono::Duration::seconds(100);
+    let results = at_once(8, |i| {
+        let store = store.clone();
+        async move {
+            let id = format!("h-{i}");
+            if i % 2 == 0 {
+                store.extend_hold("acme", &id, 900, later).await
+            } else {
+                store.void("acme", &id, later).await
+            }
+        }
+    })
+    .await;
+    for (i, r) in results.iter().enumerate() {
+        let h = r.as_ref().unwrap_or_else(|e| panic!("h-{i}: {e}"));
+        let stored = store.hold_by_id("acme", &h.id).await.expect("hold_by_id").expect("hold");
+        if i % 2 == 0 {
+            assert_eq!((stored.state, stored.expires_at), (HoldState::Open, later + chrono::Duration::seconds(900)));
+        } else {
+            assert_eq!(stored.state, HoldState::Voided);
+        }
+    }
+    assert_eq!(store.balance("acme", now()).await.expect("balance").pool(P).held, Nanos::from_usd(4));
+    audit_clean(&store).await;
+}
