@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use tollgate_core::plan::{ForecastInput, forecast};
-use tollgate_core::{Nanos, PoolKind, PoolScope, Usage};
+use tollgate_core::{Nanos, PoolKind, Usage};
 use tollgate_server::report::{self, GroupBy};
 use tollgate_store::{NewAccount, NewEvent, Store};
 
@@ -94,21 +93,7 @@ async fn measure(events: u64, pg: Option<String>) -> Result<(), String> {
         let balance = store.balance(&account_id, now).await.map_err(|e| e.to_string())?;
         let rollups = store.rollups(&account_id, balance.cycle.start).await.map_err(|e| e.to_string())?;
         for p in &balance.pools {
-            let mine: Vec<_> = rollups.iter().filter(|r| r.pool == p.pool).collect();
-            let recent = mine
-                .iter()
-                .filter(|r| r.hour + chrono::Duration::hours(1) > now - chrono::Duration::days(1))
-                .fold(Nanos::ZERO, |s, r| s.saturating_add(r.charged));
-            let scope = PoolScope { limit: p.limit, grants: p.grants, used: p.used, overage: p.overage, held: p.held };
-            let calls = mine.iter().map(|r| r.calls).sum();
-            std::hint::black_box(forecast(&ForecastInput {
-                now,
-                cycle: balance.cycle,
-                scope,
-                recent,
-                recent_window: chrono::Duration::days(1),
-                calls,
-            }));
+            std::hint::black_box(report::forecast_pool(p, balance.cycle, &rollups, now));
         }
         forecast_times.push(t.elapsed());
     }

@@ -44,6 +44,23 @@ impl Usage {
             + self.cache_read_input_tokens
     }
 
+    /// Every token, input side and output.
+    pub fn tokens(&self) -> u64 {
+        self.total_input_tokens().saturating_add(self.output_tokens)
+    }
+
+    /// Adds another usage to this one, field by field (saturating: sums over many calls).
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.cache_creation_5m_input_tokens =
+            self.cache_creation_5m_input_tokens.saturating_add(other.cache_creation_5m_input_tokens);
+        self.cache_creation_1h_input_tokens =
+            self.cache_creation_1h_input_tokens.saturating_add(other.cache_creation_1h_input_tokens);
+        self.cache_read_input_tokens = self.cache_read_input_tokens.saturating_add(other.cache_read_input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.web_search_requests = self.web_search_requests.saturating_add(other.web_search_requests);
+    }
+
     /// Checks every count against its per-call bound.
     pub fn validate(&self) -> Result<(), UsageError> {
         let fields = [

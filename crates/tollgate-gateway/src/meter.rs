@@ -197,13 +197,7 @@ impl Finish {
                 let charged = event.grant_part.saturating_add(event.overage_part);
                 let m = &self.gateway.metrics;
                 m.spend_nano_usd.get_or_create(&labels).inc_by(charged.0.max(0) as u64);
-                let u = &event.usage;
-                let tokens = u.input_tokens
-                    + u.cache_creation_5m_input_tokens
-                    + u.cache_creation_1h_input_tokens
-                    + u.cache_read_input_tokens
-                    + u.output_tokens;
-                self.gateway.feed.charged(&self.account, self.pool, charged, tokens);
+                self.gateway.feed.charged(&self.account, self.pool, charged, event.usage.tokens());
                 if event.overshoot.0 > 0 {
                     m.overshoot_nano_usd.get_or_create(&labels).inc_by(event.overshoot.0 as u64);
                     tracing::warn!(hold = %self.hold_id, overshoot = %event.overshoot, "a call cost more than its hold");

@@ -78,13 +78,7 @@ pub struct Line {
 impl Line {
     fn add(&mut self, r: &Rollup) {
         self.calls += r.calls;
-        let (u, a) = (&mut self.usage, &r.usage);
-        u.input_tokens += a.input_tokens;
-        u.cache_creation_5m_input_tokens += a.cache_creation_5m_input_tokens;
-        u.cache_creation_1h_input_tokens += a.cache_creation_1h_input_tokens;
-        u.cache_read_input_tokens += a.cache_read_input_tokens;
-        u.output_tokens += a.output_tokens;
-        u.web_search_requests += a.web_search_requests;
+        self.usage.add(&r.usage);
         self.cost = self.cost.saturating_add(r.cost);
         self.charged = self.charged.saturating_add(r.charged);
     }
@@ -147,6 +141,31 @@ fn tokens_json(u: &Usage) -> Value {
         "output_tokens": u.output_tokens,
         "web_search_requests": u.web_search_requests,
     })
+}
+
+/// A pool's forecast (SPEC section 7) from its figures and the cycle's rollups: the recent burn
+/// is what the last 24 hours' rollups charged. Returns it with the cycle's call count.
+pub fn forecast_pool(
+    p: &tollgate_store::PoolBalance,
+    cycle: Cycle,
+    rollups: &[Rollup],
+    now: DateTime<Utc>,
+) -> (tollgate_core::plan::Forecast, u64) {
+    let mine = rollups.iter().filter(|r| r.pool == p.pool);
+    let calls: u64 = mine.clone().map(|r| r.calls).sum();
+    let recent = mine
+        .filter(|r| r.hour + chrono::Duration::hours(1) > now - chrono::Duration::days(1))
+        .fold(Nanos::ZERO, |s, r| s.saturating_add(r.charged));
+    let scope = p.scope();
+    let input = tollgate_core::plan::ForecastInput {
+        now,
+        cycle,
+        scope,
+        recent,
+        recent_window: chrono::Duration::days(1),
+        calls,
+    };
+    (tollgate_core::plan::forecast(&input), calls)
 }
 
 /// The report JSON of SPEC section 11.

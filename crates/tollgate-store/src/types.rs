@@ -149,6 +149,17 @@ pub struct PoolBalance {
 }
 
 impl PoolBalance {
+    /// The pool's figures as core's ledger decisions read them.
+    pub fn scope(&self) -> tollgate_core::PoolScope {
+        tollgate_core::PoolScope {
+            limit: self.limit,
+            grants: self.grants,
+            used: self.used,
+            overage: self.overage,
+            held: self.held,
+        }
+    }
+
     pub fn remaining(&self) -> Option<Nanos> {
         self.limit.map(|l| Nanos(l.0 - self.used.0 - self.overage.0 - self.held.0))
     }

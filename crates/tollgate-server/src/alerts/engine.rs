@@ -18,7 +18,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use tollgate_core::alert::{self, Spike, SpikeState, THRESHOLD_PERCENTS_DEFAULT};
 use tollgate_core::plan::{ForecastInput, forecast};
-use tollgate_core::{Nanos, PoolKind, PoolScope};
+use tollgate_core::{Nanos, PoolKind};
 use tollgate_gateway::metrics::Metrics;
 use tollgate_gateway::upstream::HttpClient;
 use tollgate_store::alerts::{Alert, AlertKind, AlertRule, NewAlert, Outbound};
@@ -184,8 +184,7 @@ impl Alerter {
         for account in self.store.accounts().await? {
             let balance = self.store.balance(&account.id, now).await?;
             for p in &balance.pools {
-                let scope =
-                    PoolScope { limit: p.limit, grants: p.grants, used: p.used, overage: p.overage, held: p.held };
+                let scope = p.scope();
                 let elapsed = now - balance.cycle.start;
                 let input = ForecastInput {
                     now,

@@ -458,13 +458,7 @@ pub async fn settle_hold(
 
 /// Tallies a recorded event for the live stream.
 fn feed_event(s: &AppState, e: &tollgate_store::Event) {
-    let u = &e.usage;
-    let tokens = u.input_tokens
-        + u.cache_creation_5m_input_tokens
-        + u.cache_creation_1h_input_tokens
-        + u.cache_read_input_tokens
-        + u.output_tokens;
-    s.feed.charged(&e.account, e.pool, e.grant_part.saturating_add(e.overage_part), tokens);
+    s.feed.charged(&e.account, e.pool, e.grant_part.saturating_add(e.overage_part), e.usage.tokens());
 }
 
 pub async fn void_hold(

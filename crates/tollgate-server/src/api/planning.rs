@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use chrono::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_config::UsdInput;
-use tollgate_core::plan::{self, CycleSpend, ForecastInput, Plan};
+use tollgate_core::plan::{self, CycleSpend, Plan};
 use tollgate_core::{Modifiers, Nanos, PoolKind, PoolScope, Usage};
-use tollgate_store::{Account, EventQuery, PoolBalance};
+use tollgate_store::{Account, EventQuery};
 
 use super::extract::{Path, Query, whole_number};
 use super::parse_pool;
@@ -23,10 +22,6 @@ use crate::json::Json;
 async fn account(s: &AppState, caller: &Caller, id: &str) -> ApiResult<Account> {
     caller.require_account(id)?;
     s.store.account(id).await?.ok_or_else(|| ApiError::NotFound(format!("account {id:?} not found")))
-}
-
-fn scope(p: &PoolBalance) -> PoolScope {
-    PoolScope { limit: p.limit, grants: p.grants, used: p.used, overage: p.overage, held: p.held }
 }
 
 /// `GET /api/v1/accounts/{id}/forecast`: per pool, burn rates (last 24 h and cycle to date),
@@ -42,24 +37,11 @@ pub async fn forecast(
     let rollups = s.store.rollups(&id, balance.cycle.start).await?;
     let mut pools = serde_json::Map::new();
     for p in &balance.pools {
-        let mine = rollups.iter().filter(|r| r.pool == p.pool);
-        let calls: u64 = mine.clone().map(|r| r.calls).sum();
-        let recent = mine
-            .filter(|r| r.hour + Duration::hours(1) > now - Duration::days(1))
-            .fold(Nanos::ZERO, |s, r| s.saturating_add(r.charged));
-        let input = ForecastInput {
-            now,
-            cycle: balance.cycle,
-            scope: scope(p),
-            recent,
-            recent_window: Duration::days(1),
-            calls,
-        };
-        let f = plan::forecast(&input);
+        let (f, calls) = crate::report::forecast_pool(p, balance.cycle, &rollups, now);
         pools.insert(
             p.pool.as_str().to_string(),
             json!({
-                "charged_usd": dto::usd(scope(p).charged()),
+                "charged_usd": dto::usd(p.scope().charged()),
                 "limit_usd": p.limit.map(dto::usd),
                 "burn_per_day_recent_usd": dto::usd(f.recent_rate_per_day),
                 "burn_per_day_cycle_usd": dto::usd(f.cycle_rate_per_day),
@@ -133,7 +115,7 @@ pub async fn plan_job(
     let fresh = PoolScope { limit: n.limit, grants: n.grants, ..PoolScope::default() };
     let tier = s.store.tiers().await?.into_iter().find(|t| t.id == a.tier);
     let ppm = tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM);
-    let outcome = plan::plan(cost, &scope(p), &fresh, ppm, balance.cycle.end)
+    let outcome = plan::plan(cost, &p.scope(), &fresh, ppm, balance.cycle.end)
         .ok_or_else(|| ApiError::bad("the job's cost is out of range"))?;
     let advice = "schedule large batches early in a cycle, when its credits are fresh: credits expire at the reset";
     let body = match outcome {
@@ -143,7 +125,7 @@ pub async fn plan_job(
         }),
         Plan::FitsAfterReset { at, overage } => json!({
             "fits": "after_reset", "cost_usd": dto::usd(cost), "earliest": dto::time(at), "overage_usd": dto::usd(overage),
-            "remaining_now_usd": scope(p).remaining().map(dto::usd), "advice": advice,
+            "remaining_now_usd": p.scope().remaining().map(dto::usd), "advice": advice,
         }),
         Plan::NeverFits { limit, charge } => json!({
             "fits": "never", "cost_usd": dto::usd(cost), "charge_usd": dto::usd(charge), "limit_usd": dto::usd(limit),
@@ -223,13 +205,7 @@ pub async fn advise_model(
     // Token sums per model used.
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
     for r in rollups.iter().filter(|r| pool.is_none_or(|p| p == r.pool)) {
-        let u = used.entry(r.model.clone()).or_default();
-        u.input_tokens += r.usage.input_tokens;
-        u.cache_creation_5m_input_tokens += r.usage.cache_creation_5m_input_tokens;
-        u.cache_creation_1h_input_tokens += r.usage.cache_creation_1h_input_tokens;
-        u.cache_read_input_tokens += r.usage.cache_read_input_tokens;
-        u.output_tokens += r.usage.output_tokens;
-        u.web_search_requests += r.usage.web_search_requests;
+        used.entry(r.model.clone()).or_default().add(&r.usage);
     }
     let day = now.date_naive();
     let mut out = Vec::new();

@@ -450,13 +450,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
     if !matches!(format, "table" | "json" | "csv") {
         return Err(usage(format!("--format {format:?}: use table, json or csv")));
     }
-    let accounts = match account {
-        Some(a) => vec![a],
-        None => c.get("/api/v1/accounts").await?["accounts"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect())
-            .unwrap_or_default(),
-    };
+    let accounts = account_or_all(c, account).await?;
     let mut reports = Vec::new();
     for a in &accounts {
         let mut query = vec![format!("cycle={}", seg(cycle))];
@@ -574,13 +568,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
 }
 
 pub async fn forecast(c: &Client, account: Option<String>, json: bool) -> Outcome<()> {
-    let accounts = match account {
-        Some(a) => vec![a],
-        None => c.get("/api/v1/accounts").await?["accounts"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect())
-            .unwrap_or_default(),
-    };
+    let accounts = account_or_all(c, account).await?;
     for a in accounts {
         let v = c.get(&format!("/api/v1/accounts/{}/forecast", seg(&a))).await?;
         if json {
@@ -697,4 +685,15 @@ pub async fn advise(c: &Client, cmd: AdviseCmd, json: bool) -> Outcome<()> {
         }
     }
     Ok(())
+}
+
+/// The one account named, or every account the caller can see.
+async fn account_or_all(c: &Client, account: Option<String>) -> Outcome<Vec<String>> {
+    Ok(match account {
+        Some(a) => vec![a],
+        None => c.get("/api/v1/accounts").await?["accounts"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+    })
 }
