@@ -187,6 +187,70 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (next_us) WHERE state = 'pending';
 "#,
+    r#"
+-- Usage per hour, what reports, forecasts and advice read (tollgate_store::report). A
+-- statement-level trigger adds each INSERT's events to their hours, grouped, so a batch of a
+-- hundred events costs one upsert per (hour, model, source, key, labels). Rows of one account are
+-- only written under its event-order lock (ledger.rs), so concurrent upserts never deadlock.
+CREATE TABLE rollups (
+    account TEXT NOT NULL,
+    cycle_start_us BIGINT NOT NULL,
+    pool TEXT NOT NULL,
+    hour_us BIGINT NOT NULL,
+    model TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    calls BIGINT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    cache_creation_5m_input_tokens BIGINT NOT NULL,
+    cache_creation_1h_input_tokens BIGINT NOT NULL,
+    cache_read_input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    web_search_requests BIGINT NOT NULL,
+    cost BIGINT NOT NULL,
+    charged BIGINT NOT NULL,
+    latency_ms_sum BIGINT NOT NULL,
+    timed BIGINT NOT NULL,
+    PRIMARY KEY (account, cycle_start_us, pool, hour_us, model, source, key_id, labels)
+);
+CREATE FUNCTION tollgate_add_rollups() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO rollups AS r
+    SELECT account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, COALESCE(source, ''),
+           COALESCE(key_id, ''), labels, COUNT(*), SUM(input_tokens), SUM(cache_creation_5m_input_tokens),
+           SUM(cache_creation_1h_input_tokens), SUM(cache_read_input_tokens), SUM(output_tokens),
+           SUM(web_search_requests), SUM(cost), SUM(grant_part + overage_part), COALESCE(SUM(latency_ms), 0),
+           COUNT(latency_ms)
+    FROM new_events
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
+    ON CONFLICT (account, cycle_start_us, pool, hour_us, model, source, key_id, labels) DO UPDATE SET
+        calls = r.calls + EXCLUDED.calls,
+        input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+        cache_creation_5m_input_tokens = r.cache_creation_5m_input_tokens + EXCLUDED.cache_creation_5m_input_tokens,
+        cache_creation_1h_input_tokens = r.cache_creation_1h_input_tokens + EXCLUDED.cache_creation_1h_input_tokens,
+        cache_read_input_tokens = r.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
+        output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+        web_search_requests = r.web_search_requests + EXCLUDED.web_search_requests,
+        cost = r.cost + EXCLUDED.cost,
+        charged = r.charged + EXCLUDED.charged,
+        latency_ms_sum = r.latency_ms_sum + EXCLUDED.latency_ms_sum,
+        timed = r.timed + EXCLUDED.timed;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER events_rollups AFTER INSERT ON events REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION tollgate_add_rollups();
+INSERT INTO rollups
+SELECT account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, COALESCE(source, ''),
+       COALESCE(key_id, ''), labels, COUNT(*), SUM(input_tokens), SUM(cache_creation_5m_input_tokens),
+       SUM(cache_creation_1h_input_tokens), SUM(cache_read_input_tokens), SUM(output_tokens),
+       SUM(web_search_requests), SUM(cost), SUM(grant_part + overage_part), COALESCE(SUM(latency_ms), 0),
+       COUNT(latency_ms)
+FROM events
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
+"#,
 ];
 
 /// The schema version this code reads and writes: the number of migrations.
