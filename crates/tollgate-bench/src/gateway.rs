@@ -5,6 +5,9 @@
 //! 1. Added latency at one connection, non-streaming: `--calls` calls straight to the mock, then
 //!    as many through the gateway, alternating in blocks; p50 / p99 of each and of the difference.
 //! 2. Throughput at `--connections` connections for `--seconds`, direct and through the gateway.
+//! 3. When nginx and wrk are installed: the same throughput with nginx as the upstream (a fixed
+//!    JSON answer with usage, one worker) and wrk as the load generator (one thread), both in
+//!    processes of their own, as the issue's fair mock and as a bare proxy would be measured.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,8 +145,116 @@ async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), Strin
             n as f64 / seconds as f64
         );
     }
+    nginx_throughput(&store, now, connections, seconds).await?;
     let audit = store.audit().await.map_err(|e| e.to_string())?;
     println!("gateway: {} events recorded, ledger breaches: {}", audit.events_checked, audit.breaches.len());
+    Ok(())
+}
+
+/// The answer nginx gives every call: a Messages API response with usage.
+const NGINX_ANSWER: &str = r#"{"id":"msg_static","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":6}}"#;
+
+/// Kills the child process when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn nginx_throughput(
+    store: &Arc<dyn Store>,
+    now: chrono::DateTime<Utc>,
+    connections: u64,
+    seconds: u64,
+) -> Result<(), String> {
+    let installed = |program: &str| std::process::Command::new(program).arg("-v").output().is_ok();
+    if !installed("nginx") || !installed("wrk") {
+        println!("gateway throughput with nginx and wrk: not run (install the Debian packages nginx-light and wrk)");
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new().prefix("tollgate-nginx").tempdir().map_err(|e| e.to_string())?;
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1; master_process off; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;
+         events {{ worker_connections 4096; }}
+         http {{
+           access_log off; keepalive_requests 10000000;
+           client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;
+           uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+           server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; return 200 '{NGINX_ANSWER}'; }} }}
+         }}"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).map_err(|e| e.to_string())?;
+    let _nginx = Child(
+        std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nginx: {e}"))?,
+    );
+    let nginx_url = format!("http://127.0.0.1:{port}");
+    let settings = Settings {
+        upstreams: vec![Upstream {
+            name: "nginx".into(),
+            kind: Kind::Anthropic,
+            base_url: nginx_url.clone(),
+            api_key: Some("upstream".into()),
+            models: vec!["claude-*".into()],
+            auth: Auth::Gateway,
+        }],
+        ..Settings::default()
+    };
+    let clock: tollgate_gateway::Clock = Arc::new(move || now);
+    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock, settings));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let gateway_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await });
+    let script = dir.path().join("post.lua");
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.body = [[{BODY}]]\nwrk.headers[\"content-type\"] = \"application/json\"\n\
+         wrk.headers[\"x-api-key\"] = \"{SECRET}\"\nwrk.headers[\"anthropic-version\"] = \"2023-06-01\"\n"
+    );
+    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
+    // nginx needs a moment to listen.
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, url) in [("direct to nginx", &nginx_url), ("through tollgate to nginx", &gateway_url)] {
+        let (script, url) = (script.clone(), format!("{url}/v1/messages"));
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("wrk")
+                .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+                .arg(&script)
+                .arg(&url)
+                .output()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot run wrk: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(bad) = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors")) {
+            return Err(format!("wrk {name}: {}", bad.trim()));
+        }
+        let rate =
+            text.lines().find(|l| l.starts_with("Requests/sec:")).ok_or(format!("wrk printed no rate: {text}"))?;
+        let p50 = text.lines().find(|l| l.trim_start().starts_with("50%")).map(str::trim).unwrap_or("50% ?");
+        let p99 = text.lines().find(|l| l.trim_start().starts_with("99%")).map(str::trim).unwrap_or("99% ?");
+        println!(
+            "gateway throughput, wrk -t1 -c{connections} -d{seconds}s, nginx upstream, {name}: {} calls/s (latency {p50}, {p99})",
+            rate.trim_start_matches("Requests/sec:").trim()
+        );
+    }
     Ok(())
 }
 

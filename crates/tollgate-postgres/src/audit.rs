@@ -71,8 +71,9 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
     let twice = count(
         query_one(
             tx,
-            "SELECT COUNT(*) FROM (SELECT hold_id FROM events WHERE hold_id IS NOT NULL
-              GROUP BY account, hold_id HAVING COUNT(*) > 1) AS charged_twice",
+            "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
+              JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND NOT h.lease
+              GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1) AS charged_twice",
             &[],
         )
         .await?,

@@ -22,7 +22,9 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, StoreError};
+use tollgate_store::{
+    Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, SettleRequest, StoreError,
+};
 
 use crate::rows::{self, execute, query, query_one, query_opt, us};
 use crate::{Error, Result};
@@ -252,10 +254,92 @@ pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result
     Ok(())
 }
 
+/// Charges one call's event against `release` of an open hold and keeps the rest held (a lease),
+/// in the caller's transaction; not group-committed (the gateway's leases are its only caller).
+pub async fn settle_part(
+    tx: &Transaction<'_>,
+    req: &SettleRequest,
+    release: Nanos,
+    now: DateTime<Utc>,
+) -> Result<Event> {
+    if req.event.id.is_empty() {
+        return Err(StoreError::Invalid("a part settle needs an event id of its own".into()).into());
+    }
+    if let Some(first) = rows::load_event(tx, &req.account, &req.event.id).await? {
+        return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
+            Replay::Same(event) => Ok(event),
+            _ => Err(StoreError::Conflict(format!(
+                "event id {:?} is already recorded with different content; use another event id",
+                req.event.id
+            ))
+            .into()),
+        };
+    }
+    let found = query_opt(
+        tx,
+        &format!("SELECT {} FROM holds WHERE account = $1 AND id = $2 FOR UPDATE", rows::HOLD_COLUMNS),
+        &[&req.account, &req.hold_id],
+    )
+    .await?;
+    let row = found
+        .as_ref()
+        .map(rows::hold)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(format!("hold {:?}", req.hold_id)))?;
+    if row.hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!(
+            "hold {:?} is {} and can no longer be settled",
+            req.hold_id,
+            row.hold.state.as_str()
+        ))
+        .into());
+    }
+    if release.0 < 0 || release > row.hold.amount {
+        return Err(StoreError::Invalid(format!(
+            "cannot release {release} of hold {:?}, which holds {}",
+            req.hold_id, row.hold.amount
+        ))
+        .into());
+    }
+    let mut event = req.event.clone();
+    event.account = row.hold.account.clone();
+    event.pool = row.hold.pool;
+    event.key = row.hold.key.clone();
+    let recorded = charge_hold(tx, &row.hold, release, event, false, now).await?;
+    execute(
+        tx,
+        "UPDATE holds SET amount = amount - $3, lease = true WHERE account = $1 AND id = $2",
+        &[&row.hold.account, &row.hold.id, &release.0],
+    )
+    .await?;
+    Ok(recorded)
+}
+
 /// Charges a locked hold with an event's cost, releases the hold, records the event.
+async fn settle_hold(
+    tx: &Transaction<'_>,
+    hold: &Hold,
+    event: NewEvent,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> Result<Event> {
+    let recorded = charge_hold(tx, hold, hold.amount, event, unsettled, now).await?;
+    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
+    execute(
+        tx,
+        "UPDATE holds SET state = $3, event_seq = $4 WHERE account = $1 AND id = $2",
+        &[&hold.account, &hold.id, &state.as_str(), &recorded.seq],
+    )
+    .await?;
+    Ok(recorded)
+}
+
+/// Charges an event's cost against `amount` of a locked hold, releases that part and records the
+/// event.
 async fn charge_hold(
     tx: &Transaction<'_>,
     hold: &Hold,
+    amount: Nanos,
     event: NewEvent,
     unsettled: bool,
     now: DateTime<Utc>,
@@ -265,7 +349,7 @@ async fn charge_hold(
     let pool = pool_cycle(tx, &account, hold.pool, &cycle).await?;
     // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
     let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
-    let settlement = match ledger::settle(hold.amount, event.cost, &pool.scope, ppm) {
+    let settlement = match ledger::settle(amount, event.cost, &pool.scope, ppm) {
         Ok(s) => s,
         // A taken event id is reported before a bad amount, as when it was checked first.
         Err(_) if rows::load_event(tx, &hold.account, &event.id).await?.is_some() => {
@@ -274,7 +358,7 @@ async fn charge_hold(
         Err(refusal) => return Err(overflow(refusal)),
     };
     let split = settlement.split;
-    let release = Nanos(-hold.amount.0);
+    let release = Nanos(-amount.0);
     let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: release };
     add_to_pool(tx, &hold.account, hold.pool, hold.cycle_start, pool.totals, add).await?;
     if let Some(key) = &hold.key {
@@ -282,18 +366,9 @@ async fn charge_hold(
         add_to_key(tx, key, hold.cycle_start, totals, KeyTotals { charged: split.total(), held: release }).await?;
     }
     lock_event_order(tx, &[&hold.account]).await?;
-    let recorded =
-        insert_event(tx, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
-            .await?
-            .ok_or_else(|| event_id_taken(&event.id))?;
-    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
-    execute(
-        tx,
-        "UPDATE holds SET state = $3, event_seq = $4 WHERE account = $1 AND id = $2",
-        &[&hold.account, &hold.id, &state.as_str(), &recorded.seq],
-    )
-    .await?;
-    Ok(recorded)
+    insert_event(tx, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
+        .await?
+        .ok_or_else(|| event_id_taken(&event.id))
 }
 
 fn overflow(refusal: tollgate_core::Refusal) -> Error {
@@ -569,7 +644,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
         } else {
             event
         };
-        events.push(charge_hold(tx, &hold, event, true, now).await?);
+        events.push(settle_hold(tx, &hold, event, true, now).await?);
     }
     Ok(events)
 }

@@ -615,6 +615,10 @@ impl Store for PgStore {
         }
     }
 
+    async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
+        write_tx!(self, |tx| ledger::settle_part(&tx, &request, release, now).await)
+    }
+
     async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {
         let op = batch::Op::Void { account: account.to_string(), hold_id: hold_id.to_string() };
         match self.batched(op, now).await? {

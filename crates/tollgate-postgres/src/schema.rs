@@ -251,6 +251,10 @@ SELECT account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, 
 FROM events
 GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
 "#,
+    r#"
+-- A lease: a hold that several calls' events were charged against (Store::settle_part).
+ALTER TABLE holds ADD COLUMN lease BOOLEAN NOT NULL DEFAULT false;
+"#,
 ];
 
 /// The schema version this code reads and writes: the number of migrations.

@@ -70,8 +70,9 @@ pub fn audit(conn: &Connection) -> StoreResult<Audit> {
         .map_err(backend)? as u64;
     let twice: i64 = conn
         .query_row(
-            "SELECT COUNT(*) FROM (SELECT hold_id FROM events WHERE hold_id IS NOT NULL
-              GROUP BY account, hold_id HAVING COUNT(*) > 1)",
+            "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
+              JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND h.lease = 0
+              GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1)",
             [],
             |r| r.get(0),
         )

@@ -250,18 +250,77 @@ pub fn settle(db: &Db, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<E
     }
     event.pool = row.hold.pool;
     event.key = row.hold.key.clone();
-    charge_hold(db, &row.hold, event, false, now)
+    settle_hold(db, &row.hold, event, false, now)
+}
+
+/// Charges one call's event against `release` of an open hold and keeps the rest held (a lease).
+pub fn settle_part(db: &Db, req: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
+    let conn: &Connection = db;
+    if req.event.id.is_empty() {
+        return Err(StoreError::Invalid("a part settle needs an event id of its own".into()));
+    }
+    if let Some(first) = rows::load_event(conn, &req.account, &req.event.id)? {
+        return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
+            Replay::Same(event) => Ok(event),
+            _ => Err(StoreError::Conflict(format!(
+                "event id {:?} is already recorded with different content; use another event id",
+                req.event.id
+            ))),
+        };
+    }
+    let row = open_hold(conn, &req.account, &req.hold_id)?;
+    if row.hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!(
+            "hold {:?} is {} and can no longer be settled",
+            req.hold_id,
+            row.hold.state.as_str()
+        )));
+    }
+    if release.0 < 0 || release > row.hold.amount {
+        return Err(StoreError::Invalid(format!(
+            "cannot release {release} of hold {:?}, which holds {}",
+            req.hold_id, row.hold.amount
+        )));
+    }
+    let mut event = req.event.clone();
+    event.account = row.hold.account.clone();
+    event.pool = row.hold.pool;
+    event.key = row.hold.key.clone();
+    let recorded = charge_hold(db, &row.hold, release, event, false, now)?;
+    conn.prepare_cached("UPDATE holds SET amount = amount - ?3, lease = 1 WHERE account = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![row.hold.account, row.hold.id, release.0]))
+        .map_err(backend)?;
+    Ok(recorded)
 }
 
 /// Charges a hold with an event's cost, releases the hold, records the event.
-fn charge_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
+fn settle_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
+    let recorded = charge_hold(db, hold, hold.amount, event, unsettled, now)?;
+    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
+    let conn: &Connection = db;
+    conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))
+        .map_err(backend)?;
+    Ok(recorded)
+}
+
+/// Charges an event's cost against `release` of a hold's amount, releases that part and
+/// records the event.
+fn charge_hold(
+    db: &Db,
+    hold: &Hold,
+    release: Nanos,
+    event: NewEvent,
+    unsettled: bool,
+    now: DateTime<Utc>,
+) -> StoreResult<Event> {
     let conn: &Connection = db;
     let account = db.account(&hold.account)?;
     let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
     let pool = pool_cycle(db, &account, hold.pool, &cycle)?;
     // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
     let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
-    let settlement = match ledger::settle(hold.amount, event.cost, &pool.scope, ppm) {
+    let settlement = match ledger::settle(release, event.cost, &pool.scope, ppm) {
         Ok(s) => s,
         // A taken event id is reported before a bad amount, as when it was checked first.
         Err(_) if rows::load_event(conn, &hold.account, &event.id)?.is_some() => {
@@ -273,17 +332,11 @@ fn charge_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: Date
         Err(refusal) => return Err(overflow(refusal)),
     };
     let split = settlement.split;
-    add_to_pool(db, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-hold.amount.0))?;
+    add_to_pool(db, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-release.0))?;
     if let Some(key) = &hold.key {
-        add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-hold.amount.0))?;
+        add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-release.0))?;
     }
-    let recorded =
-        insert_event(db, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)?;
-    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
-    conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))
-        .map_err(backend)?;
-    Ok(recorded)
+    insert_event(db, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
 }
 
 fn overflow(refusal: tollgate_core::Refusal) -> StoreError {
@@ -513,7 +566,7 @@ pub fn expire(db: &Db, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>>
         } else {
             event
         };
-        events.push(charge_hold(db, &hold, event, true, now)?);
+        events.push(settle_hold(db, &hold, event, true, now)?);
     }
     Ok(events)
 }

@@ -571,6 +571,10 @@ impl Store for SqliteStore {
         self.write_ledger(move |conn| ledger::settle(conn, &request, now)).await
     }
 
+    async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
+        self.write_ledger(move |conn| ledger::settle_part(conn, &request, release, now)).await
+    }
+
     async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
         let (account, hold_id) = (account.to_string(), hold_id.to_string());
         self.write_ledger(move |conn| ledger::void(conn, &account, &hold_id)).await

@@ -200,6 +200,10 @@ FROM events
 GROUP BY account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model, COALESCE(source, ''),
          COALESCE(key_id, ''), labels;
 "#,
+    r#"
+-- A lease: a hold that several calls' events were charged against (Store::settle_part).
+ALTER TABLE holds ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Runs the migrations not yet applied, each in its own transaction.

@@ -80,6 +80,7 @@ macro_rules! conformance_suite {
             settle_is_idempotent
             settle_refuses_closed_or_unknown_holds
             void_releases_and_repeats
+            settle_part_charges_calls_against_a_lease
             extend_hold_pushes_expiry
             record_events_are_facts_beyond_limit
             record_events_duplicate_and_batch_conflict
@@ -1329,6 +1330,60 @@ pub async fn settle_refuses_closed_or_unknown_holds(store: Fresh) {
         "settle of an unknown hold",
     );
     assert_figures(&store, "acme", P, now(), fig(usd(50), usd(2), Nanos::ZERO, Nanos::ZERO), "only the expiry").await;
+}
+
+/// A lease: several calls' events charged against parts of one open hold, which keeps the rest
+/// held; repeats replay, a bad part changes nothing, and the rest is voided or expired as usual.
+pub async fn settle_part_charges_calls_against_a_lease(store: Fresh) {
+    standard_account(&store, "acme").await;
+    ok(store.create_key(new_key("acme", "k-1", KeyPool::Fixed(P), None), now()).await, "create_key");
+    let lease = held(store.hold(with_key(hold_request("acme", "lease-1", P, usd(10)), "k-1"), now()).await, "$10");
+    let part = |id: &str, cost: Nanos| {
+        let mut request = settle_request(&lease, cost, later(1));
+        request.event.id = id.to_string();
+        request.event = with_event_fingerprint(request.event);
+        request
+    };
+    let a = ok(store.settle_part(part("call-a", cents(30)), usd(1), later(1)).await, "first call");
+    assert_eq!((a.hold_id.as_deref(), a.key.as_deref()), (Some("lease-1"), Some("k-1")), "charged to the lease");
+    assert_split(&a, cents(30), Nanos::ZERO, Nanos::ZERO, "within its part");
+    let b = ok(store.settle_part(part("call-b", usd(3)), usd(2), later(2)).await, "second call");
+    assert_split(&b, usd(3), Nanos::ZERO, usd(1), "a charge above its part is overshoot");
+    let after = ok(store.hold_by_id("acme", "lease-1").await, "hold_by_id").expect("the lease exists");
+    assert_eq!((after.state, after.amount), (HoldState::Open, usd(7)), "the lease stays open with the rest");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), cents(330), Nanos::ZERO, usd(7)), "two calls").await;
+
+    assert_eq!(
+        ok(store.settle_part(part("call-a", cents(30)), usd(1), later(3)).await, "repeat"),
+        a,
+        "a repeat replays"
+    );
+    expect_err(
+        store.settle_part(part("call-a", cents(31)), usd(1), later(3)).await,
+        ErrKind::Conflict,
+        "same id, other cost",
+    );
+    expect_err(store.settle_part(part("call-c", cents(1)), usd(8), later(3)).await, ErrKind::Invalid, "more than held");
+    expect_err(store.settle_part(part("", cents(1)), usd(1), later(3)).await, ErrKind::Invalid, "no event id");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), cents(330), Nanos::ZERO, usd(7)), "unchanged").await;
+
+    let v = ok(store.void("acme", "lease-1", later(4)).await, "void the rest");
+    assert_eq!((v.state, v.amount), (HoldState::Voided, usd(7)), "voided with the rest");
+    expect_err(store.settle_part(part("call-d", cents(1)), cents(1), later(5)).await, ErrKind::Conflict, "after void");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), cents(330), Nanos::ZERO, Nanos::ZERO), "released").await;
+
+    // A lease left open (its process died) expires at its rest, like any hold.
+    let lease = held(store.hold(with_ttl(hold_request("acme", "lease-2", P, usd(5)), 60), now()).await, "$5 for 60 s");
+    let mut request = settle_request(&lease, cents(20), later(1));
+    request.event.id = "call-e".to_string();
+    request.event = with_event_fingerprint(request.event);
+    ok(store.settle_part(request, usd(1), later(1)).await, "a call on the second lease");
+    let expired = ok(store.expire_holds(later(60)).await, "expire_holds");
+    assert_eq!(expired.len(), 1, "the lease expired, got {expired:?}");
+    assert_eq!((expired[0].charged(), expired[0].unsettled), (usd(4), true), "charged its rest, flagged unsettled");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), cents(750), Nanos::ZERO, Nanos::ZERO), "final").await;
+    let audit = ok(store.audit().await, "audit");
+    assert!(audit.breaches.is_empty(), "a lease's several events are no breach: {:?}", audit.breaches);
 }
 
 /// Void releases an open hold; repeating it returns the voided hold; a settled or expired hold

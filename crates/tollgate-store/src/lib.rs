@@ -24,7 +24,7 @@ pub fn hash_secret(secret: &str) -> String {
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tollgate_core::{PoolKind, PoolPolicy, Tier};
+use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 
 /// Errors of the store. `Invalid`, `NotFound` and `Conflict` are the caller's to fix; `Backend`
 /// is ours (disk, database, corruption).
@@ -79,6 +79,12 @@ pub trait Store: alerts::AlertStore + report::ReportStore + Send + Sync + 'stati
     async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome>;
     /// Charges the real cost of a held call and releases the hold; records its event.
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event>;
+    /// Charges one call's event against `release` of an open hold's amount and keeps the hold
+    /// open with the rest: a gateway's lease, one durable hold that covers many calls (see
+    /// ARCHITECTURE.md). The hold is marked a lease, whose several events `audit` accepts; its
+    /// rest is voided, settled or expired like any hold. The event needs an id of its own; a
+    /// repeat of it returns the first result.
+    async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event>;
     /// Releases a hold without charge.
     async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold>;
     /// Pushes an open hold's expiry to `now + ttl` (a gateway stream still alive).

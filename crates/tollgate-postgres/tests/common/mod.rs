@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_postgres::NoTls;
-use tollgate_core::{PoolKind, PoolPolicy, Tier};
+use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 use tollgate_postgres::PgStore;
 use tollgate_store::{
     Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, Hold, HoldOutcome, HoldRequest,
@@ -212,6 +212,9 @@ impl Store for TestStore {
     }
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
         self.store.settle(request, now).await
+    }
+    async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
+        self.store.settle_part(request, release, now).await
     }
     async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {
         self.store.void(account, hold_id, now).await
