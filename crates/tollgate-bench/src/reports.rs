@@ -102,7 +102,10 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
         let t = Instant::now();
         let cycle = report::cycle_of(&acct, "current", now)?;
         let balance = store.balance(&account_id, cycle.start).await.map_err(|e| e.to_string())?;
-        let rollups = store.rollups(&account_id, cycle.start).await.map_err(|e| e.to_string())?;
+        let rollups = store
+            .rollups(&account_id, cycle.start, GroupBy::dims(Some(&GroupBy::Model)))
+            .await
+            .map_err(|e| e.to_string())?;
         let r = report::build(&acct, &balance, &rollups, Some(&GroupBy::Model));
         let json = report::to_json(&r);
         groups = json["groups"].as_array().map(Vec::len).unwrap_or(0);
@@ -110,7 +113,8 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
 
         let t = Instant::now();
         let balance = store.balance(&account_id, now).await.map_err(|e| e.to_string())?;
-        let rollups = store.rollups(&account_id, balance.cycle.start).await.map_err(|e| e.to_string())?;
+        let rollups =
+            store.rollups(&account_id, balance.cycle.start, report::FORECAST_DIMS).await.map_err(|e| e.to_string())?;
         for p in &balance.pools {
             std::hint::black_box(report::forecast_pool(p, balance.cycle, &rollups, now));
         }

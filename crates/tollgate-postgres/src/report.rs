@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_postgres::IsolationLevel;
 use tollgate_core::{Nanos, Usage};
-use tollgate_store::report::{ReportStore, Rollup};
+use tollgate_store::report::{Dims, ReportStore, Rollup};
 use tollgate_store::{StoreError, StoreResult};
 
 use crate::rows::{pool_of, query, time, us};
@@ -13,18 +13,10 @@ use crate::{PgStore, Result};
 
 #[async_trait]
 impl ReportStore for PgStore {
-    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<Vec<Rollup>> {
+    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>, dims: Dims) -> StoreResult<Vec<Rollup>> {
         read_tx!(self, |tx| {
             async {
-                let found = query(
-                    &tx,
-                    "SELECT pool, hour_us, model, source, key_id, labels, calls, input_tokens,
-                        cache_creation_5m_input_tokens, cache_creation_1h_input_tokens, cache_read_input_tokens,
-                        output_tokens, web_search_requests, cost, charged, latency_ms_sum, timed
-                 FROM rollups WHERE account = $1 AND cycle_start_us = $2",
-                    &[&account, &us(cycle_start)],
-                )
-                .await?;
+                let found = query(&tx, &dims.select_sql("$1", "$2"), &[&account, &us(cycle_start)]).await?;
                 found
                     .iter()
                     .map(|r| {

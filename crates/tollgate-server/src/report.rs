@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde_json::{Value, json};
 use tollgate_core::{Cycle, Nanos, PoolKind, Usage};
-use tollgate_store::report::Rollup;
+use tollgate_store::report::{Dims, Rollup};
 use tollgate_store::{Account, Balance};
 
 use crate::dto;
@@ -23,6 +23,20 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
+    /// The rollup dimensions a report grouped this way (or not at all) reads.
+    pub fn dims(by: Option<&GroupBy>) -> Dims {
+        let mut dims = Dims::NONE;
+        match by {
+            None | Some(GroupBy::Pool) => {}
+            Some(GroupBy::Model) => dims.model = true,
+            Some(GroupBy::Source) => dims.source = true,
+            Some(GroupBy::Key) => dims.key = true,
+            Some(GroupBy::Label(_)) => dims.labels = true,
+            Some(GroupBy::Day) => dims.hour = true,
+        }
+        dims
+    }
+
     pub fn parse(s: &str) -> Result<GroupBy, String> {
         Ok(match s {
             "pool" => GroupBy::Pool,
@@ -143,8 +157,11 @@ fn tokens_json(u: &Usage) -> Value {
     })
 }
 
-/// A pool's forecast (SPEC section 7) from its figures and the cycle's rollups: the recent burn
-/// is what the last 24 hours' rollups charged. Returns it with the cycle's call count.
+/// The rollup dimensions a forecast reads.
+pub const FORECAST_DIMS: Dims = Dims { hour: true, ..Dims::NONE };
+
+/// A pool's forecast (SPEC section 7) from its figures and the cycle's rollups (at least
+/// [`FORECAST_DIMS`]): the recent burn is what the last 24 hours' rollups charged. Returns it with the cycle's call count.
 pub fn forecast_pool(
     p: &tollgate_store::PoolBalance,
     cycle: Cycle,

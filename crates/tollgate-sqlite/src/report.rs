@@ -4,24 +4,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tollgate_core::{Nanos, Usage};
 use tollgate_store::StoreResult;
-use tollgate_store::report::{ReportStore, Rollup};
+use tollgate_store::report::{Dims, ReportStore, Rollup};
 
 use crate::SqliteStore;
 use crate::rows::{backend, pool_of, time, us};
 
 #[async_trait]
 impl ReportStore for SqliteStore {
-    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<Vec<Rollup>> {
+    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>, dims: Dims) -> StoreResult<Vec<Rollup>> {
         let account = account.to_string();
         self.read(move |conn| {
-            let mut s = conn
-                .prepare_cached(
-                    "SELECT pool, hour_us, model, source, key_id, labels, calls, input_tokens,
-                         cache_creation_5m_input_tokens, cache_creation_1h_input_tokens, cache_read_input_tokens,
-                         output_tokens, web_search_requests, cost, charged, latency_ms_sum, timed
-                     FROM rollups WHERE account = ?1 AND cycle_start_us = ?2",
-                )
-                .map_err(backend)?;
+            let mut s = conn.prepare_cached(&dims.select_sql("?1", "?2")).map_err(backend)?;
             s.query_map(rusqlite::params![account, us(cycle_start)], |r| {
                 let pool: String = r.get(0)?;
                 let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);

@@ -19,6 +19,7 @@ use tollgate_core::tier::PPM;
 use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Refusal, Tier, Usage};
 
 use crate::alerts::{AlertKind, AlertQuery, AlertRule, NewAlert, alert_id};
+use crate::report::Dims;
 use crate::{
     Account, AccountUpdate, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome, HoldRequest,
     HoldState, KeyPool, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
@@ -2298,7 +2299,8 @@ pub async fn rollups_add_up_to_the_events(store: Fresh) {
     let fresh = with_event_fingerprint(event("acme", "e-9", P, cents(13), now()));
     assert!(store.record_events(vec![fresh, dup], now()).await.is_err(), "a conflicting batch fails");
 
-    let rollups = ok(store.rollups("acme", at("2026-11-01T00:00:00Z")).await, "rollups");
+    let cycle = at("2026-11-01T00:00:00Z");
+    let rollups = ok(store.rollups("acme", cycle, Dims::ALL).await, "rollups");
     let sum = |pool: PoolKind| {
         rollups.iter().filter(|r| r.pool == pool).fold((0u64, Nanos::ZERO, 0u64, 0u64), |acc, r| {
             (acc.0 + r.calls, acc.1.saturating_add(r.cost), acc.2 + r.usage.input_tokens, acc.3 + r.timed)
@@ -2312,8 +2314,20 @@ pub async fn rollups_add_up_to_the_events(store: Fresh) {
     assert_eq!(latency, 100 + 300 + 850, "latency sums (the settle's event says 850 ms)");
     let charged: Nanos = rollups.iter().fold(Nanos::ZERO, |s, r| s.saturating_add(r.charged));
     assert_eq!(charged, cents(26), "charged = Σ events");
-    assert!(ok(store.rollups("acme", at("2026-12-01T00:00:00Z")).await, "next cycle").is_empty());
-    assert!(ok(store.rollups("nobody", at("2026-11-01T00:00:00Z")).await, "unknown account").is_empty());
+    assert!(ok(store.rollups("acme", at("2026-12-01T00:00:00Z"), Dims::ALL).await, "next cycle").is_empty());
+    assert!(ok(store.rollups("nobody", cycle, Dims::ALL).await, "unknown account").is_empty());
+
+    // Summed over the dimensions a reader leaves out: one row per pool, then per (pool, model).
+    let mut per_pool = ok(store.rollups("acme", cycle, Dims::NONE).await, "rollups per pool");
+    per_pool.sort_by_key(|r| r.pool.as_str());
+    let rows: Vec<_> =
+        per_pool.iter().map(|r| (r.pool, r.hour, r.model.as_str(), r.calls, r.charged, r.timed)).collect();
+    assert_eq!(rows, [(I, cycle, "", 1, cents(7), 0), (P, cycle, "", 3, cents(19), 3)], "one row per pool");
+    assert_eq!(per_pool[1].latency_ms_sum, 1_250, "latency summed");
+    let by_model = ok(store.rollups("acme", cycle, Dims { model: true, ..Dims::NONE }).await, "rollups per model");
+    let mut rows: Vec<_> = by_model.iter().map(|r| (r.pool, r.model.as_str(), r.calls, r.source.as_str())).collect();
+    rows.sort();
+    assert_eq!(rows, [(I, OTHER_MODEL, 1, ""), (P, MODEL, 3, "")], "one row per (pool, model)");
 }
 
 #[cfg(test)]

@@ -29,8 +29,60 @@ pub struct Rollup {
     pub timed: u64,
 }
 
+/// The dimensions of a rollup a reader needs. The store sums the others away, so a report by
+/// model reads one row per (pool, model) however many hours, sources, keys and labels there are;
+/// a dimension left out comes back as the cycle's start (`hour`), an empty string, or `{}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dims {
+    pub hour: bool,
+    pub model: bool,
+    pub source: bool,
+    pub key: bool,
+    pub labels: bool,
+}
+
+impl Dims {
+    /// Every dimension: the rollups as stored.
+    pub const ALL: Dims = Dims { hour: true, model: true, source: true, key: true, labels: true };
+    /// None: one row per pool.
+    pub const NONE: Dims = Dims { hour: false, model: false, source: false, key: false, labels: false };
+
+    /// The query of these dimensions over the table `rollups`, for both backends: `account` and
+    /// `cycle_start` name its two parameters (`$1`, `?1`…). Columns: pool, hour_us, model, source,
+    /// key_id, labels, then the sums in `Rollup`'s order.
+    pub fn select_sql(&self, account: &str, cycle_start: &str) -> String {
+        let keep = |on: bool, column: &str, blank: &str| if on { column.to_string() } else { blank.to_string() };
+        let sums = [
+            "calls",
+            "input_tokens",
+            "cache_creation_5m_input_tokens",
+            "cache_creation_1h_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+            "web_search_requests",
+            "cost",
+            "charged",
+            "latency_ms_sum",
+            "timed",
+        ]
+        .map(|c| format!("CAST(SUM({c}) AS BIGINT)"))
+        .join(", ");
+        format!(
+            "SELECT pool, {}, {}, {}, {}, {}, {sums}
+             FROM rollups WHERE account = {account} AND cycle_start_us = {cycle_start}
+             GROUP BY 1, 2, 3, 4, 5, 6",
+            keep(self.hour, "hour_us", &format!("CAST({cycle_start} AS BIGINT)")),
+            keep(self.model, "model", "''"),
+            keep(self.source, "source", "''"),
+            keep(self.key, "key_id", "''"),
+            keep(self.labels, "labels", "'{}'"),
+        )
+    }
+}
+
 #[async_trait]
 pub trait ReportStore: Send + Sync {
-    /// The rollups of an account's cycle (the one starting at `cycle_start`), in no order.
-    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<Vec<Rollup>>;
+    /// The rollups of an account's cycle (the one starting at `cycle_start`), summed over the
+    /// dimensions `dims` leaves out, in no order.
+    async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>, dims: Dims) -> StoreResult<Vec<Rollup>>;
 }

@@ -155,8 +155,9 @@ impl tollgate_store::report::ReportStore for TestStore {
         &self,
         account: &str,
         cycle_start: DateTime<Utc>,
+        dims: tollgate_store::report::Dims,
     ) -> StoreResult<Vec<tollgate_store::report::Rollup>> {
-        self.store.rollups(account, cycle_start).await
+        self.store.rollups(account, cycle_start, dims).await
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tollgate_config::UsdInput;
 use tollgate_core::plan::{self, CycleSpend, Plan};
 use tollgate_core::{Modifiers, Nanos, PoolKind, PoolScope, Usage};
+use tollgate_store::report::Dims;
 use tollgate_store::{Account, EventQuery};
 
 use super::extract::{Path, Query, whole_number};
@@ -34,7 +35,7 @@ pub async fn forecast(
     let a = account(&s, &caller, &id).await?;
     let now = s.now();
     let balance = s.store.balance(&id, now).await?;
-    let rollups = s.store.rollups(&id, balance.cycle.start).await?;
+    let rollups = s.store.rollups(&id, balance.cycle.start, crate::report::FORECAST_DIMS).await?;
     let mut pools = serde_json::Map::new();
     for p in &balance.pools {
         let (f, calls) = crate::report::forecast_pool(p, balance.cycle, &rollups, now);
@@ -160,7 +161,7 @@ pub async fn advise_tier(
     let mut cycles = Vec::new();
     for k in (current.index - n)..current.index {
         let start = anchor.start(k);
-        let rollups = s.store.rollups(&id, start).await?;
+        let rollups = s.store.rollups(&id, start, Dims::NONE).await?;
         let spend = |pool: PoolKind| {
             rollups.iter().filter(|r| r.pool == pool).fold(Nanos::ZERO, |s, r| s.saturating_add(r.cost))
         };
@@ -201,7 +202,7 @@ pub async fn advise_model(
     let pool = q.pool.as_deref().map(parse_pool).transpose()?;
     let now = s.now();
     let cycle = a.cycle_anchor().cycle_at(now);
-    let rollups = s.store.rollups(&id, cycle.start).await?;
+    let rollups = s.store.rollups(&id, cycle.start, Dims { model: true, ..Dims::NONE }).await?;
     // Token sums per model used.
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
     for r in rollups.iter().filter(|r| pool.is_none_or(|p| p == r.pool)) {

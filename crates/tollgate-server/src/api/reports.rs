@@ -29,6 +29,6 @@ pub async fn report(
     let cycle = report::cycle_of(&account, p.cycle.as_deref().unwrap_or("current"), s.now()).map_err(ApiError::bad)?;
     // The balance at the cycle's start carries that cycle's pool figures.
     let balance = s.store.balance(&id, cycle.start).await?;
-    let rollups = s.store.rollups(&id, cycle.start).await?;
+    let rollups = s.store.rollups(&id, cycle.start, GroupBy::dims(by.as_ref())).await?;
     Ok(axum::Json(report::to_json(&report::build(&account, &balance, &rollups, by.as_ref()))))
 }
