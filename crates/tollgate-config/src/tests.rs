@@ -163,11 +163,12 @@ fn litellm_entries_are_read_exactly() {
 #[test]
 fn gateway_settings_and_pool_rules_load() {
     let text = "[gateway]\ndefault_pool = \"interactive\"\nmin_output_tokens = 2048\nclaude_code_warnings = true\n\
-                [[pool_rule]]\nname = \"ci\"\nheader = \"X-CI-Job\"\npool = \"programmatic\"\n";
+                lease_usd = \"0.25\"\n[[pool_rule]]\nname = \"ci\"\nheader = \"X-CI-Job\"\npool = \"programmatic\"\n";
     let s = Settings::from_file(parse_file(text).unwrap(), None, &no_env()).unwrap();
     assert_eq!(s.file.gateway.default_pool, "interactive");
     assert_eq!(s.file.gateway.min_output_tokens, 2048);
     assert!(s.file.gateway.claude_code_warnings);
+    assert_eq!(s.file.gateway.lease_usd.nanos(), Ok(tollgate_core::Nanos(250_000_000)));
     assert_eq!(s.file.gateway.body_size_bytes_max, 32 * 1024 * 1024);
     assert_eq!(s.file.pool_rule[0].value, "*");
 }

@@ -5,6 +5,7 @@
 //! the ledger's decisions come from `tollgate-core` and its writes go through `tollgate-store`.
 
 mod error;
+mod lease;
 mod meter;
 pub mod metrics;
 mod proxy;
@@ -12,5 +13,5 @@ pub mod upstream;
 pub mod wire;
 
 pub use error::GatewayError;
-pub use proxy::{Clock, Gateway, PoolRule, Settings, routes};
+pub use proxy::{Clock, Gateway, LEASE_DEFAULT, PoolRule, Settings, routes};
 pub use upstream::{Auth, Kind, Upstream};

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tollgate_core::{Modifiers, PoolKind, PriceEntry, Usage};
 use tollgate_store::{NewEvent, SettleRequest};
 
+use crate::lease::{Part, Scope};
 use crate::metrics::{CallLabels, ModelLabels};
 use crate::proxy::Gateway;
 use crate::upstream::Kind;
@@ -133,7 +134,11 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 pub struct Finish {
     pub gateway: Arc<Gateway>,
     pub account: String,
+    /// The call's own hold, or the lease it has a part of.
     pub hold_id: String,
+    /// The call's request id: its event's id.
+    pub call_id: String,
+    pub lease: Option<(Scope, Part)>,
     pub pool: PoolKind,
     pub model: String,
     pub entry: PriceEntry,
@@ -147,6 +152,11 @@ impl Finish {
     /// Voids the hold; `outcome` says why, for the calls metric.
     pub async fn void(self, outcome: &'static str) {
         self.count(outcome);
+        if let Some((scope, part)) = &self.lease {
+            // The part goes back to the lease, unused: nothing to write.
+            self.gateway.leases.done(scope, part, false);
+            return;
+        }
         let now = self.gateway.now();
         if let Err(e) = self.gateway.store.void(&self.account, &self.hold_id, now).await {
             tracing::error!(error = %e, hold = %self.hold_id, "void failed; the sweeper will expire the hold");
@@ -172,7 +182,7 @@ impl Finish {
             }
         };
         let event = NewEvent {
-            id: self.hold_id.clone(),
+            id: self.call_id.clone(),
             account: self.account.clone(),
             pool: self.pool,
             model: self.model.clone(),
@@ -188,10 +198,21 @@ impl Finish {
             latency_ms: Some(self.started.elapsed().as_millis() as u64),
             ttft_ms,
             partial,
-            fingerprint: self.hold_id.clone(),
+            fingerprint: self.call_id.clone(),
         };
         let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };
-        match self.gateway.store.settle(request, now).await {
+        let settled = match &self.lease {
+            None => self.gateway.store.settle(request, now).await,
+            Some((scope, part)) => {
+                let settled = self.gateway.store.settle_part(request, part.amount, now).await;
+                match settled {
+                    Ok(_) => self.gateway.leases.done(scope, part, true),
+                    Err(_) => self.gateway.leases.abandon(scope, part),
+                }
+                settled
+            }
+        };
+        match settled {
             Ok(event) => {
                 let labels = ModelLabels { pool: self.pool.as_str(), model: self.model.clone() };
                 let charged = event.grant_part.saturating_add(event.overage_part);

@@ -38,6 +38,8 @@ pub struct Settings {
     /// Price unknown models as this model; None: refuse them.
     pub unknown_model_as: Option<String>,
     pub hold_ttl_s: u64,
+    /// The size of a lease (`lease.rs`); zero holds every call on its own.
+    pub lease: Nanos,
     pub body_size_bytes_max: usize,
     /// "Make the call fit" never lowers `max_tokens` below this.
     pub min_output_tokens: u64,
@@ -63,6 +65,10 @@ pub struct PoolRule {
     pub pool: PoolKind,
 }
 
+/// The default lease: $1, so calls whose worst case is a few cents skip the disk write of their
+/// own hold, while Claude Code's large `max_tokens` calls are held one by one.
+pub const LEASE_DEFAULT: Nanos = Nanos(1_000_000_000);
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -70,6 +76,7 @@ impl Default for Settings {
             default_pool: PoolKind::Programmatic,
             unknown_model_as: None,
             hold_ttl_s: tollgate_core::ledger::HOLD_TTL_S_DEFAULT,
+            lease: LEASE_DEFAULT,
             body_size_bytes_max: 32 * 1024 * 1024,
             min_output_tokens: 1_024,
             upstream_timeout: Duration::from_secs(600),
@@ -90,6 +97,7 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Where settled and refused calls are tallied for the live stream.
     pub feed: Arc<Feed>,
+    pub(crate) leases: crate::lease::LeaseBook,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
     multipliers: Mutex<HashMap<String, (u64, Instant)>>,
@@ -105,9 +113,15 @@ impl Gateway {
             settings,
             metrics: Metrics::default(),
             feed: Arc::default(),
+            leases: Default::default(),
             keys: Mutex::default(),
             multipliers: Mutex::default(),
         }
+    }
+
+    /// Voids the leases no call is using; call it when the gateway stops.
+    pub async fn close(&self) {
+        crate::lease::close(self).await;
     }
 
     /// Shares the server's live feed instead of a private one.
@@ -386,7 +400,7 @@ async fn send(
 }
 
 /// A random id for a call: its hold id, event id and `x-tollgate-request-id`.
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     let mut bytes = [0u8; 12];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     format!("tgr_{}", hex::encode(bytes))
@@ -480,6 +494,8 @@ fn affordable_output(
 
 struct Admitted {
     hold_id: String,
+    /// The call's part of a lease, when it runs on one (then `hold_id` is the lease's).
+    part: Option<crate::lease::Part>,
     remaining_after: Option<Nanos>,
     clamped_to: Option<u64>,
     body: bytes::Bytes,
@@ -536,6 +552,8 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         gateway: gw.clone(),
         account: key.account.clone(),
         hold_id: admitted.hold_id.clone(),
+        call_id: id.clone(),
+        lease: admitted.part.clone().map(|p| (crate::lease::scope(&key, pool), p)),
         pool,
         model: model.clone(),
         entry: entry.clone(),
@@ -599,7 +617,9 @@ async fn warn_claude_code(gw: &Gateway, account: &str, pool: PoolKind, headers: 
     let Ok(balance) = gw.store.balance(account, gw.now()).await else { return };
     let Some(p) = balance.pools.iter().find(|p| p.pool == pool) else { return };
     let Some(limit) = p.limit.filter(|l| l.0 > 0) else { return };
-    let spent = i128::from(p.used.0) + i128::from(p.overage.0) + i128::from(p.held.0);
+    // The unused part of this gateway's leases is held, not spent.
+    let held = p.held.0 - gw.leases.unused(account, pool).0;
+    let spent = i128::from(p.used.0) + i128::from(p.overage.0) + i128::from(held);
     // Utilization in hundredths, from integers: 0.75 ≤ spent / limit.
     let hundredths = (spent * 100 / i128::from(limit.0)).clamp(0, 100);
     if hundredths < 75 {
@@ -618,7 +638,7 @@ async fn warn_claude_code(gw: &Gateway, account: &str, pool: PoolKind, headers: 
 /// output bound (SPEC section 3), and refuses only what cannot fit even then.
 #[allow(clippy::too_many_arguments)]
 async fn admit(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     kind: Kind,
     upstream: &Upstream,
     headers: &HeaderMap,
@@ -641,8 +661,20 @@ async fn admit(
         .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     let amount = hold_amount(worst, ppm)
         .ok_or_else(|| GatewayError::BadRequest("the request's worst case overflows the ledger".into()))?;
-    let refusal = match hold(gw, key, pool, source, model, amount, id).await? {
-        Ok(h) => return Ok(Admitted { hold_id: h.0, remaining_after: h.1, clamped_to: None, body }),
+    if let Some(part) = gw.leases.take(key, pool, amount) {
+        let remaining_after = gw.leases.remaining(&crate::lease::scope(key, pool));
+        let hold_id = part.lease_id.clone();
+        return Ok(Admitted { hold_id, part: Some(part), remaining_after, clamped_to: None, body });
+    }
+    let mut refusal = hold(gw, key, pool, source, model, amount, id).await?;
+    if refusal.is_err() && crate::lease::give_back(gw, key, pool).await {
+        refusal = hold(gw, key, pool, source, model, amount, id).await?;
+    }
+    let refusal = match refusal {
+        Ok(h) => {
+            crate::lease::top_up(gw, key, pool, h.1);
+            return Ok(Admitted { hold_id: h.0, part: None, remaining_after: h.1, clamped_to: None, body });
+        }
         Err(r) => r,
     };
     let (room, resets_at) = match refusal {
@@ -676,6 +708,7 @@ async fn admit(
     match hold(gw, key, pool, source, model, amount, id).await? {
         Ok(h) => Ok(Admitted {
             hold_id: h.0,
+            part: None,
             remaining_after: h.1,
             clamped_to: Some(fitted),
             body: bytes::Bytes::from(clamped_body),

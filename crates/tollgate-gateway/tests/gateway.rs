@@ -18,6 +18,7 @@ struct Harness {
     url: String,
     clock: tollgate_gateway::Clock,
     store: Arc<dyn Store>,
+    gateway: Arc<Gateway>,
     mock: MockUpstream,
     client: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -73,8 +74,9 @@ async fn harness_with(clock: tollgate_gateway::Clock, configure: impl FnOnce(&mu
     let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock.clone(), settings));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await.expect("serve") });
-    Harness { url, clock, store, mock, client: reqwest::Client::new(), _dir: dir }
+    let routes = tollgate_gateway::routes(gateway.clone());
+    tokio::spawn(async move { axum::serve(listener, routes).await.expect("serve") });
+    Harness { url, clock, store, gateway, mock, client: reqwest::Client::new(), _dir: dir }
 }
 
 impl Harness {
@@ -410,11 +412,118 @@ async fn a_thousand_concurrent_calls_never_pass_the_limit() {
     assert_eq!(ok, 10);
 }
 
+/// Waits until the gateway holds a lease (and no call): the programmatic pool holds exactly $1.
+async fn wait_for_lease(h: &Harness) {
+    for _ in 0..100 {
+        let b = h.store.balance("acme", (h.clock)()).await.expect("balance");
+        let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
+        if p.held == Nanos::from_usd(1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway took no lease");
+}
+
+#[tokio::test]
+async fn small_calls_run_on_a_lease_and_every_one_is_charged_once() {
+    let h = harness().await;
+    let first = h.messages(sonnet(false)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.text().await.unwrap();
+    wait_for_lease(&h).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let r = h.messages(sonnet(i % 3 == 0)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        ids.push(r.headers()["x-tollgate-request-id"].to_str().unwrap().to_string());
+        assert!(r.headers().contains_key("x-tollgate-remaining-usd"), "calls on a lease say what remains");
+        r.text().await.unwrap();
+    }
+    // Unbilled ends give their part back without a write.
+    for status in ["500", "529"] {
+        let r = h.messages(sonnet(false)).header("x-mock-status", status).send().await.unwrap();
+        assert_eq!(r.status().as_u16().to_string(), status);
+        r.text().await.unwrap();
+    }
+    let events = h.events().await;
+    assert_eq!(events.len(), 31, "one event per billed call");
+    for id in &ids {
+        let e = events.iter().find(|e| &e.id == id).unwrap_or_else(|| panic!("no event for call {id}"));
+        assert!(e.hold_id.as_deref().is_some_and(|h| h.starts_with("lease_")), "call {id} ran on the lease");
+        assert_eq!(e.charged(), SONNET_100_20, "call {id} charged its own cost");
+    }
+    // The idle lease is voided: nothing stays held, and the pool was charged exactly 31 calls.
+    assert_eq!(h.programmatic().await, (Nanos(SONNET_100_20.0 * 31), Nanos::ZERO));
+    let audit = h.store.audit().await.unwrap();
+    assert!(audit.breaches.is_empty(), "{:?}", audit.breaches);
+}
+
+#[tokio::test]
+async fn a_closing_gateway_voids_its_leases() {
+    let h = harness_with(Arc::new(now), |s| s.lease = Nanos::from_usd(2)).await;
+    h.messages(sonnet(false)).send().await.unwrap().text().await.unwrap();
+    let mut leased = false;
+    for _ in 0..250 {
+        let b = h.store.balance("acme", now()).await.unwrap();
+        leased = b.pools.iter().any(|p| p.held == Nanos::from_usd(2));
+        if leased {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(leased, "the gateway took a $2 lease after the first call");
+    h.gateway.close().await;
+    let b = h.store.balance("acme", now()).await.unwrap();
+    assert!(b.pools.iter().all(|p| p.held == Nanos::ZERO), "close voids the lease at once: {:?}", b.pools);
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_calls_on_leases_never_pass_the_limit() {
+    let h = harness().await;
+    // $10 left: room for leases (each $1, taken while ≥ $8 remains) and ~650 calls of $0.0153.
+    set_block_limit(&h, Nanos::from_usd(10)).await;
+    let warm = h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send().await.unwrap();
+    warm.text().await.unwrap();
+    wait_for_lease(&h).await;
+    let calls = (0..1_000).map(|_| h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send());
+    let results = futures_util::future::join_all(calls).await;
+    let mut ok = 1;
+    for r in results {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(r.headers()["x-should-retry"], "false");
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["type"], "billing_error");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let (charged, held) = h.programmatic().await;
+    assert_eq!(held, Nanos::ZERO);
+    assert!(charged <= Nanos::from_usd(50), "charged {charged} passed the $50 limit");
+    let events = h.events().await;
+    let sum = events.iter().fold(Nanos::ZERO, |s, e| s.saturating_add(e.grant_part).saturating_add(e.overage_part));
+    assert_eq!(sum, charged, "charged = Σ events");
+    assert_eq!(events.len(), ok + 1, "one event per admitted call, plus the burn");
+    assert!(events.iter().any(|e| e.hold_id.as_deref().is_some_and(|h| h.starts_with("lease_"))), "leases were used");
+    // Each call costs 100 × $3/MTok + 1000 × $15/MTok = $0.0153: $10 pays for 653 of them
+    // ($0.0091 left, less than a call's worst case), and no lease keeps any of it from a call.
+    assert_eq!((ok, Nanos(Nanos::from_usd(50).0 - charged.0)), (653, Nanos(9_100_000)));
+}
+
 #[tokio::test]
 async fn a_running_stream_keeps_its_hold_alive() {
     // Real time, holds that live 1 s, a stream of 8 events 300 ms apart (2.4 s), and a sweeper
     // expiring holds every 500 ms meanwhile: the stream's hold must never be expired.
-    let h = harness_with(Arc::new(Utc::now), |s| s.hold_ttl_s = 1).await;
+    // Leases off: the stream's own hold is what must stay alive.
+    let h = harness_with(Arc::new(Utc::now), |s| {
+        s.hold_ttl_s = 1;
+        s.lease = Nanos::ZERO;
+    })
+    .await;
     let store = h.store.clone();
     let sweeper = tokio::spawn(async move {
         let mut expired = 0;

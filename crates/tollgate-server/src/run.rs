@@ -127,8 +127,9 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     tracing::info!(listen = %settings.listen, "tollgate serving");
-    let app = router(state).merge(tollgate_gateway::routes(gateway));
+    let app = router(state).merge(tollgate_gateway::routes(gateway.clone()));
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    gateway.close().await;
     sweeper.abort();
     ticker.abort();
     alerting.abort();
@@ -203,6 +204,15 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
         body_size_bytes_max: g.body_size_bytes_max,
         upstream_timeout: Duration::from_secs(g.upstream_timeout_s),
         claude_code_warnings: g.claude_code_warnings,
+        lease: match g.lease_usd.nanos() {
+            Ok(n) if n.0 >= 0 => n,
+            _ => {
+                return Err(format!(
+                    "gateway.lease_usd: {:?} is not an amount of USD ≥ 0, such as \"1\"",
+                    g.lease_usd.text()
+                ));
+            }
+        },
         rules,
         unknown_model_as: match &settings.unknown_model {
             tollgate_config::UnknownModel::Reject => None,

@@ -1,0 +1,303 @@
+//! Leases: budget held durably in chunks, so that a call's hold does not wait for a disk write
+//! of its own (SPEC section 3: holds are durable before the call is forwarded; here the lease is).
+//!
+//! A lease is an ordinary store hold of `lease_usd`, made for one (account, pool, key). A call
+//! whose worst case fits the unused part of a lease takes that part in memory and is forwarded at
+//! once; its settle charges its event against the lease (`Store::settle_part`), and a call that
+//! ends unbilled gives its part back without a write. A call that fits no lease is held on its own,
+//! as without leases, and asks for a lease in the background for the calls after it.
+//!
+//! Exactness is unchanged: the store counts a lease as held, so charged + held never passes a
+//! `block` limit. What changes is a crash: a lease left open is expired like any hold, charged its
+//! held amount (its unused part too) and flagged `unsettled` for reconciliation. Leases are only
+//! taken while the pool has at least `LEASES_MAX_SHARE` leases' worth left, so the last credit of
+//! a pool is always held call by call; an idle lease is voided after `IDLE`, and all of them when
+//! the gateway closes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tollgate_core::{Nanos, PoolKind};
+use tollgate_store::{HoldOutcome, HoldRequest, Key};
+
+use crate::proxy::Gateway;
+
+/// A lease unused for this long is voided.
+const IDLE: Duration = Duration::from_secs(2);
+/// How often idle leases are voided and busy ones extended.
+const TICK: Duration = Duration::from_millis(500);
+/// A new lease is taken only while the pool's remaining covers this many leases.
+const LEASES_MAX_SHARE: i64 = 8;
+/// After a lease was refused or not taken, wait this long before asking again.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// What a lease is for: one key's calls in one pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Scope {
+    account: String,
+    pool: PoolKind,
+    key: String,
+}
+
+#[derive(Debug)]
+struct Lease {
+    id: String,
+    /// The part no call has taken.
+    free: Nanos,
+    calls: u32,
+    used: Instant,
+    extended: Instant,
+    /// No new calls: voided once its calls are done.
+    draining: bool,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    open: Vec<Lease>,
+    /// A lease is being taken (at most one at a time per scope).
+    taking: bool,
+    /// No new lease before this instant.
+    not_before: Option<Instant>,
+    /// The pool's remaining after the last store hold of the scope (None: unlimited).
+    remaining: Option<Nanos>,
+}
+
+/// (account, lease id).
+type LeaseRef = (String, String);
+
+/// A call's part of a lease.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub lease_id: String,
+    pub amount: Nanos,
+}
+
+/// The gateway's leases, per (account, pool, key).
+#[derive(Debug, Default)]
+pub struct LeaseBook {
+    scopes: Mutex<HashMap<Scope, Leases>>,
+    ticking: AtomicBool,
+    /// The gateway is stopping: a lease that arrives now is voided at once.
+    closed: AtomicBool,
+}
+
+pub fn scope(key: &Key, pool: PoolKind) -> Scope {
+    Scope { account: key.account.clone(), pool, key: key.id.clone() }
+}
+
+impl LeaseBook {
+    /// Takes `amount` from an open lease of the scope, if one has that much unused.
+    pub fn take(&self, key: &Key, pool: PoolKind, amount: Nanos) -> Option<Part> {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let leases = scopes.get_mut(&scope(key, pool))?;
+        let lease = leases.open.iter_mut().find(|l| !l.draining && l.free >= amount)?;
+        lease.free = Nanos(lease.free.0 - amount.0);
+        lease.calls += 1;
+        lease.used = Instant::now();
+        Some(Part { lease_id: lease.id.clone(), amount })
+    }
+
+    /// A call's part is done: `charged` when its event was charged against the lease (the store
+    /// released the part), otherwise the call gives the part back unused.
+    pub fn done(&self, scope: &Scope, part: &Part, charged: bool) {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let Some(lease) = scopes.get_mut(scope).and_then(|s| s.open.iter_mut().find(|l| l.id == part.lease_id)) else {
+            return;
+        };
+        lease.calls = lease.calls.saturating_sub(1);
+        if !charged {
+            lease.free = lease.free.saturating_add(part.amount);
+        }
+    }
+
+    /// A part's settle failed: the lease leaves the book without being voided, so the sweeper
+    /// expires it at what it still holds (flagged `unsettled`), as a hold whose settle failed.
+    pub fn abandon(&self, scope: &Scope, part: &Part) {
+        let mut scopes = self.scopes.lock().expect("leases");
+        if let Some(leases) = scopes.get_mut(scope) {
+            leases.open.retain(|l| l.id != part.lease_id);
+        }
+    }
+
+    /// The unused part of this gateway's leases on an account's pool (all keys): held in the
+    /// store, but not spent by any call.
+    pub fn unused(&self, account: &str, pool: PoolKind) -> Nanos {
+        let scopes = self.scopes.lock().expect("leases");
+        scopes
+            .iter()
+            .filter(|(s, _)| s.account == account && s.pool == pool)
+            .flat_map(|(_, l)| l.open.iter())
+            .fold(Nanos::ZERO, |sum, l| sum.saturating_add(l.free))
+    }
+
+    /// The pool's remaining as of the last store write for the scope, plus its leases' unused
+    /// part (None: unlimited or not known).
+    pub fn remaining(&self, scope: &Scope) -> Option<Nanos> {
+        let scopes = self.scopes.lock().expect("leases");
+        let leases = scopes.get(scope)?;
+        let unused = leases.open.iter().fold(Nanos::ZERO, |s, l| s.saturating_add(l.free));
+        leases.remaining.map(|r| r.saturating_add(unused))
+    }
+
+    /// Marks the scope's leases draining (no new calls) and returns those with no call left, to
+    /// void: a call was refused, so their unused credit goes back to the pool.
+    fn drain(&self, scope: &Scope) -> Vec<String> {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let Some(leases) = scopes.get_mut(scope) else { return Vec::new() };
+        leases.not_before = Some(Instant::now() + BACKOFF);
+        leases.open.iter_mut().for_each(|l| l.draining = true);
+        let (idle, busy): (Vec<Lease>, Vec<Lease>) = leases.open.drain(..).partition(|l| l.calls == 0);
+        leases.open = busy;
+        idle.into_iter().map(|l| l.id).collect()
+    }
+
+    /// Whether to take a new lease for the scope now; if so, marks it being taken.
+    fn should_take(&self, scope: &Scope) -> bool {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let leases = scopes.entry(scope.clone()).or_default();
+        if leases.taking || leases.not_before.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        leases.taking = true;
+        true
+    }
+
+    fn taken(&self, scope: &Scope, lease: Option<Lease>, remaining: Option<Nanos>) {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let leases = scopes.entry(scope.clone()).or_default();
+        leases.taking = false;
+        leases.remaining = remaining;
+        match lease {
+            Some(l) => leases.open.push(l),
+            None => leases.not_before = Some(Instant::now() + BACKOFF),
+        }
+    }
+
+    /// Leases to void (idle, or draining with no call left) and leases to extend (half their
+    /// time to live gone), as (account, lease id) pairs.
+    fn tick(&self, ttl: Duration, closing: bool) -> (Vec<LeaseRef>, Vec<LeaseRef>) {
+        let mut scopes = self.scopes.lock().expect("leases");
+        let (mut void, mut extend) = (Vec::new(), Vec::new());
+        for (scope, leases) in scopes.iter_mut() {
+            leases.open.retain_mut(|l| {
+                let done = l.calls == 0 && (closing || l.draining || l.used.elapsed() >= IDLE);
+                if done {
+                    void.push((scope.account.clone(), l.id.clone()));
+                } else if l.extended.elapsed() >= ttl / 2 {
+                    l.extended = Instant::now();
+                    extend.push((scope.account.clone(), l.id.clone()));
+                }
+                !done
+            });
+        }
+        (void, extend)
+    }
+}
+
+/// Asks for a lease for the scope in the background, unless one is being taken or was refused
+/// lately. `remaining` is the pool's remaining after the call's own hold (None: unlimited).
+pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Nanos>) {
+    let size = gw.settings.lease;
+    if size.0 <= 0 || gw.leases.closed.load(Ordering::Relaxed) {
+        return;
+    }
+    let scope = scope(key, pool);
+    if remaining.is_some_and(|r| r.0 / LEASES_MAX_SHARE < size.0) {
+        gw.leases.taken(&scope, None, remaining);
+        return;
+    }
+    if !gw.leases.should_take(&scope) {
+        return;
+    }
+    start_ticking(gw);
+    let (gw, key_id) = (gw.clone(), key.id.clone());
+    tokio::spawn(async move {
+        let request = HoldRequest {
+            account: scope.account.clone(),
+            id: format!("lease_{}", crate::proxy::request_id()),
+            pool,
+            key: Some(key_id),
+            amount: size,
+            ttl_s: gw.settings.hold_ttl_s,
+            model: None,
+            source: Some("lease".into()),
+            fingerprint: String::new(),
+        };
+        let (lease, remaining) = match gw.store.hold(request, gw.now()).await {
+            Ok(HoldOutcome::Held(h)) if gw.leases.closed.load(Ordering::Relaxed) => {
+                void(&gw, &scope.account, &h.id).await;
+                (None, remaining)
+            }
+            Ok(HoldOutcome::Held(h)) if h.remaining_after.is_none_or(|r| r.0 / LEASES_MAX_SHARE >= size.0) => {
+                let now = Instant::now();
+                let lease = Lease { id: h.id, free: size, calls: 0, used: now, extended: now, draining: false };
+                (Some(lease), h.remaining_after)
+            }
+            Ok(HoldOutcome::Held(h)) => {
+                // The pool is near its end: give the lease back at once.
+                void(&gw, &scope.account, &h.id).await;
+                (None, h.remaining_after.map(|r| r.saturating_add(size)))
+            }
+            Ok(_) => (None, remaining),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a lease; calls are held one by one");
+                (None, remaining)
+            }
+        };
+        gw.leases.taken(&scope, lease, remaining);
+    });
+}
+
+/// A call did not fit: gives the scope's unused leases back to the pool. Returns whether any
+/// credit was given back (then the call is worth holding again).
+pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
+    let idle = gw.leases.drain(&scope(key, pool));
+    for id in &idle {
+        void(gw, &key.account, id).await;
+    }
+    !idle.is_empty()
+}
+
+/// Voids every lease with no call left; the gateway calls it when it stops.
+pub async fn close(gw: &Gateway) {
+    gw.leases.closed.store(true, Ordering::Relaxed);
+    let (idle, _) = gw.leases.tick(Duration::from_secs(gw.settings.hold_ttl_s), true);
+    for (account, id) in idle {
+        void(gw, &account, &id).await;
+    }
+}
+
+async fn void(gw: &Gateway, account: &str, id: &str) {
+    if let Err(e) = gw.store.void(account, id, gw.now()).await {
+        tracing::error!(error = %e, lease = %id, "could not void a lease; the sweeper will expire it");
+    }
+}
+
+/// Starts, once, the task that voids idle leases and extends busy ones.
+fn start_ticking(gw: &Arc<Gateway>) {
+    if gw.leases.ticking.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let weak = Arc::downgrade(gw);
+    // Often enough to extend a lease before it expires, however short the time to live.
+    let period = TICK.min(Duration::from_secs(gw.settings.hold_ttl_s.max(1)) / 4);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(period);
+        loop {
+            every.tick().await;
+            let Some(gw) = weak.upgrade() else { return };
+            let ttl = Duration::from_secs(gw.settings.hold_ttl_s);
+            let (idle, busy) = gw.leases.tick(ttl, false);
+            for (account, id) in idle {
+                void(&gw, &account, &id).await;
+            }
+            for (account, id) in busy {
+                if let Err(e) = gw.store.extend_hold(&account, &id, gw.settings.hold_ttl_s, gw.now()).await {
+                    tracing::warn!(error = %e, lease = %id, "could not extend a lease");
+                }
+            }
+        }
+    });
+}
