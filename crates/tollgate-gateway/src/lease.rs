@@ -141,16 +141,20 @@ impl LeaseBook {
         leases.remaining.map(|r| r.saturating_add(unused))
     }
 
-    /// Marks the scope's leases draining (no new calls) and returns those with no call left, to
-    /// void: a call was refused, so their unused credit goes back to the pool.
-    fn drain(&self, scope: &Scope) -> Vec<String> {
+    /// Marks the leases on an account's pool (every key's) draining, so no new call takes
+    /// them, and returns those with no call left, to void: a call was refused, so their unused
+    /// credit goes back to the pool.
+    fn drain(&self, account: &str, pool: PoolKind) -> Vec<String> {
         let mut scopes = self.scopes.lock().expect("leases");
-        let Some(leases) = scopes.get_mut(scope) else { return Vec::new() };
-        leases.not_before = Some(Instant::now() + BACKOFF);
-        leases.open.iter_mut().for_each(|l| l.draining = true);
-        let (idle, busy): (Vec<Lease>, Vec<Lease>) = leases.open.drain(..).partition(|l| l.calls == 0);
-        leases.open = busy;
-        idle.into_iter().map(|l| l.id).collect()
+        let mut idle = Vec::new();
+        for (_, leases) in scopes.iter_mut().filter(|(s, _)| s.account == account && s.pool == pool) {
+            leases.not_before = Some(Instant::now() + BACKOFF);
+            leases.open.iter_mut().for_each(|l| l.draining = true);
+            let (done, busy): (Vec<Lease>, Vec<Lease>) = leases.open.drain(..).partition(|l| l.calls == 0);
+            leases.open = busy;
+            idle.extend(done.into_iter().map(|l| l.id));
+        }
+        idle
     }
 
     /// Whether to take a new lease for the scope now; if so, marks it being taken.
@@ -250,10 +254,10 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
     });
 }
 
-/// A call did not fit: gives the scope's unused leases back to the pool. Returns whether any
-/// credit was given back (then the call is worth holding again).
+/// A call did not fit: gives the unused leases on its pool back. Returns whether any credit was
+/// given back (then the call is worth holding again).
 pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
-    let idle = gw.leases.drain(&scope(key, pool));
+    let idle = gw.leases.drain(&key.account, pool);
     for id in &idle {
         void(gw, &key.account, id).await;
     }
