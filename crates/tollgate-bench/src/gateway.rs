@@ -24,7 +24,7 @@ use tollgate_gateway::{Auth, Gateway, Kind, Settings, Upstream};
 use tollgate_sqlite::SqliteStore;
 use tollgate_store::{KeyPool, NewAccount, NewGrant, NewKey, Store, hash_secret};
 
-const SECRET: &str = "bench-secret";
+pub const SECRET: &str = "bench-secret";
 const BODY: &str =
     r#"{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Say hello."}]}"#;
 
@@ -38,7 +38,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
     runtime.block_on(measure(calls, connections, seconds))
 }
 
-async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), String> {
+/// A fresh SQLite store with the account "bench" (a $1M programmatic grant, key `SECRET`), the
+/// testkit's mock upstream, and the gateway in front of it on a socket of its own.
+pub struct Setup {
+    pub store: Arc<dyn Store>,
+    pub now: chrono::DateTime<Utc>,
+    pub mock: tollgate_testkit::MockUpstream,
+    pub gateway_url: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn setup() -> Result<Setup, String> {
+    let mock = tollgate_testkit::MockUpstream::start().await;
+    let (store, now, gateway_url, dir) = serve_gateway(&mock.base_url()).await?;
+    Ok(Setup { store, now, mock, gateway_url, dir })
+}
+
+/// The store, account, key and gateway of [`Setup`] in front of the upstream at `upstream_url`.
+pub async fn serve_gateway(
+    upstream_url: &str,
+) -> Result<(Arc<dyn Store>, chrono::DateTime<Utc>, String, tempfile::TempDir), String> {
     let dir = tempfile::Builder::new().prefix("tollgate-bench").tempdir_in(".").map_err(|e| e.to_string())?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).map_err(|e| e.to_string())?);
     let now = Utc.with_ymd_and_hms(2026, 11, 10, 12, 0, 0).single().ok_or("bad date")?;
@@ -69,12 +88,11 @@ async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), Strin
     };
     store.create_key(key, now).await.map_err(|e| e.to_string())?;
 
-    let mock = tollgate_testkit::MockUpstream::start().await;
     let settings = Settings {
         upstreams: vec![Upstream {
             name: "mock".into(),
             kind: Kind::Anthropic,
-            base_url: mock.base_url(),
+            base_url: upstream_url.to_string(),
             api_key: Some("upstream".into()),
             models: vec!["claude-*".into()],
             auth: Auth::Gateway,
@@ -86,6 +104,11 @@ async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), Strin
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let gateway_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await });
+    Ok((store, now, gateway_url, dir))
+}
+
+async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), String> {
+    let Setup { store, now, mock, gateway_url, dir: _dir } = setup().await?;
     let direct_url = mock.base_url();
 
     let mut http = HttpConnector::new();

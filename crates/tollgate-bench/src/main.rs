@@ -5,6 +5,7 @@
 //! cargo run --release -p tollgate-bench -- core
 //! cargo run --release -p tollgate-bench -- sqlite [--tasks 64] [--calls 200000]
 //! cargo run --release -p tollgate-bench -- gateway [--calls 5000] [--connections 64] [--seconds 10]
+//! cargo run --release -p tollgate-bench -- streams [--streams 1000] [--delay-ms 500]
 //! cargo run --release -p tollgate-bench -- reports [--events 10000000] [--postgres URL]
 //! cargo run --release -p tollgate-bench -- postgres [--pools 1] [--stores 4] [--tasks 256] [--calls 100000] [--url postgres://…]
 //! ```
@@ -14,6 +15,7 @@ mod gateway;
 mod postgres_ledger;
 mod reports;
 mod sqlite_ledger;
+mod streams;
 
 use std::process::ExitCode;
 
@@ -23,9 +25,11 @@ fn main() -> ExitCode {
         Some("core") => core_decisions::run(&args[1..]),
         Some("sqlite") => sqlite_ledger::run(&args[1..]),
         Some("gateway") => gateway::run(&args[1..]),
+        Some("streams") => streams::run(&args[1..]),
+        Some("streams-gateway") => streams::serve(&args[1..]),
         Some("reports") => reports::run(&args[1..]),
         Some("postgres") => postgres_ledger::run(&args[1..]),
-        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL]".to_string()),
+        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] | streams [--streams N] [--delay-ms N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
