@@ -30,6 +30,8 @@ const IDLE: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(500);
 /// A new lease is taken only while the pool's remaining covers this many leases.
 const LEASES_MAX_SHARE: i64 = 8;
+/// How long closing waits for the last calls on leases to settle.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After a lease was refused or not taken, wait this long before asking again.
 const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -72,6 +74,8 @@ type LeaseRef = (String, String);
 pub struct Part {
     pub lease_id: String,
     pub amount: Nanos,
+    /// Less than a quarter of the lease is left unused: time to take the next one.
+    pub low: bool,
 }
 
 /// The gateway's leases, per (account, pool, key).
@@ -89,14 +93,20 @@ pub fn scope(key: &Key, pool: PoolKind) -> Scope {
 
 impl LeaseBook {
     /// Takes `amount` from an open lease of the scope, if one has that much unused.
-    pub fn take(&self, key: &Key, pool: PoolKind, amount: Nanos) -> Option<Part> {
+    pub fn take(&self, key: &Key, pool: PoolKind, amount: Nanos, size: Nanos) -> Option<Part> {
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.get_mut(&scope(key, pool))?;
         let lease = leases.open.iter_mut().find(|l| !l.draining && l.free >= amount)?;
         lease.free = Nanos(lease.free.0 - amount.0);
         lease.calls += 1;
         lease.used = Instant::now();
-        Some(Part { lease_id: lease.id.clone(), amount })
+        let low = lease.free.0 < size.0 / 4;
+        Some(Part { lease_id: lease.id.clone(), amount, low })
+    }
+
+    /// The pool's remaining after the scope's last store hold, leases not counted.
+    fn last_remaining(&self, scope: &Scope) -> Option<Nanos> {
+        self.scopes.lock().expect("leases").get(scope).and_then(|l| l.remaining)
     }
 
     /// A call's part is done: `charged` when its event was charged against the lease (the store
@@ -254,6 +264,12 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
     });
 }
 
+/// A call took a part of a lease that is running low: takes the next one in the background.
+pub fn next(gw: &Arc<Gateway>, key: &Key, pool: PoolKind) {
+    let remaining = gw.leases.last_remaining(&scope(key, pool));
+    top_up(gw, key, pool, remaining);
+}
+
 /// A call did not fit: gives the unused leases on its pool back. Returns whether any credit was
 /// given back (then the call is worth holding again).
 pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
@@ -264,12 +280,22 @@ pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
     !idle.is_empty()
 }
 
-/// Voids every lease with no call left; the gateway calls it when it stops.
+/// Voids every lease once its calls are done (waiting up to `CLOSE_WAIT` for the settles of the
+/// last calls); the gateway calls it when it stops. A lease still busy after that is left to
+/// expire.
 pub async fn close(gw: &Gateway) {
     gw.leases.closed.store(true, Ordering::Relaxed);
-    let (idle, _) = gw.leases.tick(Duration::from_secs(gw.settings.hold_ttl_s), true);
-    for (account, id) in idle {
-        void(gw, &account, &id).await;
+    let deadline = Instant::now() + CLOSE_WAIT;
+    loop {
+        let (idle, _) = gw.leases.tick(Duration::from_secs(gw.settings.hold_ttl_s), true);
+        for (account, id) in idle {
+            void(gw, &account, &id).await;
+        }
+        let open = gw.leases.scopes.lock().expect("leases").values().map(|l| l.open.len()).sum::<usize>();
+        if open == 0 || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -665,7 +665,10 @@ async fn admit(
         .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     let amount = hold_amount(worst, ppm)
         .ok_or_else(|| GatewayError::BadRequest("the request's worst case overflows the ledger".into()))?;
-    if let Some(part) = gw.leases.take(key, pool, amount) {
+    if let Some(part) = gw.leases.take(key, pool, amount, gw.settings.lease) {
+        if part.low {
+            crate::lease::next(gw, key, pool);
+        }
         let remaining_after = gw.leases.remaining(&crate::lease::scope(key, pool));
         let hold_id = part.lease_id.clone();
         return Ok(Admitted { hold_id, part: Some(part), remaining_after, clamped_to: None, body });

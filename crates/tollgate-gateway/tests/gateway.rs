@@ -446,6 +446,9 @@ async fn small_calls_run_on_a_lease_and_every_one_is_charged_once() {
         assert_eq!(r.status().as_u16().to_string(), status);
         r.text().await.unwrap();
     }
+    // Settles land after the bodies end, and the idle lease is voided after 2 s: once nothing is
+    // held, the pool was charged exactly 31 calls.
+    assert_eq!(h.programmatic().await, (Nanos(SONNET_100_20.0 * 31), Nanos::ZERO));
     let events = h.events().await;
     assert_eq!(events.len(), 31, "one event per billed call");
     for id in &ids {
@@ -453,8 +456,6 @@ async fn small_calls_run_on_a_lease_and_every_one_is_charged_once() {
         assert!(e.hold_id.as_deref().is_some_and(|h| h.starts_with("lease_")), "call {id} ran on the lease");
         assert_eq!(e.charged(), SONNET_100_20, "call {id} charged its own cost");
     }
-    // The idle lease is voided: nothing stays held, and the pool was charged exactly 31 calls.
-    assert_eq!(h.programmatic().await, (Nanos(SONNET_100_20.0 * 31), Nanos::ZERO));
     let audit = h.store.audit().await.unwrap();
     assert!(audit.breaches.is_empty(), "{:?}", audit.breaches);
 }
