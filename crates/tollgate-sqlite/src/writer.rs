@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -17,8 +17,6 @@ use crate::rows::{self, backend};
 
 /// Most jobs in one group commit.
 const BATCH_JOBS_MAX: usize = 1024;
-/// How often a batch waiting for the running fsync checks whether it is done.
-const SYNC_POLL: Duration = Duration::from_micros(50);
 
 pub type Reply = Box<dyn FnOnce(Option<StoreError>) + Send>;
 pub type Run = Box<dyn FnOnce(&Db) -> (Reply, bool) + Send>;
@@ -415,17 +413,11 @@ pub fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>, restart_wal: &At
 /// for the disk (`synchronous = NORMAL`); the committed batch goes to the syncer thread, which
 /// fsyncs the WAL and only then replies. So the writer runs the next batch while the disk
 /// flushes the last one, and no reply is sent before its write is on disk.
-///
-/// While an fsync is in progress the open batch keeps taking the jobs that arrive: they could
-/// not be answered before the next fsync anyway, and one commit of many jobs writes each page
-/// they share (a pool's row, an index's last page) to the WAL once instead of once per commit.
 pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal: &AtomicBool) {
     let (committed, to_sync) = mpsc::channel::<Vec<Reply>>();
-    let syncing = Arc::new(AtomicUsize::new(0));
-    let in_sync = syncing.clone();
     let syncer = std::thread::Builder::new()
         .name("tg-sqlite-sync".into())
-        .spawn(move || syncer(&wal_path, to_sync, &in_sync))
+        .spawn(move || syncer(&wal_path, to_sync))
         .expect("the WAL sync thread starts");
     let conn: &Connection = &db;
     while let Ok(first) = jobs.recv() {
@@ -451,18 +443,7 @@ pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal:
         }
         let mut replies = Vec::with_capacity(batch.len());
         let mut torn = false;
-        let mut batch = batch.into_iter();
-        while let Some(job) = batch.next().or_else(|| {
-            // The batch is run: wait for more jobs while the last commit is being fsynced.
-            while syncing.load(Ordering::Acquire) > 0 && replies.len() < BATCH_JOBS_MAX {
-                match jobs.recv_timeout(SYNC_POLL) {
-                    Ok(job) => return Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-                }
-            }
-            None
-        }) {
+        for job in batch {
             let changes_before = conn.total_changes();
             let savepoint = job.savepoint && exec_cached(conn, "SAVEPOINT job").is_ok();
             let (reply, ok) = (job.run)(&db);
@@ -492,7 +473,6 @@ pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal:
         };
         match outcome {
             Ok(()) => {
-                syncing.fetch_add(1, Ordering::AcqRel);
                 if let Err(mpsc::SendError(replies)) = committed.send(replies) {
                     let err = StoreError::Backend("the WAL sync thread has stopped".into());
                     replies.into_iter().for_each(|r| r(Some(err.clone())));
@@ -513,13 +493,11 @@ pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal:
 
 /// Fsyncs the WAL for every batch committed since the last fsync, then replies to them in
 /// commit order. One fsync covers all batches that waited for it.
-fn syncer(wal_path: &Path, committed: mpsc::Receiver<Vec<Reply>>, syncing: &AtomicUsize) {
+fn syncer(wal_path: &Path, committed: mpsc::Receiver<Vec<Reply>>) {
     let mut wal: Option<File> = None;
     while let Ok(mut replies) = committed.recv() {
-        let mut batches = 1;
         while let Ok(more) = committed.try_recv() {
             replies.extend(more);
-            batches += 1;
         }
         let synced = match &wal {
             Some(file) => file.sync_data(),
@@ -536,7 +514,6 @@ fn syncer(wal_path: &Path, committed: mpsc::Receiver<Vec<Reply>>, syncing: &Atom
                 replies.into_iter().for_each(|r| r(Some(err.clone())));
             }
         }
-        syncing.fetch_sub(batches, Ordering::AcqRel);
     }
 }
 
