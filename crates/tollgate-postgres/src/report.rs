@@ -16,7 +16,7 @@ impl ReportStore for PgStore {
     async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>, dims: Dims) -> StoreResult<Vec<Rollup>> {
         read_tx!(self, |tx| {
             async {
-                let found = query(&tx, &dims.select_sql("$1", "$2"), &[&account, &us(cycle_start)]).await?;
+                let found = query(&tx, &dims.select_sql("$1", "$2", true), &[&account, &us(cycle_start)]).await?;
                 found
                     .iter()
                     .map(|r| {

@@ -1,6 +1,9 @@
 //! Usage rolled up per hour (SPEC section 7): what reports, forecasts and advice read, so that
 //! they stay fast however many events a cycle has.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tollgate_core::{Nanos, PoolKind, Usage};
@@ -49,8 +52,10 @@ impl Dims {
 
     /// The query of these dimensions over the table `rollups`, for both backends: `account` and
     /// `cycle_start` name its two parameters (`$1`, `?1`…). Columns: pool, hour_us, model, source,
-    /// key_id, labels, then the sums in `Rollup`'s order.
-    pub fn select_sql(&self, account: &str, cycle_start: &str) -> String {
+    /// key_id, labels, then the sums in `Rollup`'s order. With `group` false the rows come back
+    /// one per stored rollup, the unneeded dimensions already blank, for the caller to sum
+    /// ([`Dims::sum`]).
+    pub fn select_sql(&self, account: &str, cycle_start: &str, group: bool) -> String {
         let keep = |on: bool, column: &str, blank: &str| if on { column.to_string() } else { blank.to_string() };
         let sums = [
             "calls",
@@ -65,18 +70,49 @@ impl Dims {
             "latency_ms_sum",
             "timed",
         ]
-        .map(|c| format!("CAST(SUM({c}) AS BIGINT)"))
+        .map(|c| if group { format!("CAST(SUM({c}) AS BIGINT)") } else { c.to_string() })
         .join(", ");
+        let group_by = if group { "GROUP BY 1, 2, 3, 4, 5, 6" } else { "" };
         format!(
             "SELECT pool, {}, {}, {}, {}, {}, {sums}
-             FROM rollups WHERE account = {account} AND cycle_start_us = {cycle_start}
-             GROUP BY 1, 2, 3, 4, 5, 6",
+             FROM rollups WHERE account = {account} AND cycle_start_us = {cycle_start} {group_by}",
             keep(self.hour, "hour_us", &format!("CAST({cycle_start} AS BIGINT)")),
             keep(self.model, "model", "''"),
             keep(self.source, "source", "''"),
             keep(self.key, "key_id", "''"),
             keep(self.labels, "labels", "'{}'"),
         )
+    }
+}
+
+impl Dims {
+    /// Sums rollups whose dimensions were blanked (`select_sql` without grouping) into one per
+    /// distinct key, in a hash table.
+    pub fn sum(rows: impl IntoIterator<Item = Rollup>) -> Vec<Rollup> {
+        type Key = (PoolKind, DateTime<Utc>, String, String, String, String);
+        let mut sums: HashMap<Key, Rollup> = HashMap::new();
+        for mut r in rows {
+            // The key's strings move out of the row (no copies); the stored row gets them back.
+            let take = |s: &mut String| std::mem::take(s);
+            let key = (r.pool, r.hour, take(&mut r.model), take(&mut r.source), take(&mut r.key), take(&mut r.labels));
+            match sums.entry(key) {
+                Entry::Vacant(v) => {
+                    v.insert(r);
+                }
+                Entry::Occupied(mut o) => {
+                    let s = o.get_mut();
+                    s.calls += r.calls;
+                    s.usage.add(&r.usage);
+                    s.cost = s.cost.saturating_add(r.cost);
+                    s.charged = s.charged.saturating_add(r.charged);
+                    s.latency_ms_sum += r.latency_ms_sum;
+                    s.timed += r.timed;
+                }
+            }
+        }
+        sums.into_iter()
+            .map(|((_, _, model, source, key, labels), r)| Rollup { model, source, key, labels, ..r })
+            .collect()
     }
 }
 
