@@ -105,8 +105,9 @@ pub struct GatewaySection {
     /// Send Claude Code's own warning headers once a pool passes 75 %.
     pub claude_code_warnings: bool,
     /// The budget held at once for a key's small calls, so each does not wait for a disk write
-    /// of its own (docs/gateway.md, "Leases"); "0" holds every call on its own.
-    pub lease_usd: UsdInput,
+    /// of its own (docs/gateway.md, "Leases"); "0" holds every call on its own. Unset: "1" on
+    /// SQLite, "0" on PostgreSQL.
+    pub lease_usd: Option<UsdInput>,
 }
 
 impl Default for GatewaySection {
@@ -117,7 +118,7 @@ impl Default for GatewaySection {
             body_size_bytes_max: 32 * 1024 * 1024,
             upstream_timeout_s: 600,
             claude_code_warnings: false,
-            lease_usd: UsdInput::new("1"),
+            lease_usd: None,
         }
     }
 }

@@ -168,7 +168,7 @@ fn gateway_settings_and_pool_rules_load() {
     assert_eq!(s.file.gateway.default_pool, "interactive");
     assert_eq!(s.file.gateway.min_output_tokens, 2048);
     assert!(s.file.gateway.claude_code_warnings);
-    assert_eq!(s.file.gateway.lease_usd.nanos(), Ok(tollgate_core::Nanos(250_000_000)));
+    assert_eq!(s.file.gateway.lease_usd.map(|u| u.nanos()), Some(Ok(tollgate_core::Nanos(250_000_000))));
     assert_eq!(s.file.gateway.body_size_bytes_max, 32 * 1024 * 1024);
     assert_eq!(s.file.pool_rule[0].value, "*");
 }

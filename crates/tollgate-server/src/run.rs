@@ -204,14 +204,20 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
         body_size_bytes_max: g.body_size_bytes_max,
         upstream_timeout: Duration::from_secs(g.upstream_timeout_s),
         claude_code_warnings: g.claude_code_warnings,
-        lease: match g.lease_usd.nanos() {
-            Ok(n) if n.0 >= 0 => n,
-            _ => {
-                return Err(format!(
-                    "gateway.lease_usd: {:?} is not an amount of USD ≥ 0, such as \"1\"",
-                    g.lease_usd.text()
-                ));
-            }
+        // Leases are on by default on SQLite only: on PostgreSQL a lease's settles are not yet
+        // group-committed, so one lease row would serialize a key's settles.
+        lease: match (&g.lease_usd, &settings.store) {
+            (None, StoreUrl::Sqlite(_)) => tollgate_gateway::LEASE_DEFAULT,
+            (None, StoreUrl::Postgres(_)) => tollgate_core::Nanos::ZERO,
+            (Some(usd), _) => match usd.nanos() {
+                Ok(n) if n.0 >= 0 => n,
+                _ => {
+                    return Err(format!(
+                        "gateway.lease_usd: {:?} is not an amount of USD ≥ 0, such as \"1\"",
+                        usd.text()
+                    ));
+                }
+            },
         },
         rules,
         unknown_model_as: match &settings.unknown_model {
@@ -379,4 +385,38 @@ async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoEnv;
+
+    impl Env for NoEnv {
+        fn var(&self, _name: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn settings(toml: &str) -> Settings {
+        let file = tollgate_config::parse_file(toml).expect("the test's TOML parses");
+        Settings::from_file(file, None, &NoEnv).expect("the test's settings are valid")
+    }
+
+    #[test]
+    fn leases_default_to_one_dollar_on_sqlite_and_off_on_postgres() {
+        let sqlite = gateway_settings(&settings(""), &NoEnv).expect("defaults");
+        assert_eq!(sqlite.lease, tollgate_gateway::LEASE_DEFAULT);
+        let pg = settings("[store]\nurl = \"postgres://localhost/tollgate\"\n");
+        assert_eq!(gateway_settings(&pg, &NoEnv).expect("defaults").lease, tollgate_core::Nanos::ZERO);
+        let set = settings("[gateway]\nlease_usd = \"0.25\"\n[store]\nurl = \"postgres://localhost/tollgate\"\n");
+        assert_eq!(gateway_settings(&set, &NoEnv).expect("set").lease, tollgate_core::Nanos(250_000_000));
+    }
+
+    #[test]
+    fn a_negative_lease_is_refused_with_what_to_write() {
+        let e = gateway_settings(&settings("[gateway]\nlease_usd = \"-1\"\n"), &NoEnv).unwrap_err();
+        assert!(e.contains("gateway.lease_usd") && e.contains("\"-1\"") && e.contains("such as"), "{e}");
+    }
 }
