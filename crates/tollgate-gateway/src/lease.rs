@@ -30,6 +30,8 @@ const IDLE: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(500);
 /// A new lease is taken only while the pool's remaining covers this many leases.
 const LEASES_MAX_SHARE: i64 = 8;
+/// How long a refused call waits for the calls on draining leases to end.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// How long closing waits for the last calls on leases to settle.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After a lease was refused or not taken, wait this long before asking again.
@@ -110,16 +112,28 @@ impl LeaseBook {
     }
 
     /// A call's part is done: `charged` when its event was charged against the lease (the store
-    /// released the part), otherwise the call gives the part back unused.
-    pub fn done(&self, scope: &Scope, part: &Part, charged: bool) {
+    /// released the part), otherwise the call gives the part back unused. Returns the lease's id
+    /// when it was draining and this was its last call: it leaves the book, to be voided now.
+    fn done(&self, scope: &Scope, part: &Part, charged: bool) -> Option<String> {
         let mut scopes = self.scopes.lock().expect("leases");
-        let Some(lease) = scopes.get_mut(scope).and_then(|s| s.open.iter_mut().find(|l| l.id == part.lease_id)) else {
-            return;
-        };
+        let leases = scopes.get_mut(scope)?;
+        let i = leases.open.iter().position(|l| l.id == part.lease_id)?;
+        let lease = &mut leases.open[i];
         lease.calls = lease.calls.saturating_sub(1);
         if !charged {
             lease.free = lease.free.saturating_add(part.amount);
         }
+        (lease.draining && lease.calls == 0).then(|| leases.open.remove(i).id)
+    }
+
+    /// Whether a lease on an account's pool is draining with calls still on it.
+    fn draining(&self, account: &str, pool: PoolKind) -> bool {
+        let scopes = self.scopes.lock().expect("leases");
+        scopes
+            .iter()
+            .filter(|(s, _)| s.account == account && s.pool == pool)
+            .flat_map(|(_, l)| l.open.iter())
+            .any(|l| l.draining)
     }
 
     /// A part's settle failed: the lease leaves the book without being voided, so the sweeper
@@ -178,15 +192,28 @@ impl LeaseBook {
         true
     }
 
-    fn taken(&self, scope: &Scope, lease: Option<Lease>, remaining: Option<Nanos>) {
+    /// Files a lease just taken; returns it instead when the gateway closed meanwhile, to void.
+    fn taken(&self, scope: &Scope, lease: Option<Lease>, remaining: Option<Nanos>) -> Option<Lease> {
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.entry(scope.clone()).or_default();
         leases.taking = false;
         leases.remaining = remaining;
         match lease {
-            Some(l) => leases.open.push(l),
-            None => leases.not_before = Some(Instant::now() + BACKOFF),
+            Some(l) if self.closed.load(Ordering::Relaxed) => Some(l),
+            Some(l) => {
+                leases.open.push(l);
+                None
+            }
+            None => {
+                leases.not_before = Some(Instant::now() + BACKOFF);
+                None
+            }
         }
+    }
+
+    /// Whether any lease is open or being taken.
+    fn any(&self) -> bool {
+        self.scopes.lock().expect("leases").values().any(|l| l.taking || !l.open.is_empty())
     }
 
     /// Leases to void (idle, or draining with no call left) and leases to extend (half their
@@ -260,7 +287,9 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
                 (None, remaining)
             }
         };
-        gw.leases.taken(&scope, lease, remaining);
+        if let Some(late) = gw.leases.taken(&scope, lease, remaining) {
+            void(&gw, &scope.account, &late.id).await;
+        }
     });
 }
 
@@ -270,14 +299,29 @@ pub fn next(gw: &Arc<Gateway>, key: &Key, pool: PoolKind) {
     top_up(gw, key, pool, remaining);
 }
 
-/// A call did not fit: gives the unused leases on its pool back. Returns whether any credit was
-/// given back (then the call is worth holding again).
+/// A call did not fit: gives the unused leases on its pool back, waiting (up to `DRAIN_WAIT`)
+/// for the calls still on them to end, since each busy lease is voided with its last call.
+/// Returns whether any credit was given back (then the call is worth holding again).
 pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
     let idle = gw.leases.drain(&key.account, pool);
     for id in &idle {
         void(gw, &key.account, id).await;
     }
-    !idle.is_empty()
+    let mut waited = false;
+    let deadline = Instant::now() + DRAIN_WAIT;
+    while gw.leases.draining(&key.account, pool) && Instant::now() < deadline {
+        waited = true;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    waited || !idle.is_empty()
+}
+
+/// A call's part is done (see [`LeaseBook::done`]); voids the lease if it was draining and this
+/// was its last call.
+pub async fn done(gw: &Gateway, scope: &Scope, part: &Part, charged: bool) {
+    if let Some(id) = gw.leases.done(scope, part, charged) {
+        void(gw, &scope.account, &id).await;
+    }
 }
 
 /// Voids every lease once its calls are done (waiting up to `CLOSE_WAIT` for the settles of the
@@ -291,8 +335,7 @@ pub async fn close(gw: &Gateway) {
         for (account, id) in idle {
             void(gw, &account, &id).await;
         }
-        let open = gw.leases.scopes.lock().expect("leases").values().map(|l| l.open.len()).sum::<usize>();
-        if open == 0 || Instant::now() >= deadline {
+        if !gw.leases.any() || Instant::now() >= deadline {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -154,7 +154,7 @@ impl Finish {
         self.count(outcome);
         if let Some((scope, part)) = &self.lease {
             // The part goes back to the lease, unused: nothing to write.
-            self.gateway.leases.done(scope, part, false);
+            crate::lease::done(&self.gateway, scope, part, false).await;
             return;
         }
         let now = self.gateway.now();
@@ -206,7 +206,7 @@ impl Finish {
             Some((scope, part)) => {
                 let settled = self.gateway.store.settle_part(request, part.amount, now).await;
                 match settled {
-                    Ok(_) => self.gateway.leases.done(scope, part, true),
+                    Ok(_) => crate::lease::done(&self.gateway, scope, part, true).await,
                     Err(_) => self.gateway.leases.abandon(scope, part),
                 }
                 settled
