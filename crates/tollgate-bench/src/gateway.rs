@@ -87,10 +87,20 @@ pub async fn serve_gateway(
         cap: None,
     };
     store.create_key(key, now).await.map_err(|e| e.to_string())?;
+    let gateway_url = start_gateway(&store, now, upstream_url).await?;
+    Ok((store, now, gateway_url, dir))
+}
 
+/// A gateway on `store` in front of the Anthropic-kind upstream at `upstream_url`, on a socket
+/// of its own, at the fixed time `now`; returns its URL.
+async fn start_gateway(
+    store: &Arc<dyn Store>,
+    now: chrono::DateTime<Utc>,
+    upstream_url: &str,
+) -> Result<String, String> {
     let settings = Settings {
         upstreams: vec![Upstream {
-            name: "mock".into(),
+            name: "upstream".into(),
             kind: Kind::Anthropic,
             base_url: upstream_url.to_string(),
             api_key: Some("upstream".into()),
@@ -104,7 +114,7 @@ pub async fn serve_gateway(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let gateway_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await });
-    Ok((store, now, gateway_url, dir))
+    Ok(gateway_url)
 }
 
 async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), String> {
@@ -224,22 +234,7 @@ async fn nginx_throughput(
             .map_err(|e| format!("cannot start nginx: {e}"))?,
     );
     let nginx_url = format!("http://127.0.0.1:{port}");
-    let settings = Settings {
-        upstreams: vec![Upstream {
-            name: "nginx".into(),
-            kind: Kind::Anthropic,
-            base_url: nginx_url.clone(),
-            api_key: Some("upstream".into()),
-            models: vec!["claude-*".into()],
-            auth: Auth::Gateway,
-        }],
-        ..Settings::default()
-    };
-    let clock: tollgate_gateway::Clock = Arc::new(move || now);
-    let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock, settings));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let gateway_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
-    tokio::spawn(async move { axum::serve(listener, tollgate_gateway::routes(gateway)).await });
+    let gateway_url = start_gateway(store, now, &nginx_url).await?;
     let script = dir.path().join("post.lua");
     let lua = format!(
         "wrk.method = \"POST\"\nwrk.body = [[{BODY}]]\nwrk.headers[\"content-type\"] = \"application/json\"\n\
