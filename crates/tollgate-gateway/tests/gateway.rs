@@ -380,12 +380,9 @@ async fn client_disconnect_mid_stream_settles_what_was_seen() {
     assert!(h.events().await[0].partial);
 }
 
-#[tokio::test]
-async fn a_thousand_concurrent_calls_never_pass_the_limit() {
-    let h = harness().await;
-    // Each call's worst case: body ≈ 120 bytes × $6 (1h write) + 1000 × $15 ≈ $0.0157; room for ~10.
-    set_block_limit(&h, Nanos(160_000_000)).await;
-    // Each call uses its whole output bound, so it costs nearly its worst case: exactly 10 fit.
+/// 1,000 concurrent calls that each use their whole output bound; every one not admitted must
+/// be a 429 `billing_error` that says not to retry. Returns how many were admitted.
+async fn thousand_calls_at_full_cost(h: &Harness) -> usize {
     let calls = (0..1_000).map(|_| h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send());
     let results = futures_util::future::join_all(calls).await;
     let mut ok = 0;
@@ -401,6 +398,12 @@ async fn a_thousand_concurrent_calls_never_pass_the_limit() {
             other => panic!("unexpected status {other}"),
         }
     }
+    ok
+}
+
+/// Once nothing is held: charged ≤ the $50 limit, charged = Σ events, and one event per admitted
+/// call plus the burn. Returns the charged total and the events.
+async fn assert_exact_and_released(h: &Harness, ok: usize) -> (Nanos, Vec<tollgate_store::Event>) {
     let (charged, held) = h.programmatic().await;
     assert_eq!(held, Nanos::ZERO);
     assert!(charged <= Nanos::from_usd(50), "charged {charged} passed the $50 limit");
@@ -408,6 +411,17 @@ async fn a_thousand_concurrent_calls_never_pass_the_limit() {
     let sum = events.iter().fold(Nanos::ZERO, |s, e| s.saturating_add(e.grant_part).saturating_add(e.overage_part));
     assert_eq!(sum, charged, "charged = Σ events");
     assert_eq!(events.len(), ok + 1, "one event per admitted call, plus the burn");
+    (charged, events)
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_calls_never_pass_the_limit() {
+    let h = harness().await;
+    // Each call's worst case: body ≈ 120 bytes × $6 (1h write) + 1000 × $15 ≈ $0.0157; room for ~10.
+    set_block_limit(&h, Nanos(160_000_000)).await;
+    // Each call uses its whole output bound, so it costs nearly its worst case: exactly 10 fit.
+    let ok = thousand_calls_at_full_cost(&h).await;
+    assert_exact_and_released(&h, ok).await;
     // Worst case ≈ $0.01566, cost $0.0153: after 10 calls $0.007 is left, less than one worst case.
     assert_eq!(ok, 10);
 }
@@ -487,28 +501,8 @@ async fn a_thousand_concurrent_calls_on_leases_never_pass_the_limit() {
     let warm = h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send().await.unwrap();
     warm.text().await.unwrap();
     wait_for_lease(&h).await;
-    let calls = (0..1_000).map(|_| h.messages(sonnet(false)).header("x-mock-usage", "100,1000").send());
-    let results = futures_util::future::join_all(calls).await;
-    let mut ok = 1;
-    for r in results {
-        let r = r.unwrap();
-        match r.status().as_u16() {
-            200 => ok += 1,
-            429 => {
-                assert_eq!(r.headers()["x-should-retry"], "false");
-                let body: Value = r.json().await.unwrap();
-                assert_eq!(body["error"]["type"], "billing_error");
-            }
-            other => panic!("unexpected status {other}"),
-        }
-    }
-    let (charged, held) = h.programmatic().await;
-    assert_eq!(held, Nanos::ZERO);
-    assert!(charged <= Nanos::from_usd(50), "charged {charged} passed the $50 limit");
-    let events = h.events().await;
-    let sum = events.iter().fold(Nanos::ZERO, |s, e| s.saturating_add(e.grant_part).saturating_add(e.overage_part));
-    assert_eq!(sum, charged, "charged = Σ events");
-    assert_eq!(events.len(), ok + 1, "one event per admitted call, plus the burn");
+    let ok = 1 + thousand_calls_at_full_cost(&h).await;
+    let (charged, events) = assert_exact_and_released(&h, ok).await;
     assert!(events.iter().any(|e| e.hold_id.as_deref().is_some_and(|h| h.starts_with("lease_"))), "leases were used");
     // Each call costs 100 × $3/MTok + 1000 × $15/MTok = $0.0153: $10 pays for 653 of them
     // ($0.0091 left, less than a call's worst case), and no lease keeps any of it from a call.
