@@ -262,18 +262,9 @@ pub async fn settle_part(
     release: Nanos,
     now: DateTime<Utc>,
 ) -> Result<Event> {
-    if req.event.id.is_empty() {
-        return Err(StoreError::Invalid("a part settle needs an event id of its own".into()).into());
-    }
-    if let Some(first) = rows::load_event(tx, &req.account, &req.event.id).await? {
-        return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
-            Replay::Same(event) => Ok(event),
-            _ => Err(StoreError::Conflict(format!(
-                "event id {:?} is already recorded with different content; use another event id",
-                req.event.id
-            ))
-            .into()),
-        };
+    let first = if req.event.id.is_empty() { None } else { rows::load_event(tx, &req.account, &req.event.id).await? };
+    if let Some(event) = tollgate_store::replay_part(req, first.map(|f| (f.fingerprint, f.event)))? {
+        return Ok(event);
     }
     let found = query_opt(
         tx,
@@ -286,25 +277,7 @@ pub async fn settle_part(
         .map(rows::hold)
         .transpose()?
         .ok_or_else(|| StoreError::NotFound(format!("hold {:?}", req.hold_id)))?;
-    if row.hold.state != HoldState::Open {
-        return Err(StoreError::Conflict(format!(
-            "hold {:?} is {} and can no longer be settled",
-            req.hold_id,
-            row.hold.state.as_str()
-        ))
-        .into());
-    }
-    if release.0 < 0 || release > row.hold.amount {
-        return Err(StoreError::Invalid(format!(
-            "cannot release {release} of hold {:?}, which holds {}",
-            req.hold_id, row.hold.amount
-        ))
-        .into());
-    }
-    let mut event = req.event.clone();
-    event.account = row.hold.account.clone();
-    event.pool = row.hold.pool;
-    event.key = row.hold.key.clone();
+    let event = tollgate_store::part_event(req, &row.hold, release)?;
     let recorded = charge_hold(tx, &row.hold, release, event, false, now).await?;
     execute(
         tx,

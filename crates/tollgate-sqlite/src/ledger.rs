@@ -256,36 +256,12 @@ pub fn settle(db: &Db, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<E
 /// Charges one call's event against `release` of an open hold and keeps the rest held (a lease).
 pub fn settle_part(db: &Db, req: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
     let conn: &Connection = db;
-    if req.event.id.is_empty() {
-        return Err(StoreError::Invalid("a part settle needs an event id of its own".into()));
-    }
-    if let Some(first) = rows::load_event(conn, &req.account, &req.event.id)? {
-        return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
-            Replay::Same(event) => Ok(event),
-            _ => Err(StoreError::Conflict(format!(
-                "event id {:?} is already recorded with different content; use another event id",
-                req.event.id
-            ))),
-        };
+    let first = if req.event.id.is_empty() { None } else { rows::load_event(conn, &req.account, &req.event.id)? };
+    if let Some(event) = tollgate_store::replay_part(req, first.map(|f| (f.fingerprint, f.event)))? {
+        return Ok(event);
     }
     let row = open_hold(conn, &req.account, &req.hold_id)?;
-    if row.hold.state != HoldState::Open {
-        return Err(StoreError::Conflict(format!(
-            "hold {:?} is {} and can no longer be settled",
-            req.hold_id,
-            row.hold.state.as_str()
-        )));
-    }
-    if release.0 < 0 || release > row.hold.amount {
-        return Err(StoreError::Invalid(format!(
-            "cannot release {release} of hold {:?}, which holds {}",
-            req.hold_id, row.hold.amount
-        )));
-    }
-    let mut event = req.event.clone();
-    event.account = row.hold.account.clone();
-    event.pool = row.hold.pool;
-    event.key = row.hold.key.clone();
+    let event = tollgate_store::part_event(req, &row.hold, release)?;
     let recorded = charge_hold(db, &row.hold, release, event, false, now)?;
     conn.prepare_cached("UPDATE holds SET amount = amount - ?3, lease = 1 WHERE account = ?1 AND id = ?2")
         .and_then(|mut s| s.execute(params![row.hold.account, row.hold.id, release.0]))

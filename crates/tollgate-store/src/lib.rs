@@ -16,6 +16,46 @@ mod types;
 
 pub use types::*;
 
+/// `Store::settle_part` before its hold is read: the event id it needs, and a repeat of it
+/// (`first`: the event already recorded under that id, with its fingerprint) answered with the
+/// first result or refused as a conflict. `Ok(None)`: a new part, to settle.
+pub fn replay_part(req: &SettleRequest, first: Option<(String, Event)>) -> StoreResult<Option<Event>> {
+    if req.event.id.is_empty() {
+        return Err(StoreError::Invalid("a part settle needs an event id of its own".into()));
+    }
+    match tollgate_core::ledger::replay(first, &req.event.fingerprint) {
+        tollgate_core::ledger::Replay::New => Ok(None),
+        tollgate_core::ledger::Replay::Same(event) => Ok(Some(event)),
+        tollgate_core::ledger::Replay::Conflict => Err(StoreError::Conflict(format!(
+            "event id {:?} is already recorded with different content; use another event id",
+            req.event.id
+        ))),
+    }
+}
+
+/// `Store::settle_part` once its hold is read (and locked): refuses a hold that is not open or a
+/// part it does not hold, and returns the event to charge, with the hold's account, pool and key.
+pub fn part_event(req: &SettleRequest, hold: &Hold, release: Nanos) -> StoreResult<NewEvent> {
+    if hold.state != HoldState::Open {
+        return Err(StoreError::Conflict(format!(
+            "hold {:?} is {} and can no longer be settled",
+            req.hold_id,
+            hold.state.as_str()
+        )));
+    }
+    if release.0 < 0 || release > hold.amount {
+        return Err(StoreError::Invalid(format!(
+            "cannot release {release} of hold {:?}, which holds {}",
+            req.hold_id, hold.amount
+        )));
+    }
+    let mut event = req.event.clone();
+    event.account = hold.account.clone();
+    event.pool = hold.pool;
+    event.key = hold.key.clone();
+    Ok(event)
+}
+
 /// Hex SHA-256 of a secret: how key secrets (and the admin token) are kept and looked up.
 pub fn hash_secret(secret: &str) -> String {
     use sha2::{Digest, Sha256};
