@@ -211,6 +211,11 @@ impl LeaseBook {
         }
     }
 
+    /// How many leases are open (filed, ready for calls).
+    pub fn open(&self) -> usize {
+        self.scopes.lock().expect("leases").values().map(|l| l.open.len()).sum()
+    }
+
     /// Whether any lease is open or being taken.
     fn any(&self) -> bool {
         self.scopes.lock().expect("leases").values().any(|l| l.taking || !l.open.is_empty())

@@ -119,6 +119,11 @@ impl Gateway {
         }
     }
 
+    /// How many leases this gateway has open, ready for calls.
+    pub fn leases_open(&self) -> usize {
+        self.leases.open()
+    }
+
     /// Voids the leases no call is using; call it when the gateway stops.
     pub async fn close(&self) {
         crate::lease::close(self).await;

@@ -426,12 +426,13 @@ async fn a_thousand_concurrent_calls_never_pass_the_limit() {
     assert_eq!(ok, 10);
 }
 
-/// Waits until the gateway holds a lease (and no call): the programmatic pool holds exactly $1.
+/// Waits until the gateway holds a lease (and no call): the programmatic pool holds exactly $1,
+/// and the gateway has filed the lease for its calls (a moment after the store's write).
 async fn wait_for_lease(h: &Harness) {
     for _ in 0..100 {
         let b = h.store.balance("acme", (h.clock)()).await.expect("balance");
         let p = b.pools.iter().find(|p| p.pool == PoolKind::Programmatic).expect("pool").clone();
-        if p.held == Nanos::from_usd(1) {
+        if p.held == Nanos::from_usd(1) && h.gateway.leases_open() == 1 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
