@@ -20,12 +20,16 @@
 //!    after the commit.
 //!
 //! Every row a decision depends on stays locked until the commit, as in a transaction of its
-//! own, so a `block` limit still holds exactly across processes. A batch that meets a deadlock,
-//! a serialization failure or an id inserted meanwhile by another transaction (a unique
-//! violation) runs again from the start; a batch that fails otherwise runs again one write at a
-//! time, so that the write at fault fails alone. Whether the event id a settle takes is taken
-//! already is not read on a first attempt: its insert fails, and the batch runs again
-//! "carefully", reading it (see [`batch`]).
+//! own, so a `block` limit still holds exactly across processes. A pool or key row that another
+//! transaction holds (another process's batch) is not waited for while the batch has other work:
+//! the writes that need it are put off to the next batch, up to [`PUT_OFF_MAX`] times (see
+//! [`lock_pools`]). A caller waits for its own write's answer, so its writes keep their order.
+//!
+//! A batch that meets a deadlock, a serialization failure or an id inserted meanwhile by another
+//! transaction (a unique violation) runs again from the start; a batch that fails otherwise runs
+//! again one write at a time, so that the write at fault fails alone. Whether the event id a
+//! settle takes is taken already is not read on a first attempt: its insert fails, and the batch
+//! runs again "carefully", reading it (see [`batch`]).
 //!
 //! Plans. The statements are prepared once per connection and planned once (generic plans):
 //! no planning per batch. They look rows up by arrays of ids, and a generic plan chosen while a
@@ -57,6 +61,10 @@ use crate::{ATTEMPTS_MAX, Error, Result, describe};
 
 /// Most writes in one transaction.
 const BATCH_JOBS_MAX: usize = 512;
+
+/// How many times a write may be put off to the next batch because a pool or key row it needs
+/// is locked by another transaction, before its batch waits for that row (see [`lock_pools`]).
+const PUT_OFF_MAX: u8 = 2;
 
 /// Settings of a writer's connection, beyond the store's (see "Plans" above).
 pub const WRITER_OPTIONS: &str = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
@@ -100,6 +108,8 @@ struct Job {
     op: Op,
     now: DateTime<Utc>,
     reply: oneshot::Sender<StoreResult<Done>>,
+    /// How many batches have put it off.
+    put_off: u8,
 }
 
 /// The sending end of a store's writer tasks.
@@ -111,7 +121,7 @@ impl Batcher {
     /// Starts `writers` writer tasks (in the current tokio runtime), each with a connection of
     /// its own made from `config`; they stop when the batcher is dropped. Each account's writes
     /// go to one of them (by a hash of its id): the writers' batches touch different pools and
-    /// do not wait for each other's locks, and the writes of one account keep their order.
+    /// do not wait for each other's locks.
     pub fn start(config: tokio_postgres::Config, owner: i64, writers: usize) -> Batcher {
         let writers = (0..writers.max(1))
             .map(|_| {
@@ -133,7 +143,7 @@ impl Batcher {
         let writer = &self.writers[(hash % self.writers.len() as u64) as usize];
         let (reply, answer) = oneshot::channel();
         writer
-            .send(Job { op, now, reply })
+            .send(Job { op, now, reply, put_off: 0 })
             .map_err(|_| StoreError::Backend("the store's writer has stopped".into()))?;
         answer.await.map_err(|_| StoreError::Backend("the store's writer stopped before answering".into()))?
     }
@@ -141,8 +151,16 @@ impl Batcher {
 
 async fn writer(config: tokio_postgres::Config, owner: i64, mut waiting: mpsc::UnboundedReceiver<Job>) {
     let mut conn: Option<Conn> = None;
-    while let Some(first) = waiting.recv().await {
-        let mut jobs = vec![first];
+    // Writes the last batch put off: the first of the next.
+    let mut later: Vec<Job> = Vec::new();
+    loop {
+        let mut jobs = std::mem::take(&mut later);
+        if jobs.is_empty() {
+            match waiting.recv().await {
+                Some(first) => jobs.push(first),
+                None => break,
+            }
+        }
         while jobs.len() < BATCH_JOBS_MAX {
             match waiting.try_recv() {
                 Ok(job) => jobs.push(job),
@@ -150,38 +168,50 @@ async fn writer(config: tokio_postgres::Config, owner: i64, mut waiting: mpsc::U
             }
         }
         let work: Vec<Work<'_>> = jobs.iter().map(|j| (&j.op, j.now)).collect();
-        let results = run(&config, &mut conn, owner, &work).await;
+        let must_wait: Vec<bool> = jobs.iter().map(|j| j.put_off >= PUT_OFF_MAX).collect();
+        let results = run(&config, &mut conn, owner, &work, &must_wait).await;
         drop(work);
-        for (job, result) in jobs.into_iter().zip(results) {
-            // A caller that went away does not need its answer.
-            let _ = job.reply.send(result);
+        for (mut job, result) in jobs.into_iter().zip(results) {
+            match result {
+                // A caller that went away does not need its answer.
+                Some(result) => drop(job.reply.send(result)),
+                None => {
+                    job.put_off += 1;
+                    later.push(job);
+                }
+            }
         }
     }
 }
 
 type Work<'a> = (&'a Op, DateTime<Utc>);
 
-/// Runs a batch; one result per write, in order.
+/// A write's result, or None when its batch put it off to the next one.
+type Answer = Option<StoreResult<Done>>;
+
+/// Runs a batch; one answer per write, in order. `must_wait` tells, for each write, whether its
+/// batch must wait for the rows it needs rather than put it off.
 async fn run(
     config: &tokio_postgres::Config,
     conn: &mut Option<Conn>,
     owner: i64,
     jobs: &[Work<'_>],
-) -> Vec<StoreResult<Done>> {
-    match attempts(config, conn, owner, jobs).await {
+    must_wait: &[bool],
+) -> Vec<Answer> {
+    match attempts(config, conn, owner, jobs, must_wait).await {
         Ok(results) => results,
         Err(e) if jobs.len() > 1 => {
             tracing::debug!(error = %e, jobs = jobs.len(), "a batch failed: its writes run again one by one");
             let mut results = Vec::with_capacity(jobs.len());
             for job in jobs {
-                results.push(match attempts(config, conn, owner, std::slice::from_ref(job)).await {
+                results.push(match attempts(config, conn, owner, std::slice::from_ref(job), &[true]).await {
                     Ok(mut one) => one.pop().expect("one result for one write"),
-                    Err(e) => Err(e),
+                    Err(e) => Some(Err(e)),
                 });
             }
             results
         }
-        Err(e) => vec![Err(e)],
+        Err(e) => vec![Some(Err(e))],
     }
 }
 
@@ -191,7 +221,8 @@ async fn attempts(
     conn: &mut Option<Conn>,
     owner: i64,
     jobs: &[Work<'_>],
-) -> StoreResult<Vec<StoreResult<Done>>> {
+    must_wait: &[bool],
+) -> StoreResult<Vec<Answer>> {
     let mut attempt = 1u32;
     let mut careful = false;
     loop {
@@ -199,7 +230,7 @@ async fn attempts(
             *conn = Some(Conn::connect(config).await?);
         }
         let c = conn.as_ref().expect("connected above");
-        let result = batch(c, owner, jobs, careful).await;
+        let result = batch(c, owner, jobs, must_wait, careful).await;
         if result.is_err() {
             // Whatever the batch sent, nothing of it stays: end the transaction if one is open.
             let _ = c.client.execute(&c.st.rollback, &[]).await;
@@ -268,9 +299,11 @@ struct Statements {
     taken: Statement,
     events_by_seq: Statement,
     lock_pools: Statement,
+    lock_pools_skip: Statement,
     create_pool: Statement,
     insert_tier_grant: Statement,
     lock_keys: Statement,
+    lock_keys_skip: Statement,
     create_key: Statement,
     event_order: Statement,
     write: Statement,
@@ -315,14 +348,8 @@ impl Conn {
                 .await?,
                 events_by_seq: prepare(format!("SELECT {} FROM events WHERE seq = ANY($1::int8[])", rows::EVENT_COLUMNS))
                     .await?,
-                lock_pools: prepare(
-                    "SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held, p.ctid
-                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(a, pl, c)
-                     CROSS JOIN LATERAL (SELECT *, ctid FROM pool_cycles
-                         WHERE account = u.a AND pool = u.pl AND cycle_start_us = u.c FOR UPDATE) AS p"
-                        .into(),
-                )
-                .await?,
+                lock_pools: prepare(lock_pools_sql("")).await?,
+                lock_pools_skip: prepare(lock_pools_sql(" SKIP LOCKED")).await?,
                 create_pool: prepare(
                     "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
                      VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING"
@@ -335,14 +362,8 @@ impl Conn {
                         .into(),
                 )
                 .await?,
-                lock_keys: prepare(
-                    "SELECT k.key_id, k.cycle_start_us, k.charged, k.held, k.ctid
-                     FROM unnest($1::text[], $2::int8[]) AS u(k, c)
-                     CROSS JOIN LATERAL (SELECT *, ctid FROM key_cycles WHERE key_id = u.k AND cycle_start_us = u.c
-                         FOR UPDATE) AS k"
-                        .into(),
-                )
-                .await?,
+                lock_keys: prepare(lock_keys_sql("")).await?,
+                lock_keys_skip: prepare(lock_keys_sql(" SKIP LOCKED")).await?,
                 create_key: prepare(
                     "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES ($1, $2, 0, 0)
                      ON CONFLICT DO NOTHING"
@@ -368,6 +389,27 @@ impl Conn {
         .map_err(|e| StoreError::Backend(format!("cannot prepare the writer's statements: {}", describe(&e))))?;
         Ok(Conn { client, st })
     }
+}
+
+/// Locks pool rows and reads their totals; `skip` is "" (wait for rows locked by another
+/// transaction) or " SKIP LOCKED" (leave them out).
+fn lock_pools_sql(skip: &str) -> String {
+    format!(
+        "SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held, p.ctid
+         FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(a, pl, c)
+         CROSS JOIN LATERAL (SELECT *, ctid FROM pool_cycles
+             WHERE account = u.a AND pool = u.pl AND cycle_start_us = u.c FOR UPDATE{skip}) AS p"
+    )
+}
+
+/// Locks key rows and reads their totals; `skip` as in [`lock_pools_sql`].
+fn lock_keys_sql(skip: &str) -> String {
+    format!(
+        "SELECT k.key_id, k.cycle_start_us, k.charged, k.held, k.ctid
+         FROM unnest($1::text[], $2::int8[]) AS u(k, c)
+         CROSS JOIN LATERAL (SELECT *, ctid FROM key_cycles WHERE key_id = u.k AND cycle_start_us = u.c
+             FOR UPDATE{skip}) AS k"
+    )
 }
 
 /// Each account with its tier and the policies of its two pools (`SETTINGS_COLUMNS`).
@@ -494,6 +536,8 @@ impl NewRow {
 enum Outcome {
     Ready(StoreResult<Done>),
     Settled(usize),
+    /// Put off to the next batch.
+    Later,
 }
 
 /// What a batch read, locked and changed.
@@ -526,6 +570,9 @@ struct State {
     changed_holds: BTreeSet<(String, String)>,
     changed_pools: BTreeSet<PoolId>,
     changed_keys: BTreeSet<KeyId>,
+    /// The writes (their places in the batch) put off to the next batch: a row they need is
+    /// locked by another transaction.
+    later: HashSet<usize>,
 }
 
 fn sorted<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
@@ -557,13 +604,17 @@ fn hold_entry(r: &Row) -> Result<HoldEntry> {
 /// take are taken (that lookup would need a plan per batch, see "Plans"): the insert of a taken
 /// id fails the attempt (a unique violation) and the batch runs again carefully, reading them
 /// with plans made for its parameters.
-async fn batch(c: &Conn, owner: i64, jobs: &[Work<'_>], careful: bool) -> Result<Vec<StoreResult<Done>>> {
+async fn batch(c: &Conn, owner: i64, jobs: &[Work<'_>], must_wait: &[bool], careful: bool) -> Result<Vec<Answer>> {
     let mut s = State { careful, ..State::default() };
     read(c, &mut s, jobs).await?;
-    lock_pools(c, &mut s, jobs).await?;
-    lock_keys(c, &mut s, jobs).await?;
+    lock_pools(c, &mut s, jobs, must_wait).await?;
+    lock_keys(c, &mut s, jobs, must_wait).await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
-    for (op, now) in jobs {
+    for (i, (op, now)) in jobs.iter().enumerate() {
+        if s.later.contains(&i) {
+            outcomes.push(Outcome::Later);
+            continue;
+        }
         outcomes.push(match op {
             Op::Hold(r) => decide_hold(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
             Op::Settle(r) => decide_settle(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
@@ -585,8 +636,9 @@ async fn batch(c: &Conn, owner: i64, jobs: &[Work<'_>], careful: bool) -> Result
     Ok(outcomes
         .into_iter()
         .map(|o| match o {
-            Outcome::Ready(result) => result,
-            Outcome::Settled(i) => Ok(Done::Settled(s.new_events[i].event(seqs[i]))),
+            Outcome::Ready(result) => Some(result),
+            Outcome::Settled(i) => Some(Ok(Done::Settled(s.new_events[i].event(seqs[i])))),
+            Outcome::Later => None,
         })
         .collect())
 }
@@ -686,42 +738,107 @@ fn open_hold<'a>(s: &'a State, account: &str, hold_id: &str) -> Option<&'a Hold>
     s.holds.get(&(account.to_string(), hold_id.to_string())).map(|h| &h.hold).filter(|h| h.state == HoldState::Open)
 }
 
+/// The writes of a batch that need one pool or key row, and whether one of them must wait for
+/// it (it was put off [`PUT_OFF_MAX`] times already).
+#[derive(Default)]
+struct Need {
+    jobs: Vec<usize>,
+    wait: bool,
+}
+
+impl Need {
+    fn add(&mut self, job: usize, must_wait: &[bool]) {
+        self.jobs.push(job);
+        self.wait |= must_wait[job];
+    }
+}
+
+/// Whether a lock waits for a row another transaction holds, or leaves the row out.
+#[derive(Clone, Copy, PartialEq)]
+enum Lock {
+    Wait,
+    Skip,
+}
+
+/// The rows of `needs` to lock waiting (some write must wait) and the others, each in order.
+fn wait_or_skip<K: Ord>(needs: &BTreeMap<K, Need>) -> (Vec<&K>, Vec<&K>) {
+    let (mut wait, mut skip) = (Vec::new(), Vec::new());
+    for (id, need) in needs {
+        if need.wait { wait.push(id) } else { skip.push(id) }
+    }
+    (wait, skip)
+}
+
+/// After rows were locked skipping: the ones not locked (`busy`) are held by
+/// another transaction (or do not exist yet). When every row the batch needs is busy, nothing
+/// is gained by putting writes off: returns them, to be locked waiting. Otherwise the writes
+/// that need them are put off to the next batch and nothing is returned.
+fn put_off_busy<K: Ord>(later: &mut HashSet<usize>, needs: &mut BTreeMap<K, Need>, busy: Vec<K>) -> Vec<K> {
+    if busy.len() == needs.len() {
+        return busy;
+    }
+    for id in busy {
+        if let Some(need) = needs.remove(&id) {
+            later.extend(need.jobs);
+        }
+    }
+    Vec::new()
+}
+
 /// Locks the pool rows the batch changes, in (account, pool, cycle start) order, creating with
 /// their tier grant the ones a hold or settle needs and that do not exist yet (the first write
 /// of a cycle: rare). A row another transaction creates meanwhile is waited for, then found.
-async fn lock_pools(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
+///
+/// Another process's batch may hold some of these rows until its commit. Waiting for it would
+/// leave this batch's other writes waiting too (with 1,000 pools, four processes' batches of a
+/// few dozen writes each often share a pool), so rows held elsewhere are skipped and the writes
+/// that need them are put off to the next batch, where they come first; a write put off
+/// [`PUT_OFF_MAX`] times is waited for, and so is every row when none could be locked (one hot
+/// pool: putting off would gain nothing). A pool row that does not exist yet looks held: the
+/// write that creates it is put off like the others (the first write of a cycle, under load).
+async fn lock_pools(c: &Conn, s: &mut State, jobs: &[Work<'_>], must_wait: &[bool]) -> Result<()> {
+    let mut needs: BTreeMap<PoolId, Need> = BTreeMap::new();
     // Pool → the account and cycle to create it with, when a write may create it.
-    let mut wanted: BTreeMap<PoolId, Option<(Account, Cycle)>> = BTreeMap::new();
-    for (op, now) in jobs {
-        match op {
+    let mut create: BTreeMap<PoolId, (Account, Cycle)> = BTreeMap::new();
+    for (i, (op, now)) in jobs.iter().enumerate() {
+        let id = match op {
             Op::Hold(r) if hold_reaches_pool(s, r) => {
                 let account = &s.accounts[&r.account];
                 let cycle = account.cycle_anchor().cycle_at(*now);
-                wanted.insert((r.account.clone(), r.pool, us(cycle.start)), Some((account.clone(), cycle)));
+                let id = (r.account.clone(), r.pool, us(cycle.start));
+                create.insert(id.clone(), (account.clone(), cycle));
+                id
             }
-            Op::Settle(r) => {
-                if let (Some(h), Some(account)) = (open_hold(s, &r.account, &r.hold_id), s.accounts.get(&r.account)) {
+            Op::Settle(r) => match (open_hold(s, &r.account, &r.hold_id), s.accounts.get(&r.account)) {
+                (Some(h), Some(account)) => {
                     let cycle = Cycle { index: 0, start: h.cycle_start, end: h.cycle_end };
-                    wanted.insert((h.account.clone(), h.pool, us(h.cycle_start)), Some((account.clone(), cycle)));
+                    let id = (h.account.clone(), h.pool, us(h.cycle_start));
+                    create.insert(id.clone(), (account.clone(), cycle));
+                    id
                 }
-            }
-            Op::Void { account, hold_id } => {
-                if let Some(h) = open_hold(s, account, hold_id) {
-                    wanted.entry((h.account.clone(), h.pool, us(h.cycle_start))).or_insert(None);
-                }
-            }
-            _ => {}
-        }
+                _ => continue,
+            },
+            Op::Void { account, hold_id } => match open_hold(s, account, hold_id) {
+                Some(h) => (h.account.clone(), h.pool, us(h.cycle_start)),
+                None => continue,
+            },
+            _ => continue,
+        };
+        needs.entry(id).or_default().add(i, must_wait);
     }
-    if wanted.is_empty() {
+    if needs.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&PoolId> = wanted.keys().collect();
-    lock_pool_rows(c, s, &ids).await?;
-    let missing: Vec<(&PoolId, &Account, &Cycle)> = wanted
-        .iter()
-        .filter(|(id, _)| !s.pools.contains_key(*id))
-        .filter_map(|(id, create)| create.as_ref().map(|(a, c)| (id, a, c)))
+    let (waiting, skipping) = wait_or_skip(&needs);
+    lock_pool_rows(c, s, &waiting, Lock::Wait).await?;
+    lock_pool_rows(c, s, &skipping, Lock::Skip).await?;
+    let busy: Vec<PoolId> = skipping.into_iter().filter(|id| !s.pools.contains_key(*id)).cloned().collect();
+    let busy = put_off_busy(&mut s.later, &mut needs, busy);
+    lock_pool_rows(c, s, &busy.iter().collect::<Vec<_>>(), Lock::Wait).await?;
+    let missing: Vec<(&PoolId, &Account, &Cycle)> = needs
+        .keys()
+        .filter(|id| !s.pools.contains_key(*id))
+        .filter_map(|id| create.get(id).map(|(a, c)| (id, a, c)))
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -738,18 +855,19 @@ async fn lock_pools(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
         }
         created.push(id);
     }
-    lock_pool_rows(c, s, &created).await
+    lock_pool_rows(c, s, &created, Lock::Wait).await
 }
 
 /// Locks pool rows in the order given (the caller's is sorted) and reads their totals.
-async fn lock_pool_rows(c: &Conn, s: &mut State, ids: &[&PoolId]) -> Result<()> {
+async fn lock_pool_rows(c: &Conn, s: &mut State, ids: &[&PoolId], lock: Lock) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
     let accounts: Vec<&str> = ids.iter().map(|id| id.0.as_str()).collect();
     let pools: Vec<&str> = ids.iter().map(|id| id.1.as_str()).collect();
     let starts: Vec<i64> = ids.iter().map(|id| id.2).collect();
-    for r in c.client.query(&c.st.lock_pools, &[&accounts, &pools, &starts]).await? {
+    let statement = if lock == Lock::Wait { &c.st.lock_pools } else { &c.st.lock_pools_skip };
+    for r in c.client.query(statement, &[&accounts, &pools, &starts]).await? {
         let pool: String = r.try_get(1)?;
         let id = (r.try_get(0)?, rows::pool_of(&pool)?, r.try_get(2)?);
         let totals = PoolTotals {
@@ -764,15 +882,19 @@ async fn lock_pool_rows(c: &Conn, s: &mut State, ids: &[&PoolId]) -> Result<()> 
     Ok(())
 }
 
-/// Locks the key rows the batch changes, in (key, cycle start) order, creating them at zero.
-async fn lock_keys(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
-    let mut wanted: BTreeSet<KeyId> = BTreeSet::new();
-    for (op, now) in jobs {
+/// Locks the key rows the batch changes, in (key, cycle start) order, creating them at zero. A
+/// row held by another transaction is skipped and its writes put off, as in [`lock_pools`].
+async fn lock_keys(c: &Conn, s: &mut State, jobs: &[Work<'_>], must_wait: &[bool]) -> Result<()> {
+    let mut needs: BTreeMap<KeyId, Need> = BTreeMap::new();
+    for (i, (op, now)) in jobs.iter().enumerate() {
+        if s.later.contains(&i) {
+            continue;
+        }
         match op {
             Op::Hold(r) if hold_reaches_pool(s, r) => {
                 if let Some(key) = &r.key {
                     let cycle = s.accounts[&r.account].cycle_anchor().cycle_at(*now);
-                    wanted.insert((key.clone(), us(cycle.start)));
+                    needs.entry((key.clone(), us(cycle.start))).or_default().add(i, must_wait);
                 }
             }
             Op::Settle(_) | Op::Void { .. } => {
@@ -780,31 +902,39 @@ async fn lock_keys(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
                 if let Some(h) = open_hold(s, account, hold_id)
                     && let Some(key) = &h.key
                 {
-                    wanted.insert((key.clone(), us(h.cycle_start)));
+                    needs.entry((key.clone(), us(h.cycle_start))).or_default().add(i, must_wait);
                 }
             }
             _ => {}
         }
     }
-    if wanted.is_empty() {
+    if needs.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&KeyId> = wanted.iter().collect();
-    lock_key_rows(c, s, &ids).await?;
-    let missing: Vec<&KeyId> = wanted.iter().filter(|id| !s.key_totals.contains_key(*id)).collect();
+    let (waiting, skipping) = wait_or_skip(&needs);
+    lock_key_rows(c, s, &waiting, Lock::Wait).await?;
+    lock_key_rows(c, s, &skipping, Lock::Skip).await?;
+    let busy: Vec<KeyId> = skipping.into_iter().filter(|id| !s.key_totals.contains_key(*id)).cloned().collect();
+    let busy = put_off_busy(&mut s.later, &mut needs, busy);
+    lock_key_rows(c, s, &busy.iter().collect::<Vec<_>>(), Lock::Wait).await?;
+    let missing: Vec<&KeyId> = needs.keys().filter(|id| !s.key_totals.contains_key(*id)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     for (key, start) in &missing {
         c.client.execute(&c.st.create_key, &[key, start]).await?;
     }
-    lock_key_rows(c, s, &missing).await
+    lock_key_rows(c, s, &missing, Lock::Wait).await
 }
 
 /// Locks key rows in the order given (the caller's is sorted) and reads their totals.
-async fn lock_key_rows(c: &Conn, s: &mut State, ids: &[&KeyId]) -> Result<()> {
+async fn lock_key_rows(c: &Conn, s: &mut State, ids: &[&KeyId], lock: Lock) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     let (keys, starts): (Vec<&str>, Vec<i64>) = ids.iter().map(|(k, c)| (k.as_str(), *c)).unzip();
-    for r in c.client.query(&c.st.lock_keys, &[&keys, &starts]).await? {
+    let statement = if lock == Lock::Wait { &c.st.lock_keys } else { &c.st.lock_keys_skip };
+    for r in c.client.query(statement, &[&keys, &starts]).await? {
         let id = (r.try_get(0)?, r.try_get(1)?);
         s.key_tids.insert((r.try_get(0)?, r.try_get(1)?), r.try_get(4)?);
         s.key_totals.insert(id, KeyTotals { charged: Nanos(r.try_get(2)?), held: Nanos(r.try_get(3)?) });

@@ -27,18 +27,21 @@ fn now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-10T12:00:00Z").expect("a time").with_timezone(&Utc)
 }
 
-async fn store() -> Option<(TestDb, Arc<PgStore>)> {
-    let db = TestDb::create().await?;
-    let store = Arc::new(db.open().await);
-    let account = NewAccount {
-        id: "acme".to_string(),
+fn account(id: &str) -> NewAccount {
+    NewAccount {
+        id: id.to_string(),
         tier: "team-standard".to_string(),
         anchor: Some(DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z").expect("a time").with_timezone(&Utc)),
         timezone: Tz::UTC,
         interactive_grant: None,
         programmatic_grant: None,
-    };
-    store.create_account(account, now()).await.expect("create_account");
+    }
+}
+
+async fn store() -> Option<(TestDb, Arc<PgStore>)> {
+    let db = TestDb::create().await?;
+    let store = Arc::new(db.open().await);
+    store.create_account(account("acme"), now()).await.expect("create_account");
     Some((db, store))
 }
 
@@ -254,5 +257,48 @@ async fn extensions_and_voids_in_one_batch() {
         }
     }
     assert_eq!(store.balance("acme", now()).await.expect("balance").pool(P).held, Nanos::from_usd(4));
+    audit_clean(&store).await;
+}
+
+/// A pool row locked by another transaction (another process's batch, until its commit) does
+/// not hold up the writes to other pools that share its batch: those are answered while it is
+/// still locked, and the write that needs it is answered once it is free. On one thread, so
+/// that the three writes are sent before the writer takes them and share one batch.
+#[tokio::test]
+async fn a_pool_locked_elsewhere_does_not_hold_up_other_pools() {
+    let Some((db, store)) = store().await else { return };
+    store.create_account(account("beta"), now()).await.expect("create_account");
+    // Both pools' rows for the cycle exist (the first hold of a cycle creates them).
+    for account in ["acme", "beta"] {
+        let h = HoldRequest { account: account.to_string(), ..hold("warm", 1, "warm") };
+        store.hold(h, now()).await.expect("hold");
+        store.void(account, "warm", now()).await.expect("void");
+    }
+    let (other, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    other.batch_execute("BEGIN; SELECT * FROM pool_cycles WHERE account = 'acme' FOR UPDATE").await.expect("lock");
+
+    let acme = store.hold(hold("a-1", 2, "a-1"), now());
+    tokio::pin!(acme);
+    let beta_hold = |id: &str| store.hold(HoldRequest { account: "beta".to_string(), ..hold(id, 3, id) }, now());
+    let betas = async { tokio::join!(beta_hold("b-1"), beta_hold("b-2")) };
+    let wait = std::time::Duration::from_secs(20);
+    let answered = tokio::time::timeout(wait, async {
+        tokio::select! {
+            biased;
+            a = &mut acme => panic!("acme's hold was answered while its pool row is locked: {a:?}"),
+            b = betas => b,
+        }
+    })
+    .await
+    .expect("beta's holds are answered while acme's pool row is locked");
+    for outcome in [answered.0, answered.1] {
+        assert!(matches!(outcome, Ok(HoldOutcome::Held(_))), "{outcome:?}");
+    }
+    other.batch_execute("COMMIT").await.expect("unlock");
+    let outcome = tokio::time::timeout(wait, acme).await.expect("acme's hold is answered once its pool is free");
+    assert!(matches!(outcome, Ok(HoldOutcome::Held(_))), "{outcome:?}");
+    assert_eq!(store.balance("acme", now()).await.expect("balance").pool(P).held, Nanos::from_usd(2));
+    assert_eq!(store.balance("beta", now()).await.expect("balance").pool(P).held, Nanos::from_usd(6));
     audit_clean(&store).await;
 }
