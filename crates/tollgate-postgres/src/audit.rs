@@ -12,21 +12,23 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
     let mut audit = Audit::default();
     let pools = query(
         tx,
-        "SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held,
-            (SELECT COALESCE(SUM(grant_part), 0)::BIGINT FROM events e
-              WHERE e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us),
-            (SELECT COALESCE(SUM(overage_part), 0)::BIGINT FROM events e
-              WHERE e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us),
-            (SELECT COALESCE(SUM(grant_part + overage_part - overshoot), 0)::BIGINT FROM events e
-              WHERE e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us
-                AND e.hold_id IS NOT NULL),
-            (SELECT COALESCE(SUM(amount), 0)::BIGINT FROM holds h
-              WHERE h.account = p.account AND h.pool = p.pool AND h.cycle_start_us = p.cycle_start_us
-                AND h.state = 'open'),
-            (SELECT COALESCE(SUM(amount), 0)::BIGINT FROM grants g
-              WHERE g.account = p.account AND g.pool = p.pool AND g.cycle_start_us = p.cycle_start_us),
+        "WITH e AS (
+             SELECT account, pool, cycle_start_us, SUM(grant_part) AS grant_part, SUM(overage_part) AS overage_part,
+                 SUM(grant_part + overage_part - overshoot) FILTER (WHERE hold_id IS NOT NULL) AS through_holds
+             FROM events GROUP BY account, pool, cycle_start_us),
+         h AS (
+             SELECT account, pool, cycle_start_us, SUM(amount) AS held FROM holds WHERE state = 'open'
+             GROUP BY account, pool, cycle_start_us),
+         g AS (SELECT account, pool, cycle_start_us, SUM(amount) AS amount FROM grants
+             GROUP BY account, pool, cycle_start_us)
+         SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held,
+            COALESCE(e.grant_part, 0)::BIGINT, COALESCE(e.overage_part, 0)::BIGINT,
+            COALESCE(e.through_holds, 0)::BIGINT, COALESCE(h.held, 0)::BIGINT, COALESCE(g.amount, 0)::BIGINT,
             COALESCE(q.on_exhausted, 'block'), q.overage_cap, q.spend_cap
          FROM pool_cycles p LEFT JOIN policies q ON q.account = p.account AND q.pool = p.pool
+         LEFT JOIN e ON e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us
+         LEFT JOIN h ON h.account = p.account AND h.pool = p.pool AND h.cycle_start_us = p.cycle_start_us
+         LEFT JOIN g ON g.account = p.account AND g.pool = p.pool AND g.cycle_start_us = p.cycle_start_us
          ORDER BY p.account, p.pool, p.cycle_start_us",
         &[],
     )

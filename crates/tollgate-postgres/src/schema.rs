@@ -257,6 +257,11 @@ GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
 -- A lease: a hold that several calls' events were charged against (Store::settle_part).
 ALTER TABLE holds ADD COLUMN lease BOOLEAN NOT NULL DEFAULT false;
 "#,
+    r#"
+-- Read only by the audit, which now sums all events in one grouped scan: one index entry fewer
+-- for every event written (the ledger's hot path).
+DROP INDEX events_pool_cycle;
+"#,
 ];
 
 /// The schema version this code reads and writes: the number of migrations.
