@@ -222,7 +222,11 @@ pub const EVENT_ORDER_LOCK: i32 = 0x7467_6576; // "tgev"
 /// Takes the event-order locks of several accounts (`$2`, a text array) with the class `$1`, one
 /// after the other in the order of their keys, so that two transactions that take several
 /// cannot wait on each other in a circle.
-pub const EVENT_ORDER_LOCKS: &str = "SELECT pg_advisory_xact_lock($1, h)
+///
+/// It also gives the transaction its id if it has none yet (`pg_current_xact_id`): a transaction
+/// that inserts events has its id before it takes their seqs, which the rollups rely on
+/// (`report::roll_up`).
+pub const EVENT_ORDER_LOCKS: &str = "SELECT pg_advisory_xact_lock($1, h), pg_current_xact_id()
      FROM (SELECT DISTINCT hashtext(a) AS h FROM unnest($2::text[]) AS a ORDER BY h) AS sorted
      ORDER BY h";
 
@@ -244,7 +248,8 @@ pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result
     match accounts {
         [] => {}
         [account] => {
-            execute(tx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&EVENT_ORDER_LOCK, account]).await?;
+            let lock = "SELECT pg_advisory_xact_lock($1, hashtext($2)), pg_current_xact_id()";
+            execute(tx, lock, &[&EVENT_ORDER_LOCK, account]).await?;
         }
         several => {
             let accounts: Vec<&str> = several.to_vec();

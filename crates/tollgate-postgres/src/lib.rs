@@ -178,6 +178,8 @@ pub struct PgStore {
     /// The writer tasks that run holds, settles, voids and extensions in shared transactions
     /// (`batch`); None for a store opened read-only.
     batcher: Option<batch::Batcher>,
+    /// The background task that rolls events up (`report`); None for a store opened read-only.
+    _roller: Option<report::Roller>,
 }
 
 /// Writer tasks per store (see `batch`). One: the fixed cost of a transaction (its statements,
@@ -207,7 +209,8 @@ impl PgStore {
             query_one(&client, "SELECT nextval('store_owners')", &[]).await?.try_get(0).map_err(Error::from)?;
         drop(client);
         let batcher = Some(batch::Batcher::start(writer_config, owner, WRITERS));
-        Ok(PgStore { pool, owner, batcher })
+        let roller = Some(report::Roller::start(pool.clone()));
+        Ok(PgStore { pool, owner, batcher, _roller: roller })
     }
 
     /// Opens an existing tollgate database only to read it (what `tollgate check` needs): no
@@ -255,7 +258,26 @@ impl PgStore {
             Some(_) => {}
         }
         drop(client);
-        Ok(PgStore { pool, owner: 0, batcher: None })
+        Ok(PgStore { pool, owner: 0, batcher: None, _roller: None })
+    }
+
+    /// Rolls up the events committed so far (what the store's background task does every
+    /// `report::ROLL_EVERY`), waiting for the transactions that may still insert some of them;
+    /// for a benchmark that loaded events outside the store. Reports are exact without it.
+    pub async fn roll_up(&self) -> StoreResult<()> {
+        let client = self.client().await?;
+        let target: i64 = query_one(&client, report::LAST_SEQ, &[]).await?.try_get(0).map_err(Error::from)?;
+        loop {
+            report::roll_up(&self.pool).await?;
+            let rolled: i64 = query_one(&client, "SELECT rolled_seq FROM rollup_progress", &[])
+                .await?
+                .try_get(0)
+                .map_err(Error::from)?;
+            if rolled >= target {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs a hold, settle, void or extension in the writer's next batch.
@@ -690,3 +712,5 @@ impl Store for PgStore {
 
 mod alerts;
 mod report;
+
+pub use report::ROLL_EVERY;

@@ -262,6 +262,23 @@ ALTER TABLE holds ADD COLUMN lease BOOLEAN NOT NULL DEFAULT false;
 -- for every event written (the ledger's hot path).
 DROP INDEX events_pool_cycle;
 "#,
+    r#"
+-- Rollups are no longer added by a trigger inside every transaction that inserts events: a
+-- background task of one tollgate process at a time adds the committed events to them (report.rs,
+-- `roll_up`), and readers add the events not rolled up yet. Every event with seq <= rolled_seq is
+-- in the rollups, and no other; pending_seq and pending_xid are the next step's bound and the
+-- transaction that must be over before it is taken.
+DROP TRIGGER events_rollups ON events;
+DROP FUNCTION tollgate_add_rollups();
+CREATE TABLE rollup_progress (
+    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+    rolled_seq BIGINT NOT NULL,
+    pending_seq BIGINT NOT NULL,
+    pending_xid xid8 NOT NULL
+);
+INSERT INTO rollup_progress (rolled_seq, pending_seq, pending_xid)
+SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0), pg_current_xact_id() FROM events;
+"#,
 ];
 
 /// The schema version this code reads and writes: the number of migrations.

@@ -15,7 +15,7 @@ impl ReportStore for SqliteStore {
         let account = account.to_string();
         self.read(move |conn| {
             // SQLite groups by sorting; summing in a hash table here is faster.
-            let mut s = conn.prepare_cached(&dims.select_sql("?1", "?2", false)).map_err(backend)?;
+            let mut s = conn.prepare_cached(&dims.select_sql("rollups", "?1", "?2", false)).map_err(backend)?;
             s.query_map(rusqlite::params![account, us(cycle_start)], |r| {
                 let pool: String = r.get(0)?;
                 let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);

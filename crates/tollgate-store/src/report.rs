@@ -50,12 +50,13 @@ impl Dims {
     /// None: one row per pool.
     pub const NONE: Dims = Dims { hour: false, model: false, source: false, key: false, labels: false };
 
-    /// The query of these dimensions over the table `rollups`, for both backends: `account` and
-    /// `cycle_start` name its two parameters (`$1`, `?1`…). Columns: pool, hour_us, model, source,
+    /// The query of these dimensions over `from` (the table `rollups`, or a subquery with its
+    /// columns), for both backends: `account` and `cycle_start` name its two parameters (`$1`,
+    /// `?1`…). Columns: pool, hour_us, model, source,
     /// key_id, labels, then the sums in `Rollup`'s order. With `group` false the rows come back
     /// one per stored rollup, the unneeded dimensions already blank, for the caller to sum
     /// ([`Dims::sum`]).
-    pub fn select_sql(&self, account: &str, cycle_start: &str, group: bool) -> String {
+    pub fn select_sql(&self, from: &str, account: &str, cycle_start: &str, group: bool) -> String {
         let keep = |on: bool, column: &str, blank: &str| if on { column.to_string() } else { blank.to_string() };
         let sums = [
             "calls",
@@ -75,7 +76,7 @@ impl Dims {
         let group_by = if group { "GROUP BY 1, 2, 3, 4, 5, 6" } else { "" };
         format!(
             "SELECT pool, {}, {}, {}, {}, {}, {sums}
-             FROM rollups WHERE account = {account} AND cycle_start_us = {cycle_start} {group_by}",
+             FROM {from} WHERE account = {account} AND cycle_start_us = {cycle_start} {group_by}",
             keep(self.hour, "hour_us", &format!("CAST({cycle_start} AS BIGINT)")),
             keep(self.model, "model", "''"),
             keep(self.source, "source", "''"),
