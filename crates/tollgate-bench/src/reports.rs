@@ -107,7 +107,8 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
         let t = Instant::now();
         store.roll_up().await.map_err(|e| e.to_string())?;
         println!("reports ({backend}): rolled up in {:.1} s", t.elapsed().as_secs_f64());
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, connection) =
+            tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         client.execute("ANALYZE events, rollups", &[]).await.map_err(|e| e.to_string())?;
     }
