@@ -52,9 +52,10 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, PoolPolicy, Tier};
 use tollgate_store::{
-    Account, Event, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest, StoreError, StoreResult,
+    Account, Event, Hold, HoldOutcome, HoldRequest, HoldState, SettleRequest, StoreError, StoreResult,
 };
 
+use crate::events::{self, NewRow};
 use crate::ledger::{EVENT_ORDER_LOCK, EVENT_ORDER_LOCKS, KeyTotals, PoolTotals};
 use crate::rows::{self, us};
 use crate::{ATTEMPTS_MAX, Error, Result, describe};
@@ -371,7 +372,7 @@ impl Conn {
                 )
                 .await?,
                 event_order: prepare(EVENT_ORDER_LOCKS.into()).await?,
-                write: prepare(WRITE.into()).await?,
+                write: prepare(write_sql()).await?,
                 update_hold: prepare(
                     "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq)
                      WHERE account = $1 AND id = $2"
@@ -428,7 +429,9 @@ const SETTINGS: &str = "SELECT a.*, t.*, pi.*, pp.* FROM unnest($1::text[]) AS u
 /// (`$44`), extended holds (`$45`, `$46`), pools (`$47`…`$51`) and keys (`$52`…`$54`), the last
 /// two found by `ctid` with their new totals at the same position in the arrays. Its rows: the
 /// new events' seqs. The statement's parts change different rows.
-const WRITE: &str = "WITH new_holds AS (
+fn write_sql() -> String {
+    format!(
+        "WITH new_holds AS (
          INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
              created_us, expires_us, remaining_after, fingerprint, owner)
          SELECT a, i, p, k, amt, m, src, 'open', cs, ce, cr, ex, ra, fp, $14
@@ -436,18 +439,7 @@ const WRITE: &str = "WITH new_holds AS (
                      $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[])
              AS u(a, i, p, k, amt, m, src, cs, ce, cr, ex, ra, fp)),
      e AS (
-         INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
-             cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
-             grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
-             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
-         SELECT a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt, pa,
-             false, rec, fp
-         FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::int8[], $20::int8[], $21::int8[],
-                     $22::int8[], $23::int8[], $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::int8[],
-                     $29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[], $35::int8[],
-                     $36::int8[], $37::text[], $38::int8[], $39::int8[], $40::bool[], $41::int8[], $42::text[])
-             AS u(a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt,
-                  pa, rec, fp)
+         {events}
          RETURNING account, id, hold_id, seq),
      settled AS (
          UPDATE holds SET state = 'settled', event_seq = e.seq FROM e
@@ -464,7 +456,10 @@ const WRITE: &str = "WITH new_holds AS (
          UPDATE key_cycles k SET (charged, held) =
              (SELECT ($53::int8[])[n], ($54::int8[])[n] FROM (SELECT array_position($52::tid[], k.ctid) AS n) AS x)
          WHERE ctid = ANY($52::tid[]))
-     SELECT account, id, seq FROM e";
+     SELECT account, id, seq FROM e",
+        events = events::insert_sql(15)
+    )
+}
 
 /// (account, pool, cycle start in µs).
 type PoolId = (String, PoolKind, i64);
@@ -486,48 +481,6 @@ struct HoldEntry {
     tid: Option<Tid>,
     /// Whether this batch extended it.
     expires_changed: bool,
-}
-
-/// An event this batch inserts.
-struct NewRow {
-    event: NewEvent,
-    cycle_start: DateTime<Utc>,
-    split: ledger::Split,
-    overshoot: Nanos,
-    hold_id: String,
-    recorded: DateTime<Utc>,
-}
-
-impl NewRow {
-    fn event(&self, seq: i64) -> Event {
-        let e = &self.event;
-        Event {
-            seq,
-            id: e.id.clone(),
-            account: e.account.clone(),
-            pool: e.pool,
-            model: e.model.clone(),
-            usage: e.usage,
-            cost: e.cost,
-            grant_part: self.split.grant,
-            overage_part: self.split.overage,
-            overshoot: self.overshoot,
-            service_tier: e.service_tier.clone(),
-            inference_geo: e.inference_geo.clone(),
-            speed: e.speed.clone(),
-            source: e.source.clone(),
-            key: e.key.clone(),
-            labels: e.labels.clone(),
-            timestamp: e.timestamp,
-            cycle_start: self.cycle_start,
-            hold_id: Some(self.hold_id.clone()),
-            latency_ms: e.latency_ms,
-            ttft_ms: e.ttft_ms,
-            partial: e.partial,
-            unsettled: false,
-            recorded_at: self.recorded,
-        }
-    }
 }
 
 /// A write's result before the batch's events have their seqs. Short-lived, one per write of a
@@ -1150,7 +1103,7 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
         cycle_start: hold.cycle_start,
         split,
         overshoot: settlement.overshoot,
-        hold_id: hold.id.clone(),
+        hold_id: Some(hold.id.clone()),
         recorded: now,
     });
     let entry = s.holds.get_mut(&key).expect("the hold read above");
@@ -1237,37 +1190,7 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
     let h_fp: Vec<&str> = h.iter().map(|(_, f)| f.as_str()).collect();
     // New events.
     let e = &s.new_events;
-    let e_account: Vec<&str> = e.iter().map(|x| x.event.account.as_str()).collect();
-    let e_id: Vec<&str> = e.iter().map(|x| x.event.id.as_str()).collect();
-    let e_pool: Vec<&str> = e.iter().map(|x| x.event.pool.as_str()).collect();
-    let e_model: Vec<&str> = e.iter().map(|x| x.event.model.as_str()).collect();
-    let usage =
-        |f: fn(&tollgate_core::Usage) -> u64| -> Vec<i64> { e.iter().map(|x| f(&x.event.usage) as i64).collect() };
-    let e_in = usage(|u| u.input_tokens);
-    let e_c5 = usage(|u| u.cache_creation_5m_input_tokens);
-    let e_c1 = usage(|u| u.cache_creation_1h_input_tokens);
-    let e_cr = usage(|u| u.cache_read_input_tokens);
-    let e_out = usage(|u| u.output_tokens);
-    let e_ws = usage(|u| u.web_search_requests);
-    let e_cost: Vec<i64> = e.iter().map(|x| x.event.cost.0).collect();
-    let e_gp: Vec<i64> = e.iter().map(|x| x.split.grant.0).collect();
-    let e_op: Vec<i64> = e.iter().map(|x| x.split.overage.0).collect();
-    let e_os: Vec<i64> = e.iter().map(|x| x.overshoot.0).collect();
-    let e_st: Vec<Option<&str>> = e.iter().map(|x| x.event.service_tier.as_deref()).collect();
-    let e_ig: Vec<Option<&str>> = e.iter().map(|x| x.event.inference_geo.as_deref()).collect();
-    let e_sp: Vec<Option<&str>> = e.iter().map(|x| x.event.speed.as_deref()).collect();
-    let e_src: Vec<Option<&str>> = e.iter().map(|x| x.event.source.as_deref()).collect();
-    let e_key: Vec<Option<&str>> = e.iter().map(|x| x.event.key.as_deref()).collect();
-    let e_labels: Vec<String> = e.iter().map(|x| rows::labels_to_text(&x.event.labels)).collect();
-    let e_ts: Vec<i64> = e.iter().map(|x| us(x.event.timestamp)).collect();
-    let e_cs: Vec<i64> = e.iter().map(|x| us(x.cycle_start)).collect();
-    let e_hold: Vec<&str> = e.iter().map(|x| x.hold_id.as_str()).collect();
-    let e_lat: Vec<Option<i64>> = e.iter().map(|x| x.event.latency_ms.map(|v| v as i64)).collect();
-    let e_tt: Vec<Option<i64>> = e.iter().map(|x| x.event.ttft_ms.map(|v| v as i64)).collect();
-    let e_pa: Vec<bool> = e.iter().map(|x| x.event.partial).collect();
-    let e_rec: Vec<i64> = e.iter().map(|x| us(x.recorded)).collect();
-    let e_fp: Vec<&str> = e.iter().map(|x| x.event.fingerprint.as_str()).collect();
-
+    let e_columns = events::Columns::new(e);
     // Changed holds, found by ctid: settled (by the events' statement), voided, extended;
     // anything else (a hold made by this batch, or changed two ways) one by one.
     let (mut settled, mut voided, mut extended, mut extended_to, mut one_by_one) =
@@ -1322,50 +1245,13 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
     let r_id: Vec<&str> = refused.iter().map(|(_, r)| r.id.as_str()).collect();
     let commit_now = one_by_one.is_empty();
 
-    let params: [&(dyn ToSql + Sync); 54] = [
-        &h_account,
-        &h_id,
-        &h_pool,
-        &h_key,
-        &h_amount,
-        &h_model,
-        &h_source,
-        &h_cs,
-        &h_ce,
-        &h_cr,
-        &h_ex,
-        &h_ra,
-        &h_fp,
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &h_account, &h_id, &h_pool, &h_key, &h_amount, &h_model, &h_source, &h_cs, &h_ce, &h_cr, &h_ex, &h_ra, &h_fp,
         &owner,
-        &e_account,
-        &e_id,
-        &e_pool,
-        &e_model,
-        &e_in,
-        &e_c5,
-        &e_c1,
-        &e_cr,
-        &e_out,
-        &e_ws,
-        &e_cost,
-        &e_gp,
-        &e_op,
-        &e_os,
-        &e_st,
-        &e_ig,
-        &e_sp,
-        &e_src,
-        &e_key,
-        &e_labels,
-        &e_ts,
-        &e_cs,
-        &e_hold,
-        &e_lat,
-        &e_tt,
-        &e_pa,
-        &e_rec,
-        &e_fp,
-        &settled,
+    ];
+    params.extend(e_columns.params());
+    params.extend([
+        &settled as &(dyn ToSql + Sync),
         &voided,
         &extended,
         &extended_to,
@@ -1377,7 +1263,7 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
         &k_tid,
         &k_charged,
         &k_held,
-    ];
+    ]);
     let writes = !(h.is_empty()
         && e.is_empty()
         && voided.is_empty()

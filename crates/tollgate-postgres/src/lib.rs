@@ -32,6 +32,7 @@
 
 mod audit;
 mod batch;
+mod events;
 mod ledger;
 mod rows;
 mod schema;
