@@ -3,10 +3,9 @@
 //! model and of a forecast, each as the API computes it (the pool figures plus the hourly
 //! rollups), median of 20 runs.
 //!
-//! SQLite loads every event through `Store::record_events`. PostgreSQL's `record_events` writes
-//! one event per round trip (a few thousand a second), so there the first `--recorded` events
-//! (default 20,000) go through it, timed, and the rest are written by `INSERT … SELECT` from
-//! `generate_series`, one statement per million: the same rows. The store's rollups are then
+//! SQLite loads every event through `Store::record_events`. On PostgreSQL the first `--recorded`
+//! events (default 20,000) go through it, timed, and the rest are written by `INSERT … SELECT`
+//! from `generate_series`, one statement per million (the same rows, faster than any client). The store's rollups are then
 //! brought up to date (`PgStore::roll_up`, what its background task does every half second), timed.
 
 use std::collections::BTreeMap;

@@ -26,6 +26,7 @@ use tollgate_store::{
     Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, SettleRequest, StoreError,
 };
 
+use crate::events::{self, NewRow};
 use crate::rows::{self, execute, query, query_one, query_opt, us};
 use crate::{Error, Result};
 
@@ -199,15 +200,6 @@ async fn add_to_key(
     )
     .await?;
     Ok(())
-}
-
-/// The cap of a key of `account`; `Invalid` if the account has no such key.
-async fn key_cap(tx: &Transaction<'_>, account: &str, key_id: &str) -> Result<Option<Nanos>> {
-    let row = query_opt(tx, "SELECT cap FROM keys WHERE id = $1 AND account = $2", &[&key_id, &account]).await?;
-    match row {
-        Some(r) => Ok(r.try_get::<_, Option<i64>>(0)?.map(Nanos)),
-        None => Err(StoreError::Invalid(format!("account {account:?} has no key {key_id:?}")).into()),
-    }
 }
 
 fn event_id_taken(id: &str) -> Error {
@@ -462,82 +454,189 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
     })
 }
 
-/// Records a batch of events, all or nothing (the caller's transaction). A batch that touches
-/// several pools or keys locks them all first, in the lock order.
+/// Records a batch of events, all or nothing (the caller's transaction), with a round trip per
+/// distinct account, key and pool and one insert for all the events, not a few round trips per
+/// event. The events are decided in order, as if recorded one after the other: each is checked
+/// (a repeated id, its account, its key) and charged on the running totals of its pool; the first
+/// that fails fails the batch. The pools and keys are locked first, in the lock order.
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
-    if events.len() > 1 {
-        lock_pools_of(tx, events).await?;
-        let accounts: Vec<&str> = events.iter().map(|e| e.account.as_str()).collect();
-        lock_event_order(tx, &accounts).await?;
+    if events.is_empty() {
+        return Ok(Vec::new());
     }
-    let mut outcomes = Vec::with_capacity(events.len());
-    for e in events {
-        outcomes.push(record_event(tx, e, now).await?);
-    }
-    Ok(outcomes)
-}
-
-/// Locks (creating them when needed) the pool and key rows the events of a batch will change,
-/// in the lock order. Events of an unknown account are skipped here: they fail the batch later.
-async fn lock_pools_of(tx: &Transaction<'_>, events: &[NewEvent]) -> Result<()> {
+    let ids: Vec<(&str, &str)> = events.iter().map(|e| (e.account.as_str(), e.id.as_str())).collect();
+    let committed = load_events(tx, &ids).await?;
     let mut accounts: HashMap<&str, Option<Account>> = HashMap::new();
-    let mut pools: BTreeMap<(String, &'static str, i64), (Account, PoolKind, Cycle)> = BTreeMap::new();
-    let mut keys: BTreeSet<(String, i64)> = BTreeSet::new();
     for e in events {
         if !accounts.contains_key(e.account.as_str()) {
             accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
         }
+    }
+    let mut keys: HashMap<(&str, &str), bool> = HashMap::new();
+    for e in events {
+        if let Some(key) = &e.key
+            && !keys.contains_key(&(e.account.as_str(), key.as_str()))
+        {
+            let found = query_opt(tx, "SELECT 1 FROM keys WHERE id = $1 AND account = $2", &[key, &e.account]).await?;
+            keys.insert((&e.account, key), found.is_some());
+        }
+    }
+    // The pools and keys of the events that reach them, locked in the lock order.
+    let mut pools: BTreeMap<(String, &'static str, i64), (&Account, PoolKind, Cycle)> = BTreeMap::new();
+    let mut key_cycles: BTreeSet<(String, i64)> = BTreeSet::new();
+    for e in events {
         let Some(account) = &accounts[e.account.as_str()] else { continue };
         let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-        pools.insert((e.account.clone(), e.pool.as_str(), us(cycle.start)), (account.clone(), e.pool, cycle));
+        pools.insert((e.account.clone(), e.pool.as_str(), us(cycle.start)), (account, e.pool, cycle));
         if let Some(key) = &e.key {
-            keys.insert((key.clone(), us(cycle.start)));
+            key_cycles.insert((key.clone(), us(cycle.start)));
         }
     }
-    for (account, pool, cycle) in pools.values() {
-        pool_cycle(tx, account, *pool, cycle).await?;
+    let mut pool_state: HashMap<(String, &'static str, i64), (PoolCycle, PoolTotals)> = HashMap::new();
+    for (id, (account, pool, cycle)) in &pools {
+        let state = pool_cycle(tx, account, *pool, cycle).await?;
+        let before = state.totals;
+        pool_state.insert(id.clone(), (state, before));
     }
-    for (key, start) in &keys {
-        lock_key(tx, key, rows::time(*start)).await?;
+    let mut key_state: HashMap<(String, i64), (KeyTotals, KeyTotals)> = HashMap::new();
+    for (key, start) in &key_cycles {
+        let totals = lock_key(tx, key, rows::time(*start)).await?;
+        key_state.insert((key.clone(), *start), (totals, totals));
     }
-    Ok(())
+
+    // Each event in order, on the running totals.
+    enum Outcome {
+        Duplicate(Box<Event>),
+        /// Same as the batch's new event at this place.
+        DuplicateOfNew(usize),
+        New(usize),
+    }
+    let mut outcomes = Vec::with_capacity(events.len());
+    let mut new_rows: Vec<NewRow> = Vec::new();
+    let mut new_ids: HashMap<(&str, &str), usize> = HashMap::new();
+    for e in events {
+        let id = (e.account.as_str(), e.id.as_str());
+        let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), new_ids.get(&id)) {
+            (Some(row), _) => Some((row.fingerprint.clone(), Outcome::Duplicate(Box::new(row.event.clone())))),
+            (None, Some(&i)) => Some((new_rows[i].event.fingerprint.clone(), Outcome::DuplicateOfNew(i))),
+            (None, None) => None,
+        };
+        match ledger::replay(earlier, &e.fingerprint) {
+            Replay::Same(outcome) => {
+                outcomes.push(outcome);
+                continue;
+            }
+            Replay::Conflict => {
+                return Err(StoreError::Conflict(format!(
+                    "event id {:?} was already recorded with different content; use a new id",
+                    e.id
+                ))
+                .into());
+            }
+            Replay::New => {}
+        }
+        let account = accounts[e.account.as_str()]
+            .as_ref()
+            .ok_or_else(|| StoreError::NotFound(format!("account {:?}", e.account)))?;
+        if let Some(key) = &e.key
+            && !keys[&(e.account.as_str(), key.as_str())]
+        {
+            return Err(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)).into());
+        }
+        let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+        let (pool, _) =
+            pool_state.get_mut(&(e.account.clone(), e.pool.as_str(), us(cycle.start))).ok_or_else(|| {
+                StoreError::Backend(format!("pool {} {} has no row for its cycle", e.account, e.pool.as_str()))
+            })?;
+        let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
+        let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
+        pool.totals.used = pool.totals.used.checked_add(split.grant).ok_or_else(out_of_range)?;
+        pool.totals.overage = pool.totals.overage.checked_add(split.overage).ok_or_else(out_of_range)?;
+        pool.scope.used = pool.totals.used;
+        pool.scope.overage = pool.totals.overage;
+        if let Some(key) = &e.key {
+            let (totals, _) = key_state.get_mut(&(key.clone(), us(cycle.start))).expect("locked above");
+            totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
+        }
+        new_ids.insert(id, new_rows.len());
+        outcomes.push(Outcome::New(new_rows.len()));
+        new_rows.push(NewRow {
+            event: e.clone(),
+            cycle_start: cycle.start,
+            split,
+            overshoot: Nanos::ZERO,
+            hold_id: None,
+            recorded: now,
+        });
+    }
+
+    // The writes: totals, then the events under their accounts' event-order locks.
+    for ((account, pool, start), (state, before)) in &pool_state {
+        if state.totals != *before {
+            let pool = rows::pool_of(pool)?;
+            let add = PoolTotals {
+                grants: Nanos::ZERO,
+                used: Nanos(state.totals.used.0 - before.used.0),
+                overage: Nanos(state.totals.overage.0 - before.overage.0),
+                held: Nanos::ZERO,
+            };
+            add_to_pool(tx, account, pool, rows::time(*start), *before, add).await?;
+        }
+    }
+    for ((key, start), (totals, before)) in &key_state {
+        if totals != before {
+            let add = KeyTotals { charged: Nanos(totals.charged.0 - before.charged.0), held: Nanos::ZERO };
+            add_to_key(tx, key, rows::time(*start), *before, add).await?;
+        }
+    }
+    let mut seqs = vec![0i64; new_rows.len()];
+    if !new_rows.is_empty() {
+        let accounts: Vec<&str> = new_rows.iter().map(|r| r.event.account.as_str()).collect();
+        lock_event_order(tx, &accounts).await?;
+        let columns = events::Columns::new(&new_rows);
+        let sql = format!("{} ON CONFLICT DO NOTHING RETURNING account, id, seq", events::insert_sql(1));
+        let inserted = query(tx, &sql, &columns.params()).await?;
+        // A copy committed while this transaction waited for a pool: run again, and the replay
+        // check answers.
+        if inserted.len() != new_rows.len() {
+            return Err(Error::Retry);
+        }
+        let index: HashMap<(&str, &str), usize> =
+            new_rows.iter().enumerate().map(|(n, r)| ((r.event.account.as_str(), r.event.id.as_str()), n)).collect();
+        for r in &inserted {
+            let (account, id): (&str, &str) = (r.try_get(0)?, r.try_get(1)?);
+            let n = index.get(&(account, id)).ok_or_else(|| rows::corrupt("event returned by its insert", id))?;
+            seqs[*n] = r.try_get(2)?;
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Duplicate(event) => EventOutcome::Duplicate(*event),
+            Outcome::DuplicateOfNew(i) => EventOutcome::Duplicate(new_rows[i].event(seqs[i])),
+            Outcome::New(i) => EventOutcome::Recorded(new_rows[i].event(seqs[i])),
+        })
+        .collect())
 }
 
-/// Records one event; the caller's transaction makes a batch all or nothing.
-async fn record_event(tx: &Transaction<'_>, e: &NewEvent, now: DateTime<Utc>) -> Result<EventOutcome> {
-    let existing = rows::load_event(tx, &e.account, &e.id).await?;
-    match ledger::replay(existing.map(|r| (r.fingerprint, r.event)), &e.fingerprint) {
-        Replay::Same(event) => return Ok(EventOutcome::Duplicate(event)),
-        Replay::Conflict => {
-            return Err(StoreError::Conflict(format!(
-                "event id {:?} was already recorded with different content; use a new id",
-                e.id
-            ))
-            .into());
-        }
-        Replay::New => {}
+/// The committed events among `ids` ((account, id) pairs), by (account, id).
+async fn load_events(tx: &Transaction<'_>, ids: &[(&str, &str)]) -> Result<HashMap<(String, String), rows::EventRow>> {
+    let (accounts, event_ids): (Vec<&str>, Vec<&str>) = ids.iter().copied().unzip();
+    let found = query(
+        tx,
+        &format!(
+            "SELECT {} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+             CROSS JOIN LATERAL (SELECT * FROM events WHERE account = u.a AND id = u.i) AS e",
+            rows::EVENT_COLUMNS
+        ),
+        &[&accounts, &event_ids],
+    )
+    .await?;
+    let mut by_id = HashMap::new();
+    for r in &found {
+        let row = rows::event(r)?;
+        by_id.insert((row.event.account.clone(), row.event.id.clone()), row);
     }
-    let account = rows::require_account(tx, &e.account).await?;
-    if let Some(key) = &e.key {
-        key_cap(tx, &e.account, key).await?;
-    }
-    let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-    let pool = pool_cycle(tx, &account, e.pool, &cycle).await?;
-    let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-    let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: Nanos::ZERO };
-    add_to_pool(tx, &e.account, e.pool, cycle.start, pool.totals, add).await?;
-    if let Some(key) = &e.key {
-        let totals = lock_key(tx, key, cycle.start).await?;
-        add_to_key(tx, key, cycle.start, totals, KeyTotals { charged: split.total(), held: Nanos::ZERO }).await?;
-    }
-    // Already taken for a batch of several (with the others); taking it again does not wait.
-    lock_event_order(tx, &[&e.account]).await?;
-    match insert_event(tx, e, cycle.start, split, Nanos::ZERO, None, false, now).await? {
-        Some(event) => Ok(EventOutcome::Recorded(event)),
-        // A copy committed while this transaction waited for the pool: run again, and the
-        // replay check above answers.
-        None => Err(Error::Retry),
-    }
+    Ok(by_id)
 }
 
 /// Which open holds a sweep settles.

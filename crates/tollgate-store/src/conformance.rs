@@ -85,6 +85,7 @@ macro_rules! conformance_suite {
             extend_hold_pushes_expiry
             record_events_are_facts_beyond_limit
             record_events_duplicate_and_batch_conflict
+            record_events_one_id_twice_in_a_batch
             late_event_booked_in_its_cycle
             events_query_filters_and_pages
             money_is_exact
@@ -1500,6 +1501,30 @@ pub async fn record_events_duplicate_and_batch_conflict(store: Fresh) {
     let r2 = record_one(&store, e2, later(5), "e-2 after its batch failed").await;
     assert_figures(&store, "acme", P, now(), fig(usd(50), usd(6), Nanos::ZERO, Nanos::ZERO), "1 + 3 + 2").await;
     assert_eq!(all_events(&store, "acme").await, vec![first, r3, r2], "three events");
+}
+
+/// One event id twice in one batch: with the same content the second is a Duplicate of the
+/// first, charged once; with other content the whole batch fails and writes nothing.
+pub async fn record_events_one_id_twice_in_a_batch(store: Fresh) {
+    standard_account(&store, "acme").await;
+    let e1 = event("acme", "e-1", P, usd(4), now());
+    let e2 = event("acme", "e-2", P, usd(2), now());
+    let outcomes = ok(store.record_events(vec![e1.clone(), e2, e1.clone()], later(1)).await, "e-1, e-2, e-1");
+    let r1 = recorded(&outcomes[0], "e-1");
+    assert_event_carries(&r1, &e1, None, "e-1");
+    recorded(&outcomes[1], "e-2");
+    assert_eq!(duplicate(&outcomes[2], "e-1 again in its batch"), r1, "the duplicate is the batch's own e-1");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), usd(6), Nanos::ZERO, Nanos::ZERO), "e-1 charged once").await;
+
+    let e3 = event("acme", "e-3", P, usd(1), now());
+    let e3_changed = event("acme", "e-3", P, usd(9), now());
+    expect_err(
+        store.record_events(vec![e3, e3_changed], later(2)).await,
+        ErrKind::Conflict,
+        "a batch that names e-3 twice with other content",
+    );
+    assert_eq!(all_events(&store, "acme").await.len(), 2, "the failed batch wrote nothing");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), usd(6), Nanos::ZERO, Nanos::ZERO), "unchanged").await;
 }
 
 /// A late event is booked in the cycle containing its timestamp, with that cycle's tier grant.
