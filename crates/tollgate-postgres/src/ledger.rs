@@ -402,32 +402,9 @@ async fn insert_event(
     )
     .await?;
     let Some(row) = row else { return Ok(None) };
-    Ok(Some(Event {
-        seq: row.try_get(0)?,
-        id: e.id.clone(),
-        account: e.account.clone(),
-        pool: e.pool,
-        model: e.model.clone(),
-        usage: e.usage,
-        cost: e.cost,
-        grant_part: split.grant,
-        overage_part: split.overage,
-        overshoot,
-        service_tier: e.service_tier.clone(),
-        inference_geo: e.inference_geo.clone(),
-        speed: e.speed.clone(),
-        source: e.source.clone(),
-        key: e.key.clone(),
-        labels: e.labels.clone(),
-        timestamp: e.timestamp,
-        cycle_start,
-        hold_id: hold_id.map(str::to_string),
-        latency_ms: e.latency_ms,
-        ttft_ms: e.ttft_ms,
-        partial: e.partial,
-        unsettled,
-        recorded_at: now,
-    }))
+    let stored =
+        NewRow { event: e.clone(), cycle_start, split, overshoot, hold_id: hold_id.map(str::to_string), recorded: now };
+    Ok(Some(Event { unsettled, ..stored.event(row.try_get(0)?) }))
 }
 
 /// Adds a top-up to the pool's cycle that contains `now`.
