@@ -4,14 +4,15 @@
 //! first read until its commit is on disk, so the writes of every process to that pool go one
 //! commit (one WAL flush) at a time. So each store sends these writes to its writer task, which
 //! takes every write waiting and runs them all in one transaction, on a connection of its own,
-//! in four round trips:
+//! in four round trips when no other transaction holds its rows (steps 2 and 3 take one more
+//! each for rows a write must wait for, and another when every row was held):
 //!
 //! 1. `BEGIN` and the reads the decisions need, sent together: each account with its tier and
 //!    policies, the caps of the keys named; the existing holds the batch names, locked (the
 //!    first step of the lock order in `ledger`);
-//! 2. the batch's pool rows, locked in (account, pool, cycle start) order (the missing ones
-//!    created with their tier grant first);
-//! 3. its key rows, locked in (key, cycle start) order (only when a write has a key);
+//! 2. the batch's pool rows, locked in (account, pool, cycle start) order, skipping the rows
+//!    other transactions hold (the missing ones created with their tier grant first);
+//! 3. its key rows, likewise, in (key, cycle start) order (only when a write has a key);
 //! 4. then each write is decided in arrival order with `tollgate-core`, on running totals in
 //!    memory: every refusal and error comes before a write's first change, so one write's
 //!    refusal or error is its own and the others go on. The event-order locks, one statement
@@ -21,9 +22,12 @@
 //!
 //! Every row a decision depends on stays locked until the commit, as in a transaction of its
 //! own, so a `block` limit still holds exactly across processes. A pool or key row that another
-//! transaction holds (another process's batch) is not waited for while the batch has other work:
-//! the writes that need it are put off to the next batch, up to [`PUT_OFF_MAX`] times (see
-//! [`lock_pools`]). A caller waits for its own write's answer, so its writes keep their order.
+//! transaction holds (another process's batch) is not waited for while other rows of the batch
+//! could be locked: the writes that need it are put off to the next batch, up to
+//! [`PUT_OFF_MAX`] times (see [`lock_pools`]). So writes sent at the same moment by different
+//! callers may be decided in another order than they arrived (two holds of one id on two pools:
+//! the one put off finds the other's); a caller waits for its own write's answer, so one caller's
+//! writes keep their order.
 //!
 //! A batch that meets a deadlock, a serialization failure or an id inserted meanwhile by another
 //! transaction (a unique violation) runs again from the start; a batch that fails otherwise runs

@@ -152,11 +152,23 @@ async fn add_to_pool(
         overage: sum(current.overage, add.overage)?,
         held: sum(current.held, add.held)?,
     };
+    write_pool(tx, account, pool, cycle_start, new).await
+}
+
+/// Writes a pool's totals; the caller holds the row's lock.
+async fn write_pool(
+    tx: &Transaction<'_>,
+    account: &str,
+    pool: PoolKind,
+    cycle_start: DateTime<Utc>,
+    totals: PoolTotals,
+) -> Result<()> {
+    let PoolTotals { grants, used, overage, held } = totals;
     execute(
         tx,
         "UPDATE pool_cycles SET grants = $4, used = $5, overage = $6, held = $7
          WHERE account = $1 AND pool = $2 AND cycle_start_us = $3",
-        &[&account, &pool.as_str(), &us(cycle_start), &new.grants.0, &new.used.0, &new.overage.0, &new.held.0],
+        &[&account, &pool.as_str(), &us(cycle_start), &grants.0, &used.0, &overage.0, &held.0],
     )
     .await?;
     Ok(())
@@ -193,10 +205,15 @@ async fn add_to_key(
     let out_of_range = || StoreError::Invalid("amount out of range".into());
     let charged = current.charged.checked_add(add.charged).ok_or_else(out_of_range)?;
     let held = current.held.checked_add(add.held).ok_or_else(out_of_range)?;
+    write_key(tx, key_id, cycle_start, KeyTotals { charged, held }).await
+}
+
+/// Writes a key's totals; the caller holds the row's lock.
+async fn write_key(tx: &Transaction<'_>, key_id: &str, cycle_start: DateTime<Utc>, totals: KeyTotals) -> Result<()> {
     execute(
         tx,
         "UPDATE key_cycles SET charged = $3, held = $4 WHERE key_id = $1 AND cycle_start_us = $2",
-        &[&key_id, &us(cycle_start), &charged.0, &held.0],
+        &[&key_id, &us(cycle_start), &totals.charged.0, &totals.held.0],
     )
     .await?;
     Ok(())
@@ -431,70 +448,34 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
     })
 }
 
-/// Records a batch of events, all or nothing (the caller's transaction), with a round trip per
-/// distinct account, key and pool and one insert for all the events, not a few round trips per
-/// event. The events are decided in order, as if recorded one after the other: each is checked
-/// (a repeated id, its account, its key) and charged on the running totals of its pool; the first
-/// that fails fails the batch. The pools and keys are locked first, in the lock order.
+/// Records a batch of events, all or nothing (the caller's transaction), with a few round trips
+/// per distinct account, key and pool and one insert for all the events, not a few round trips
+/// per event. The events are decided in order, as if recorded one after the other: first the
+/// checks that need no lock (a repeated id, the account, the key), so that a batch of repeats
+/// locks nothing; then the pools and keys of the new events are locked, in the lock order, and
+/// each new event is charged on its pool's running totals. The first event that fails fails the
+/// batch (a pool's unknown tier or an amount out of range show only after every event's checks).
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    enum Outcome {
+        Duplicate(Box<Event>),
+        /// The same as the event at this place of the batch, recorded by it.
+        DuplicateOf(usize),
+        New,
+    }
     let ids: Vec<(&str, &str)> = events.iter().map(|e| (e.account.as_str(), e.id.as_str())).collect();
     let committed = load_events(tx, &ids).await?;
     let mut accounts: HashMap<&str, Option<Account>> = HashMap::new();
-    for e in events {
-        if !accounts.contains_key(e.account.as_str()) {
-            accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
-        }
-    }
     let mut keys: HashMap<(&str, &str), bool> = HashMap::new();
-    for e in events {
-        if let Some(key) = &e.key
-            && !keys.contains_key(&(e.account.as_str(), key.as_str()))
-        {
-            let found = query_opt(tx, "SELECT 1 FROM keys WHERE id = $1 AND account = $2", &[key, &e.account]).await?;
-            keys.insert((&e.account, key), found.is_some());
-        }
-    }
-    // The pools and keys of the events that reach them, locked in the lock order.
-    let mut pools: BTreeMap<(String, &'static str, i64), (&Account, PoolKind, Cycle)> = BTreeMap::new();
-    let mut key_cycles: BTreeSet<(String, i64)> = BTreeSet::new();
-    for e in events {
-        let Some(account) = &accounts[e.account.as_str()] else { continue };
-        let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-        pools.insert((e.account.clone(), e.pool.as_str(), us(cycle.start)), (account, e.pool, cycle));
-        if let Some(key) = &e.key {
-            key_cycles.insert((key.clone(), us(cycle.start)));
-        }
-    }
-    let mut pool_state: HashMap<(String, &'static str, i64), (PoolCycle, PoolTotals)> = HashMap::new();
-    for (id, (account, pool, cycle)) in &pools {
-        let state = pool_cycle(tx, account, *pool, cycle).await?;
-        let before = state.totals;
-        pool_state.insert(id.clone(), (state, before));
-    }
-    let mut key_state: HashMap<(String, i64), (KeyTotals, KeyTotals)> = HashMap::new();
-    for (key, start) in &key_cycles {
-        let totals = lock_key(tx, key, rows::time(*start)).await?;
-        key_state.insert((key.clone(), *start), (totals, totals));
-    }
-
-    // Each event in order, on the running totals.
-    enum Outcome {
-        Duplicate(Box<Event>),
-        /// Same as the batch's new event at this place.
-        DuplicateOfNew(usize),
-        New(usize),
-    }
+    let mut first: HashMap<(&str, &str), usize> = HashMap::new();
     let mut outcomes = Vec::with_capacity(events.len());
-    let mut new_rows: Vec<NewRow> = Vec::new();
-    let mut new_ids: HashMap<(&str, &str), usize> = HashMap::new();
-    for e in events {
+    for (n, e) in events.iter().enumerate() {
         let id = (e.account.as_str(), e.id.as_str());
-        let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), new_ids.get(&id)) {
+        let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), first.get(&id)) {
             (Some(row), _) => Some((row.fingerprint.clone(), Outcome::Duplicate(Box::new(row.event.clone())))),
-            (None, Some(&i)) => Some((new_rows[i].event.fingerprint.clone(), Outcome::DuplicateOfNew(i))),
+            (None, Some(&i)) => Some((events[i].fingerprint.clone(), Outcome::DuplicateOf(i))),
             (None, None) => None,
         };
         match ledger::replay(earlier, &e.fingerprint) {
@@ -511,58 +492,90 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             }
             Replay::New => {}
         }
-        let account = accounts[e.account.as_str()]
-            .as_ref()
-            .ok_or_else(|| StoreError::NotFound(format!("account {:?}", e.account)))?;
-        if let Some(key) = &e.key
-            && !keys[&(e.account.as_str(), key.as_str())]
-        {
-            return Err(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)).into());
+        if !accounts.contains_key(e.account.as_str()) {
+            accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
         }
-        let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+        if accounts[e.account.as_str()].is_none() {
+            return Err(StoreError::NotFound(format!("account {:?}", e.account)).into());
+        }
+        if let Some(key) = &e.key {
+            if !keys.contains_key(&(e.account.as_str(), key.as_str())) {
+                let found =
+                    query_opt(tx, "SELECT 1 FROM keys WHERE id = $1 AND account = $2", &[key, &e.account]).await?;
+                keys.insert((&e.account, key), found.is_some());
+            }
+            if !keys[&(e.account.as_str(), key.as_str())] {
+                return Err(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)).into());
+            }
+        }
+        first.insert(id, n);
+        outcomes.push(Outcome::New);
+    }
+
+    // The pools and keys of the new events, locked in the lock order.
+    let new: Vec<(&NewEvent, &Account, Cycle)> = events
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, Outcome::New))
+        .filter_map(|(e, _)| {
+            accounts[e.account.as_str()].as_ref().map(|a| (e, a, a.cycle_anchor().cycle_at(e.timestamp)))
+        })
+        .collect();
+    let mut pools: BTreeMap<(&str, &'static str, i64), (&Account, PoolKind, &Cycle)> = BTreeMap::new();
+    let mut key_cycles: BTreeSet<(&str, i64)> = BTreeSet::new();
+    for (e, account, cycle) in &new {
+        pools.insert((&e.account, e.pool.as_str(), us(cycle.start)), (account, e.pool, cycle));
+        if let Some(key) = &e.key {
+            key_cycles.insert((key, us(cycle.start)));
+        }
+    }
+    let mut pool_state: BTreeMap<(&str, &'static str, i64), (PoolCycle, PoolTotals)> = BTreeMap::new();
+    for (id, (account, pool, cycle)) in pools {
+        let state = pool_cycle(tx, account, pool, cycle).await?;
+        let before = state.totals;
+        pool_state.insert(id, (state, before));
+    }
+    let mut key_state: BTreeMap<(&str, i64), (KeyTotals, KeyTotals)> = BTreeMap::new();
+    for (key, start) in key_cycles {
+        let totals = lock_key(tx, key, rows::time(start)).await?;
+        key_state.insert((key, start), (totals, totals));
+    }
+
+    // Each new event in order, charged on the running totals.
+    let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
+    let mut new_rows: Vec<NewRow> = Vec::with_capacity(new.len());
+    for (e, _, cycle) in &new {
         let (pool, _) =
-            pool_state.get_mut(&(e.account.clone(), e.pool.as_str(), us(cycle.start))).ok_or_else(|| {
-                StoreError::Backend(format!("pool {} {} has no row for its cycle", e.account, e.pool.as_str()))
-            })?;
+            pool_state.get_mut(&(e.account.as_str(), e.pool.as_str(), us(cycle.start))).expect("locked above");
         let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-        let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
         pool.totals.used = pool.totals.used.checked_add(split.grant).ok_or_else(out_of_range)?;
         pool.totals.overage = pool.totals.overage.checked_add(split.overage).ok_or_else(out_of_range)?;
         pool.scope.used = pool.totals.used;
         pool.scope.overage = pool.totals.overage;
         if let Some(key) = &e.key {
-            let (totals, _) = key_state.get_mut(&(key.clone(), us(cycle.start))).expect("locked above");
+            let (totals, _) = key_state.get_mut(&(key.as_str(), us(cycle.start))).expect("locked above");
             totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
         }
-        new_ids.insert(id, new_rows.len());
-        outcomes.push(Outcome::New(new_rows.len()));
-        new_rows.push(NewRow {
-            event: e.clone(),
+        let row = NewRow {
+            event: (*e).clone(),
             cycle_start: cycle.start,
             split,
             overshoot: Nanos::ZERO,
             hold_id: None,
             recorded: now,
-        });
+        };
+        new_rows.push(row);
     }
 
     // The writes: totals, then the events under their accounts' event-order locks.
     for ((account, pool, start), (state, before)) in &pool_state {
         if state.totals != *before {
-            let pool = rows::pool_of(pool)?;
-            let add = PoolTotals {
-                grants: Nanos::ZERO,
-                used: Nanos(state.totals.used.0 - before.used.0),
-                overage: Nanos(state.totals.overage.0 - before.overage.0),
-                held: Nanos::ZERO,
-            };
-            add_to_pool(tx, account, pool, rows::time(*start), *before, add).await?;
+            write_pool(tx, account, rows::pool_of(pool)?, rows::time(*start), state.totals).await?;
         }
     }
     for ((key, start), (totals, before)) in &key_state {
         if totals != before {
-            let add = KeyTotals { charged: Nanos(totals.charged.0 - before.charged.0), held: Nanos::ZERO };
-            add_to_key(tx, key, rows::time(*start), *before, add).await?;
+            write_key(tx, key, rows::time(*start), *totals).await?;
         }
     }
     let mut seqs = vec![0i64; new_rows.len()];
@@ -572,8 +585,7 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
         let columns = events::Columns::new(&new_rows);
         let sql = format!("{} ON CONFLICT DO NOTHING RETURNING account, id, seq", events::insert_sql(1));
         let inserted = query(tx, &sql, &columns.params()).await?;
-        // A copy committed while this transaction waited for a pool: run again, and the replay
-        // check answers.
+        // A copy committed since it was looked up: run again, and the replay check answers.
         if inserted.len() != new_rows.len() {
             return Err(Error::Retry);
         }
@@ -585,12 +597,21 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             seqs[*n] = r.try_get(2)?;
         }
     }
+    // The place in `new_rows` of each new event of the batch.
+    let mut row_of = HashMap::new();
+    for (n, o) in outcomes.iter().enumerate() {
+        if matches!(o, Outcome::New) {
+            row_of.insert(n, row_of.len());
+        }
+    }
+    let recorded = |n: usize| new_rows[row_of[&n]].event(seqs[row_of[&n]]);
     Ok(outcomes
-        .into_iter()
-        .map(|o| match o {
-            Outcome::Duplicate(event) => EventOutcome::Duplicate(*event),
-            Outcome::DuplicateOfNew(i) => EventOutcome::Duplicate(new_rows[i].event(seqs[i])),
-            Outcome::New(i) => EventOutcome::Recorded(new_rows[i].event(seqs[i])),
+        .iter()
+        .enumerate()
+        .map(|(n, o)| match o {
+            Outcome::Duplicate(event) => EventOutcome::Duplicate((**event).clone()),
+            Outcome::DuplicateOf(i) => EventOutcome::Duplicate(recorded(*i)),
+            Outcome::New => EventOutcome::Recorded(recorded(n)),
         })
         .collect())
 }

@@ -269,6 +269,7 @@ impl PgStore {
         let client = self.client().await?;
         let target: i64 = query_one(&client, report::LAST_SEQ, &[]).await?.try_get(0).map_err(Error::from)?;
         loop {
+            // Waiting, or skipped while another process rolls up: both move on in time.
             report::roll_up(&self.pool).await?;
             let rolled: i64 = query_one(&client, "SELECT rolled_seq FROM rollup_progress", &[])
                 .await?

@@ -81,48 +81,67 @@ const ROLLUPS_AND_TAIL: &str = "(SELECT account, cycle_start_us, pool, hour_us, 
         grant_part + overage_part, COALESCE(latency_ms, 0), CAST(latency_ms IS NOT NULL AS INTEGER)
      FROM events WHERE seq > $3) AS rollups";
 
+/// What one step of rolling up did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Another process is rolling up.
+    Skipped,
+    /// A transaction that may still insert events up to the bound is running.
+    Waiting,
+    /// The mark moved to the last bound (or stayed, with nothing new) and the next bound is set.
+    Moved,
+}
+
 /// One step of rolling up: moves `rolled_seq` to the bound read at the step before, when every
-/// transaction that could hold a seq up to it is over, and reads the next bound. Does nothing
-/// while another process is rolling.
-pub async fn roll_up(pool: &Pool) -> StoreResult<()> {
+/// transaction that could hold a seq up to it is over, and reads the next bound.
+pub async fn roll_up(pool: &Pool) -> StoreResult<Step> {
     let mut client = pool.get().await.map_err(pool_error)?;
-    let result: Result<()> = async {
+    let result: Result<Step> = async {
         let tx = client.transaction().await?;
         let locked: bool = query_one(&tx, "SELECT pg_try_advisory_xact_lock($1)", &[&ROLLUP_LOCK]).await?.try_get(0)?;
         if !locked {
-            return Ok(());
+            return Ok(Step::Skipped);
         }
-        // In this order, each its own statement: the bound, then this transaction's id (it has
-        // none before: neither the lock above nor reading a sequence gives one), then whether
-        // the oldest transaction still running is not older than the last step's id.
+        // In this order, each its own statement: the bound, then whether the last step's
+        // transaction and every older one are over, then this transaction's id (it has none
+        // before: neither the lock nor reading a sequence gives one). A last step's id at or
+        // above every id this server has finished comes from another server (a restored dump):
+        // no transaction here can hold its seqs.
         let bound: i64 = query_one(&tx, LAST_SEQ, &[]).await?.try_get(0)?;
-        let xid: String = query_one(&tx, "SELECT pg_current_xact_id()::text", &[]).await?.try_get(0)?;
         let progress = query_one(
             &tx,
-            "SELECT rolled_seq, pending_seq, pg_snapshot_xmin(pg_current_snapshot()) >= pending_xid
+            "SELECT rolled_seq, pending_seq,
+                 pg_snapshot_xmin(pg_current_snapshot()) >= pending_xid
+                 OR pending_xid >= pg_snapshot_xmax(pg_current_snapshot())
              FROM rollup_progress",
             &[],
         )
         .await?;
         let (rolled, pending, over): (i64, i64, bool) =
             (progress.try_get(0)?, progress.try_get(1)?, progress.try_get(2)?);
-        if over {
-            if pending > rolled {
-                tx.execute(ROLL, &[&rolled, &pending]).await?;
-            }
-            tx.execute(
-                "UPDATE rollup_progress SET rolled_seq = $1::int8, pending_seq = GREATEST($2::int8, $1::int8),
-                     pending_xid = $3::text::xid8",
-                &[&pending, &bound, &xid],
-            )
-            .await?;
+        if !over {
+            return Ok(Step::Waiting);
         }
+        let xid: String = query_one(&tx, "SELECT pg_current_xact_id()::text", &[]).await?.try_get(0)?;
+        if pending > rolled {
+            tx.execute(ROLL, &[&rolled, &pending]).await?;
+        }
+        tx.execute(
+            "UPDATE rollup_progress SET rolled_seq = $1::int8, pending_seq = GREATEST($2::int8, $1::int8),
+                 pending_xid = $3::text::xid8",
+            &[&pending, &bound, &xid],
+        )
+        .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(Step::Moved)
     }
     .await;
     result.map_err(StoreError::from)
 }
+
+/// Steps in a row that waited before the roller says so in the log (a minute), and again each
+/// as many steps after.
+const WAITING_WARN_STEPS: u32 = 120;
 
 /// A store's background task that rolls events up every [`ROLL_EVERY`]; it stops when dropped.
 pub struct Roller {
@@ -135,14 +154,24 @@ impl Roller {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(ROLL_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut waiting = 0u32;
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
-                    _ = every.tick() => {
-                        if let Err(e) = roll_up(&pool).await {
-                            tracing::warn!(error = %e, "rolling up usage failed; the next step tries again");
+                    _ = every.tick() => match roll_up(&pool).await {
+                        Ok(Step::Waiting) => {
+                            waiting += 1;
+                            if waiting.is_multiple_of(WAITING_WARN_STEPS) {
+                                tracing::warn!(
+                                    seconds = (ROLL_EVERY * waiting).as_secs(),
+                                    "usage rollups are waiting for a long transaction on the PostgreSQL server; \
+                                     reports stay exact but read more events until it ends"
+                                );
+                            }
                         }
-                    }
+                        Ok(_) => waiting = 0,
+                        Err(e) => tracing::warn!(error = %e, "rolling up usage failed; the next step tries again"),
+                    },
                 }
             }
         });

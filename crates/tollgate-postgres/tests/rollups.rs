@@ -129,3 +129,31 @@ async fn events_are_rolled_up_once_their_transactions_are_over() {
     assert_eq!((calls, cost), (9, 8_300), "every event is in the rollups table once, the late one too");
     assert_eq!(reported(&store).await, (9, Nanos(8_300), 807));
 }
+
+/// A mark restored from another server (a dump) names a transaction id this server has not
+/// reached: no transaction here can hold the seqs it covers, so rolling up goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_from_another_server_does_not_stall_rolling_up() {
+    let Some(db) = TestDb::create().await else { return };
+    let store = db.open().await;
+    let account = NewAccount {
+        id: "acme".to_string(),
+        tier: "team-standard".to_string(),
+        anchor: Some(cycle_start()),
+        timezone: Tz::UTC,
+        interactive_grant: None,
+        programmatic_grant: None,
+    };
+    store.create_account(account, now()).await.expect("create_account");
+    let (sql, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    sql.batch_execute("UPDATE rollup_progress SET pending_xid = '900000000000'::xid8").await.expect("restored mark");
+    let events: Vec<NewEvent> = (0..3).map(|i| event(&format!("e-{i}"), 1_000)).collect();
+    store.record_events(events, now()).await.expect("record_events");
+    tokio::time::timeout(std::time::Duration::from_secs(30), store.roll_up())
+        .await
+        .expect("rolling up goes on")
+        .expect("roll_up");
+    assert_eq!(stored(&sql).await.0, 3, "the three events are in the rollups table");
+    assert_eq!(reported(&store).await, (3, Nanos(3_000), 300));
+}
