@@ -1,6 +1,7 @@
 //! The gateway against the testkit's mock upstream on loopback (zero delay), side by side with
 //! direct calls to the mock, in one run: metering, holds and durable writes on (a fresh SQLite
-//! store at the default durability).
+//! store at the default durability, or with `--postgres URL` a fresh database on that server;
+//! `--lease-usd X` sets the gateway's lease size, else its default).
 //!
 //! 1. Added latency at one connection, non-streaming: `--calls` calls straight to the mock, then
 //!    as many through the gateway, alternating in blocks; p50 / p99 of each and of the difference.
@@ -34,8 +35,38 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let calls = crate::flag(args, "--calls", 5_000)?;
     let connections = crate::flag(args, "--connections", 64)?;
     let seconds = crate::flag(args, "--seconds", 10)?;
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let lease = match value("--lease-usd") {
+        Some(usd) => Some(
+            Nanos::parse_usd(&usd)
+                .ok()
+                .filter(|n| n.0 >= 0)
+                .ok_or(format!("--lease-usd {usd:?} is not an amount of USD ≥ 0, such as 1 or 0"))?,
+        ),
+        None => None,
+    };
+    let ledger = Ledger { postgres: value("--postgres"), lease };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(measure(calls, connections, seconds))
+    runtime.block_on(async {
+        let db = match &ledger.postgres {
+            Some(admin_url) => Some(crate::postgres_ledger::BenchDb::create(admin_url).await?),
+            None => None,
+        };
+        let ledger = Ledger { postgres: db.as_ref().map(|d| d.url.clone()), ..ledger };
+        let result = measure(calls, connections, seconds, &ledger).await;
+        if let Some(db) = db {
+            db.drop_database().await;
+        }
+        result
+    })
+}
+
+/// Where the gateway keeps its ledger (`--postgres`: a fresh database on that server, else a
+/// fresh SQLite file) and the size of its leases (`--lease-usd`; None: the gateway's default).
+#[derive(Clone, Default)]
+pub struct Ledger {
+    pub postgres: Option<String>,
+    pub lease: Option<Nanos>,
 }
 
 /// A fresh SQLite store with the account "bench" (a $1M programmatic grant, key `SECRET`), the
@@ -48,18 +79,22 @@ pub struct Setup {
     pub dir: tempfile::TempDir,
 }
 
-pub async fn setup() -> Result<Setup, String> {
+pub async fn setup(ledger: &Ledger) -> Result<Setup, String> {
     let mock = tollgate_testkit::MockUpstream::start().await;
-    let (store, now, gateway_url, dir) = serve_gateway(&mock.base_url()).await?;
+    let (store, now, gateway_url, dir) = serve_gateway(&mock.base_url(), ledger).await?;
     Ok(Setup { store, now, mock, gateway_url, dir })
 }
 
 /// The store, account, key and gateway of [`Setup`] in front of the upstream at `upstream_url`.
 pub async fn serve_gateway(
     upstream_url: &str,
+    ledger: &Ledger,
 ) -> Result<(Arc<dyn Store>, chrono::DateTime<Utc>, String, tempfile::TempDir), String> {
     let dir = tempfile::Builder::new().prefix("tollgate-bench").tempdir_in(".").map_err(|e| e.to_string())?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).map_err(|e| e.to_string())?);
+    let store: Arc<dyn Store> = match &ledger.postgres {
+        Some(url) => Arc::new(tollgate_postgres::PgStore::open(url).await.map_err(|e| e.to_string())?),
+        None => Arc::new(SqliteStore::open(&dir.path().join("bench.db")).map_err(|e| e.to_string())?),
+    };
     let now = Utc.with_ymd_and_hms(2026, 11, 10, 12, 0, 0).single().ok_or("bad date")?;
     let account = NewAccount {
         id: "bench".into(),
@@ -87,7 +122,7 @@ pub async fn serve_gateway(
         cap: None,
     };
     store.create_key(key, now).await.map_err(|e| e.to_string())?;
-    let gateway_url = start_gateway(&store, now, upstream_url).await?;
+    let gateway_url = start_gateway(&store, now, upstream_url, ledger.lease).await?;
     Ok((store, now, gateway_url, dir))
 }
 
@@ -97,6 +132,7 @@ async fn start_gateway(
     store: &Arc<dyn Store>,
     now: chrono::DateTime<Utc>,
     upstream_url: &str,
+    lease: Option<Nanos>,
 ) -> Result<String, String> {
     let settings = Settings {
         upstreams: vec![Upstream {
@@ -109,6 +145,7 @@ async fn start_gateway(
         }],
         ..Settings::default()
     };
+    let settings = Settings { lease: lease.unwrap_or(settings.lease), ..settings };
     let clock: tollgate_gateway::Clock = Arc::new(move || now);
     let gateway = Arc::new(Gateway::new(store.clone(), Arc::new(PriceTable::builtin()), clock, settings));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
@@ -117,8 +154,8 @@ async fn start_gateway(
     Ok(gateway_url)
 }
 
-async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), String> {
-    let Setup { store, now, mock, gateway_url, dir: _dir } = setup().await?;
+async fn measure(calls: u64, connections: u64, seconds: u64, ledger: &Ledger) -> Result<(), String> {
+    let Setup { store, now, mock, gateway_url, dir: _dir } = setup(ledger).await?;
     let direct_url = mock.base_url();
 
     let mut http = HttpConnector::new();
@@ -178,7 +215,7 @@ async fn measure(calls: u64, connections: u64, seconds: u64) -> Result<(), Strin
             n as f64 / seconds as f64
         );
     }
-    nginx_throughput(&store, now, connections, seconds).await?;
+    nginx_throughput(&store, now, connections, seconds, ledger.lease).await?;
     let audit = store.audit().await.map_err(|e| e.to_string())?;
     println!("gateway: {} events recorded, ledger breaches: {}", audit.events_checked, audit.breaches.len());
     Ok(())
@@ -202,6 +239,7 @@ async fn nginx_throughput(
     now: chrono::DateTime<Utc>,
     connections: u64,
     seconds: u64,
+    lease: Option<Nanos>,
 ) -> Result<(), String> {
     let installed = |program: &str| std::process::Command::new(program).arg("-v").output().is_ok();
     if !installed("nginx") || !installed("wrk") {
@@ -234,7 +272,7 @@ async fn nginx_throughput(
             .map_err(|e| format!("cannot start nginx: {e}"))?,
     );
     let nginx_url = format!("http://127.0.0.1:{port}");
-    let gateway_url = start_gateway(store, now, &nginx_url).await?;
+    let gateway_url = start_gateway(store, now, &nginx_url, lease).await?;
     let script = dir.path().join("post.lua");
     let lua = format!(
         "wrk.method = \"POST\"\nwrk.body = [[{BODY}]]\nwrk.headers[\"content-type\"] = \"application/json\"\n\

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p tollgate-bench -- core
 //! cargo run --release -p tollgate-bench -- sqlite [--tasks 64] [--calls 200000]
-//! cargo run --release -p tollgate-bench -- gateway [--calls 5000] [--connections 64] [--seconds 10]
+//! cargo run --release -p tollgate-bench -- gateway [--calls 5000] [--connections 64] [--seconds 10] [--postgres URL] [--lease-usd X]
 //! cargo run --release -p tollgate-bench -- streams [--streams 1000] [--delay-ms 500]
 //! cargo run --release -p tollgate-bench -- reports [--events 10000000] [--postgres URL]
 //! cargo run --release -p tollgate-bench -- postgres [--pools 1] [--stores 4] [--tasks 256] [--calls 100000] [--url postgres://…]
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         Some("streams-gateway") => streams::serve(&args[1..]),
         Some("reports") => reports::run(&args[1..]),
         Some("postgres") => postgres_ledger::run(&args[1..]),
-        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] | streams [--streams N] [--delay-ms N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL]".to_string()),
+        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] [--postgres URL] [--lease-usd X] | streams [--streams N] [--delay-ms N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -55,10 +55,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
 }
 
 /// A database of its own for one run.
-struct BenchDb {
+pub struct BenchDb {
     admin_url: String,
-    name: String,
-    url: String,
+    pub name: String,
+    pub url: String,
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
@@ -70,7 +70,7 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
 }
 
 impl BenchDb {
-    async fn create(admin_url: &str) -> Result<BenchDb, String> {
+    pub async fn create(admin_url: &str) -> Result<BenchDb, String> {
         let name = format!("tollgate_bench_{:016x}", getrandom::u64().map_err(|e| e.to_string())?);
         connect(admin_url)
             .await?
@@ -84,7 +84,7 @@ impl BenchDb {
         Ok(BenchDb { admin_url: admin_url.to_string(), name, url })
     }
 
-    async fn drop_database(&self) {
+    pub async fn drop_database(&self) {
         if let Ok(client) = connect(&self.admin_url).await
             && let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await
         {

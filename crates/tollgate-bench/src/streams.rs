@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use crate::gateway::{SECRET, serve_gateway};
+use crate::gateway::{Ledger, SECRET, serve_gateway};
 
 const BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Say hello."}]}"#;
 
@@ -44,7 +44,7 @@ pub fn serve(args: &[String]) -> Result<(), String> {
     let upstream = args.iter().position(|a| a == "--upstream").and_then(|i| args.get(i + 1)).ok_or("--upstream URL")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let (_store, _now, url, _dir) = serve_gateway(upstream).await?;
+        let (_store, _now, url, _dir) = serve_gateway(upstream, &Ledger::default()).await?;
         println!("{url}");
         // Serve until the parent closes stdin.
         tokio::task::spawn_blocking(|| std::io::stdin().lines().count()).await.map_err(|e| e.to_string())?;

@@ -1,4 +1,5 @@
-//! Group commit of the ledger's hot writes: holds, settles, voids and extensions.
+//! Group commit of the ledger's hot writes: holds, settles (whole, or a part of a lease), voids
+//! and extensions.
 //!
 //! One transaction per hold cannot go fast on one hot pool: its row is locked from the hold's
 //! first read until its commit is on disk, so the writes of every process to that pool go one
@@ -78,15 +79,24 @@ pub const WRITER_OPTIONS: &str = "-c enable_seqscan=off -c plan_cache_mode=force
 pub enum Op {
     Hold(HoldRequest),
     Settle(Box<SettleRequest>),
-    Void { account: String, hold_id: String },
-    Extend { account: String, hold_id: String, ttl_s: u64 },
+    /// `Store::settle_part`: an event charged against `release` of a lease, which stays open.
+    SettlePart(Box<SettleRequest>, Nanos),
+    Void {
+        account: String,
+        hold_id: String,
+    },
+    Extend {
+        account: String,
+        hold_id: String,
+        ttl_s: u64,
+    },
 }
 
 impl Op {
     fn account(&self) -> &str {
         match self {
             Op::Hold(r) => &r.account,
-            Op::Settle(r) => &r.account,
+            Op::Settle(r) | Op::SettlePart(r, _) => &r.account,
             Op::Void { account, .. } | Op::Extend { account, .. } => account,
         }
     }
@@ -95,7 +105,7 @@ impl Op {
     fn hold_key(&self) -> (&str, &str) {
         match self {
             Op::Hold(r) => (&r.account, &r.id),
-            Op::Settle(r) => (&r.account, &r.hold_id),
+            Op::Settle(r) | Op::SettlePart(r, _) => (&r.account, &r.hold_id),
             Op::Void { account, hold_id } | Op::Extend { account, hold_id, .. } => (account, hold_id),
         }
     }
@@ -345,14 +355,17 @@ impl Conn {
                      CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i FOR UPDATE) AS h"
                 ))
                 .await?,
-                taken: prepare(
-                    "SELECT e.account, e.id FROM unnest($1::text[], $2::text[]) AS u(a, i)
-                     CROSS JOIN LATERAL (SELECT account, id FROM events WHERE account = u.a AND id = u.i OFFSET 0) AS e"
-                        .into(),
-                )
+                taken: prepare(format!(
+                    "SELECT {} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+                     CROSS JOIN LATERAL (SELECT * FROM events WHERE account = u.a AND id = u.i OFFSET 0) AS e",
+                    rows::EVENT_COLUMNS
+                ))
                 .await?,
-                events_by_seq: prepare(format!("SELECT {} FROM events WHERE seq = ANY($1::int8[])", rows::EVENT_COLUMNS))
-                    .await?,
+                events_by_seq: prepare(format!(
+                    "SELECT {} FROM events WHERE seq = ANY($1::int8[])",
+                    rows::EVENT_COLUMNS
+                ))
+                .await?,
                 lock_pools: prepare(lock_pools_sql("")).await?,
                 lock_pools_skip: prepare(lock_pools_sql(" SKIP LOCKED")).await?,
                 create_pool: prepare(
@@ -378,7 +391,8 @@ impl Conn {
                 event_order: prepare(EVENT_ORDER_LOCKS.into()).await?,
                 write: prepare(write_sql()).await?,
                 update_hold: prepare(
-                    "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq)
+                    "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq), amount = $6,
+                         lease = lease OR $7
                      WHERE account = $1 AND id = $2"
                         .into(),
                 )
@@ -430,9 +444,10 @@ const SETTINGS: &str = "SELECT a.*, t.*, pi.*, pp.* FROM unnest($1::text[]) AS u
 
 /// Everything a batch writes, in one statement: new holds (`$1`…`$14`), new events (`$15`…`$42`),
 /// the holds they settle (found by `ctid`, `$43`, each with its event by hold id), voided holds
-/// (`$44`), extended holds (`$45`, `$46`), pools (`$47`…`$51`) and keys (`$52`…`$54`), the last
-/// two found by `ctid` with their new totals at the same position in the arrays. Its rows: the
-/// new events' seqs. The statement's parts change different rows.
+/// (`$44`), extended holds (`$45`, `$46`), pools (`$47`…`$51`), keys (`$52`…`$54`) and leases
+/// charged in parts (`$55`, `$56`), the last three found by `ctid` with their new figures at the
+/// same position in the arrays. Its rows: the new events' seqs. The statement's parts change
+/// different rows.
 fn write_sql() -> String {
     format!(
         "WITH new_holds AS (
@@ -459,7 +474,10 @@ fn write_sql() -> String {
      key_totals AS (
          UPDATE key_cycles k SET (charged, held) =
              (SELECT ($53::int8[])[n], ($54::int8[])[n] FROM (SELECT array_position($52::tid[], k.ctid) AS n) AS x)
-         WHERE ctid = ANY($52::tid[]))
+         WHERE ctid = ANY($52::tid[])),
+     parted AS (
+         UPDATE holds SET amount = ($56::int8[])[array_position($55::tid[], ctid)], lease = true
+         WHERE ctid = ANY($55::tid[]))
      SELECT account, id, seq FROM e",
         events = events::insert_sql(15)
     )
@@ -485,6 +503,8 @@ struct HoldEntry {
     tid: Option<Tid>,
     /// Whether this batch extended it.
     expires_changed: bool,
+    /// Whether this batch charged parts of it (a lease: its amount changed).
+    parted: bool,
 }
 
 /// A write's result before the batch's events have their seqs. Short-lived, one per write of a
@@ -510,9 +530,9 @@ struct State {
     careful: bool,
     /// Set when a decision needs what only a careful attempt reads.
     needs_careful: bool,
-    /// (account, event id) of committed events among the ids the batch's settles take; read
-    /// only by a careful attempt.
-    taken: HashSet<(String, String)>,
+    /// Committed events among the ids the batch's settles take, by (account, event id), with
+    /// their fingerprints; read only by a careful attempt.
+    taken: HashMap<(String, String), (String, Event)>,
     /// Committed events of the settled holds the batch names, by seq, with their fingerprints.
     settled_events: HashMap<i64, (String, Event)>,
     pools: HashMap<PoolId, PoolTotals>,
@@ -522,8 +542,8 @@ struct State {
     // What the batch writes.
     new_holds: Vec<(Hold, String)>,
     new_events: Vec<NewRow>,
-    /// (account, event id) of the events this batch inserts.
-    new_event_ids: HashSet<(String, String)>,
+    /// The events this batch inserts: (account, event id) → place in `new_events`.
+    new_event_ids: HashMap<(String, String), usize>,
     changed_holds: BTreeSet<(String, String)>,
     changed_pools: BTreeSet<PoolId>,
     changed_keys: BTreeSet<KeyId>,
@@ -554,6 +574,7 @@ fn hold_entry(r: &Row) -> Result<HoldEntry> {
         fingerprint: row.fingerprint,
         tid: Some(r.try_get(15)?),
         expires_changed: false,
+        parted: false,
     })
 }
 
@@ -575,6 +596,9 @@ async fn batch(c: &Conn, owner: i64, jobs: &[Work<'_>], must_wait: &[bool], care
         outcomes.push(match op {
             Op::Hold(r) => decide_hold(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
             Op::Settle(r) => decide_settle(&mut s, r, *now).unwrap_or_else(|e| Outcome::Ready(Err(e))),
+            Op::SettlePart(r, release) => {
+                decide_settle_part(&mut s, r, *release, *now).unwrap_or_else(|e| Outcome::Ready(Err(e)))
+            }
             Op::Void { account, hold_id } => Outcome::Ready(decide_void(&mut s, account, hold_id).map(Done::Changed)),
             Op::Extend { account, hold_id, ttl_s } => {
                 Outcome::Ready(decide_extend(&mut s, account, hold_id, *ttl_s, *now).map(Done::Changed))
@@ -613,6 +637,7 @@ async fn read(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
     let (hold_accounts, hold_ids): (Vec<&str>, Vec<&str>) = named.into_iter().unzip();
     let settles: Vec<(&str, &str)> = sorted(jobs.iter().filter_map(|(op, _)| match op {
         Op::Settle(r) => Some((r.account.as_str(), settle_event_id(r))),
+        Op::SettlePart(r, _) => Some((r.account.as_str(), r.event.id.as_str())),
         _ => None,
     }));
     let (event_accounts, event_ids): (Vec<&str>, Vec<&str>) = settles.into_iter().unzip();
@@ -652,7 +677,8 @@ async fn read(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
         s.holds.insert((entry.hold.account.clone(), entry.hold.id.clone()), entry);
     }
     for r in &taken_rows {
-        s.taken.insert((r.try_get(0)?, r.try_get(1)?));
+        let row = rows::event(r)?;
+        s.taken.insert((row.event.account.clone(), row.event.id.clone()), (row.fingerprint, row.event));
     }
     // The first events of settled holds that settles name again (a settle repeated): rare.
     let repeated: Vec<i64> = jobs
@@ -766,15 +792,17 @@ async fn lock_pools(c: &Conn, s: &mut State, jobs: &[Work<'_>], must_wait: &[boo
                 create.insert(id.clone(), (account.clone(), cycle));
                 id
             }
-            Op::Settle(r) => match (open_hold(s, &r.account, &r.hold_id), s.accounts.get(&r.account)) {
-                (Some(h), Some(account)) => {
-                    let cycle = Cycle { index: 0, start: h.cycle_start, end: h.cycle_end };
-                    let id = (h.account.clone(), h.pool, us(h.cycle_start));
-                    create.insert(id.clone(), (account.clone(), cycle));
-                    id
+            Op::Settle(r) | Op::SettlePart(r, _) => {
+                match (open_hold(s, &r.account, &r.hold_id), s.accounts.get(&r.account)) {
+                    (Some(h), Some(account)) => {
+                        let cycle = Cycle { index: 0, start: h.cycle_start, end: h.cycle_end };
+                        let id = (h.account.clone(), h.pool, us(h.cycle_start));
+                        create.insert(id.clone(), (account.clone(), cycle));
+                        id
+                    }
+                    _ => continue,
                 }
-                _ => continue,
-            },
+            }
             Op::Void { account, hold_id } => match open_hold(s, account, hold_id) {
                 Some(h) => (h.account.clone(), h.pool, us(h.cycle_start)),
                 None => continue,
@@ -854,7 +882,7 @@ async fn lock_keys(c: &Conn, s: &mut State, jobs: &[Work<'_>], must_wait: &[bool
                     needs.entry((key.clone(), us(cycle.start))).or_default().add(i, must_wait);
                 }
             }
-            Op::Settle(_) | Op::Void { .. } => {
+            Op::Settle(_) | Op::SettlePart(..) | Op::Void { .. } => {
                 let (account, hold_id) = op.hold_key();
                 if let Some(h) = open_hold(s, account, hold_id)
                     && let Some(key) = &h.key
@@ -1012,6 +1040,7 @@ fn decide_hold(s: &mut State, r: &HoldRequest, now: DateTime<Utc>) -> StoreResul
         event: None,
         tid: None,
         expires_changed: false,
+        parted: false,
     };
     s.holds.insert(key, entry);
     Ok(Outcome::Ready(Ok(Done::Hold(HoldOutcome::Held(hold)))))
@@ -1066,7 +1095,7 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
     let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
     let (totals, scope) = pool_scope(s, &pool_id)?;
     let event_key = (event.account.clone(), event.id.clone());
-    let taken = s.taken.contains(&event_key) || s.new_event_ids.contains(&event_key);
+    let taken = s.taken.contains_key(&event_key) || s.new_event_ids.contains_key(&event_key);
     let settlement = match ledger::settle(hold.amount, event.cost, &scope, ppm) {
         Ok(settlement) => settlement,
         // A taken event id is reported before a bad amount, as in `ledger::charge_hold`: only a
@@ -1101,7 +1130,7 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
         s.changed_keys.insert(id);
     }
     let i = s.new_events.len();
-    s.new_event_ids.insert(event_key);
+    s.new_event_ids.insert(event_key, i);
     s.new_events.push(NewRow {
         event,
         cycle_start: hold.cycle_start,
@@ -1113,6 +1142,92 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
     let entry = s.holds.get_mut(&key).expect("the hold read above");
     entry.hold.state = HoldState::Settled;
     entry.event = Some(EventRef::New(i));
+    s.changed_holds.insert(key);
+    Ok(Outcome::Settled(i))
+}
+
+/// `Store::settle_part`: the checks of `tollgate_store::replay_part` and `part_event`, then the
+/// charge of the event against `release` of the hold, which stays open with the rest.
+fn decide_settle_part(s: &mut State, r: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Outcome> {
+    let event_key = (r.account.clone(), r.event.id.clone());
+    // A repeat of a part this batch charges already: the same answer, or a conflict.
+    if let Some(&i) = s.new_event_ids.get(&event_key) {
+        return match ledger::replay(Some((s.new_events[i].event.fingerprint.clone(), i)), &r.event.fingerprint) {
+            Replay::Same(i) => Ok(Outcome::Settled(i)),
+            _ => Err(StoreError::Conflict(format!(
+                "event id {:?} is already recorded with different content; use another event id",
+                r.event.id
+            ))),
+        };
+    }
+    // A committed event of that id is only known to a careful attempt; a first attempt that
+    // meets one fails its insert and runs again carefully.
+    if let Some(event) = tollgate_store::replay_part(r, s.taken.get(&event_key).cloned())? {
+        return Ok(Outcome::Ready(Ok(Done::Settled(event))));
+    }
+    charge_part(s, r, event_key, release, now).map_err(|e| {
+        // A repeat of a part recorded before its lease closed is answered with that part, not
+        // refused: only a careful attempt knows.
+        if s.careful {
+            e
+        } else {
+            s.needs_careful = true;
+            StoreError::Backend("the batch runs again carefully".into())
+        }
+    })
+}
+
+/// The part of [`decide_settle_part`] after the replay checks.
+fn charge_part(
+    s: &mut State,
+    r: &SettleRequest,
+    event_key: (String, String),
+    release: Nanos,
+    now: DateTime<Utc>,
+) -> StoreResult<Outcome> {
+    let key = (r.account.clone(), r.hold_id.clone());
+    let hold = s.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?.hold.clone();
+    let event = tollgate_store::part_event(r, &hold, release)?;
+    let account =
+        s.accounts.get(&hold.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", hold.account)))?;
+    let (_, ppm) = tier_grant(s, account, hold.pool)
+        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
+    let (totals, scope) = pool_scope(s, &pool_id)?;
+    let settlement = ledger::settle(release, event.cost, &scope, ppm)
+        .map_err(|refusal| StoreError::Invalid(format!("amount out of range ({})", refusal.code())))?;
+    let split = settlement.split;
+    let freed = Nanos(-release.0);
+    let new_pool =
+        add_pool(totals, PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: freed })?;
+    let new_key = match &hold.key {
+        Some(k) => {
+            let id = (k.clone(), us(hold.cycle_start));
+            let t = key_totals(s, &id)?;
+            Some((id, add_key(t, KeyTotals { charged: split.total(), held: freed })?))
+        }
+        None => None,
+    };
+    // No refusal after this point: the changes.
+    s.pools.insert(pool_id.clone(), new_pool);
+    s.changed_pools.insert(pool_id);
+    if let Some((id, t)) = new_key {
+        s.key_totals.insert(id.clone(), t);
+        s.changed_keys.insert(id);
+    }
+    let i = s.new_events.len();
+    s.new_event_ids.insert(event_key, i);
+    s.new_events.push(NewRow {
+        event,
+        cycle_start: hold.cycle_start,
+        split,
+        overshoot: settlement.overshoot,
+        hold_id: Some(hold.id.clone()),
+        recorded: now,
+    });
+    let entry = s.holds.get_mut(&key).expect("the hold read above");
+    entry.hold.amount = Nanos(entry.hold.amount.0 - release.0);
+    entry.parted = true;
     s.changed_holds.insert(key);
     Ok(Outcome::Settled(i))
 }
@@ -1199,18 +1314,23 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
     // anything else (a hold made by this batch, or changed two ways) one by one.
     let (mut settled, mut voided, mut extended, mut extended_to, mut one_by_one) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut parted, mut parted_to) = (Vec::new(), Vec::new());
     for key in &s.changed_holds {
         let entry = &s.holds[key];
         let new_event = match entry.event {
             Some(EventRef::New(i)) => Some(i),
             _ => None,
         };
-        match (entry.tid, entry.hold.state, entry.expires_changed) {
-            (Some(tid), HoldState::Settled, false) if new_event.is_some() => settled.push(tid),
-            (Some(tid), HoldState::Voided, false) => voided.push(tid),
-            (Some(tid), HoldState::Open, true) => {
+        match (entry.tid, entry.hold.state, entry.expires_changed, entry.parted) {
+            (Some(tid), HoldState::Settled, false, false) if new_event.is_some() => settled.push(tid),
+            (Some(tid), HoldState::Voided, false, false) => voided.push(tid),
+            (Some(tid), HoldState::Open, true, false) => {
                 extended.push(tid);
                 extended_to.push(us(entry.hold.expires_at));
+            }
+            (Some(tid), HoldState::Open, false, true) => {
+                parted.push(tid);
+                parted_to.push(entry.hold.amount.0);
             }
             _ => one_by_one.push((entry, new_event)),
         }
@@ -1267,13 +1387,16 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
         &k_tid,
         &k_charged,
         &k_held,
+        &parted,
+        &parted_to,
     ]);
     let writes = !(h.is_empty()
         && e.is_empty()
         && voided.is_empty()
         && extended.is_empty()
         && p_tid.is_empty()
-        && k_tid.is_empty());
+        && k_tid.is_empty()
+        && parted.is_empty());
     let (_, seq_rows, refused_rows, _) = tokio::try_join!(
         async {
             if event_accounts.is_empty() {
@@ -1300,9 +1423,16 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
         for (entry, new_event) in &one_by_one {
             let hold = &entry.hold;
             let seq = new_event.map(|i| seqs[i]);
-            client
-                .execute(&st.update_hold, &[&hold.account, &hold.id, &hold.state.as_str(), &us(hold.expires_at), &seq])
-                .await?;
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &hold.account,
+                &hold.id,
+                &hold.state.as_str(),
+                &us(hold.expires_at),
+                &seq,
+                &hold.amount.0,
+                &entry.parted,
+            ];
+            client.execute(&st.update_hold, &params).await?;
         }
         client.execute(&st.commit, &[]).await?;
     }

@@ -22,9 +22,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{
-    Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, SettleRequest, StoreError,
-};
+use tollgate_store::{Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, StoreError};
 
 use crate::events::{self, NewRow};
 use crate::rows::{self, execute, query, query_one, query_opt, us};
@@ -266,40 +264,6 @@ pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result
         }
     }
     Ok(())
-}
-
-/// Charges one call's event against `release` of an open hold and keeps the rest held (a lease),
-/// in the caller's transaction; not group-committed (the gateway's leases are its only caller).
-pub async fn settle_part(
-    tx: &Transaction<'_>,
-    req: &SettleRequest,
-    release: Nanos,
-    now: DateTime<Utc>,
-) -> Result<Event> {
-    let first = if req.event.id.is_empty() { None } else { rows::load_event(tx, &req.account, &req.event.id).await? };
-    if let Some(event) = tollgate_store::replay_part(req, first.map(|f| (f.fingerprint, f.event)))? {
-        return Ok(event);
-    }
-    let found = query_opt(
-        tx,
-        &format!("SELECT {} FROM holds WHERE account = $1 AND id = $2 FOR UPDATE", rows::HOLD_COLUMNS),
-        &[&req.account, &req.hold_id],
-    )
-    .await?;
-    let row = found
-        .as_ref()
-        .map(rows::hold)
-        .transpose()?
-        .ok_or_else(|| StoreError::NotFound(format!("hold {:?}", req.hold_id)))?;
-    let event = tollgate_store::part_event(req, &row.hold, release)?;
-    let recorded = charge_hold(tx, &row.hold, release, event, false, now).await?;
-    execute(
-        tx,
-        "UPDATE holds SET amount = amount - $3, lease = true WHERE account = $1 AND id = $2",
-        &[&row.hold.account, &row.hold.id, &release.0],
-    )
-    .await?;
-    Ok(recorded)
 }
 
 /// Charges a locked hold with an event's cost, releases the hold, records the event.

@@ -640,7 +640,10 @@ impl Store for PgStore {
     }
 
     async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
-        write_tx!(self, |tx| ledger::settle_part(&tx, &request, release, now).await)
+        match self.batched(batch::Op::SettlePart(Box::new(request), release), now).await? {
+            batch::Done::Settled(event) => Ok(event),
+            _ => Err(StoreError::Backend("a part settle answered with something else".into())),
+        }
     }
 
     async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {

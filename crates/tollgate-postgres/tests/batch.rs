@@ -302,3 +302,53 @@ async fn a_pool_locked_elsewhere_does_not_hold_up_other_pools() {
     assert_eq!(store.balance("beta", now()).await.expect("balance").pool(P).held, Nanos::from_usd(6));
     audit_clean(&store).await;
 }
+
+/// Parts of one lease sent at the same moment (`settle_part`, the gateway's calls on a lease)
+/// are charged in one batch: each once, the lease's rest reduced by all of them, a repeated part
+/// answered with the first and a conflicting one refused alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_of_one_lease_in_one_batch() {
+    let Some((_db, store)) = store().await else { return };
+    let lease = match store.hold(hold("lease", 10, "lease"), now()).await.expect("hold") {
+        HoldOutcome::Held(h) => h,
+        other => panic!("{other:?}"),
+    };
+    assert!(lease.amount == Nanos::from_usd(10));
+    let cent = Nanos::from_usd(1).0 / 100;
+    // 20 calls of 3 cents on parts of 5 cents; call-0 and call-2 sent twice, call-1 twice with
+    // another cost (4 cents) the second time.
+    let results = at_once(23, |i| {
+        let store = store.clone();
+        async move {
+            let (id, cost) = match i {
+                20 => ("call-0".to_string(), 3 * cent),
+                21 => ("call-1".to_string(), 4 * cent),
+                22 => ("call-2".to_string(), 3 * cent),
+                i => (format!("call-{i}"), 3 * cent),
+            };
+            let r = settle("lease", &id, Nanos(cost), &format!("{id}-{cost}"));
+            store.settle_part(r, Nanos(5 * cent), now()).await
+        }
+    })
+    .await;
+    let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let conflicts = results.iter().filter(|r| matches!(r, Err(StoreError::Conflict(_)))).count();
+    assert_eq!((ok.len(), conflicts), (22, 1), "{results:?}");
+    // call-1's two versions race: whichever came first is charged, the other refused.
+    let charged: BTreeMap<&str, Nanos> = ok.iter().map(|e| (e.id.as_str(), e.cost)).collect();
+    assert_eq!(charged.len(), 20, "twenty distinct calls, two of them repeated");
+    for e in &ok {
+        assert_eq!(e.hold_id.as_deref(), Some("lease"), "{e:?}");
+        assert_eq!(e.cost, charged[e.id.as_str()], "a repeat answers with the first: {e:?}");
+    }
+    let used = Nanos(charged.values().map(|c| c.0).sum());
+    assert!(used == Nanos(60 * cent) || used == Nanos(61 * cent), "{charged:?}");
+    let stored = store.hold_by_id("acme", "lease").await.expect("hold_by_id").expect("the lease");
+    assert_eq!((stored.state, stored.amount), (HoldState::Open, Nanos::from_usd(9)), "$10 less 20 parts of 5 cents");
+    let balance = store.balance("acme", now()).await.expect("balance");
+    assert_eq!((balance.pool(P).used, balance.pool(P).held), (used, Nanos::from_usd(9)));
+    audit_clean(&store).await;
+    store.void("acme", "lease", now()).await.expect("void");
+    assert_eq!(store.balance("acme", now()).await.expect("balance").pool(P).held, Nanos::ZERO);
+    audit_clean(&store).await;
+}

@@ -204,12 +204,9 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
         body_size_bytes_max: g.body_size_bytes_max,
         upstream_timeout: Duration::from_secs(g.upstream_timeout_s),
         claude_code_warnings: g.claude_code_warnings,
-        // Leases are on by default on SQLite only: on PostgreSQL a lease's settles are not yet
-        // group-committed, so one lease row would serialize a key's settles.
-        lease: match (&g.lease_usd, &settings.store) {
-            (None, StoreUrl::Sqlite(_)) => tollgate_gateway::LEASE_DEFAULT,
-            (None, StoreUrl::Postgres(_)) => tollgate_core::Nanos::ZERO,
-            (Some(usd), _) => match usd.nanos() {
+        lease: match &g.lease_usd {
+            None => tollgate_gateway::LEASE_DEFAULT,
+            Some(usd) => match usd.nanos() {
                 Ok(n) if n.0 >= 0 => n,
                 _ => {
                     return Err(format!(
@@ -405,13 +402,16 @@ mod tests {
     }
 
     #[test]
-    fn leases_default_to_one_dollar_on_sqlite_and_off_on_postgres() {
+    fn leases_default_to_one_dollar_on_both_backends() {
         let sqlite = gateway_settings(&settings(""), &NoEnv).expect("defaults");
         assert_eq!(sqlite.lease, tollgate_gateway::LEASE_DEFAULT);
+        assert_eq!(tollgate_gateway::LEASE_DEFAULT, tollgate_core::Nanos::from_usd(1));
         let pg = settings("[store]\nurl = \"postgres://localhost/tollgate\"\n");
-        assert_eq!(gateway_settings(&pg, &NoEnv).expect("defaults").lease, tollgate_core::Nanos::ZERO);
+        assert_eq!(gateway_settings(&pg, &NoEnv).expect("defaults").lease, tollgate_gateway::LEASE_DEFAULT);
         let set = settings("[gateway]\nlease_usd = \"0.25\"\n[store]\nurl = \"postgres://localhost/tollgate\"\n");
         assert_eq!(gateway_settings(&set, &NoEnv).expect("set").lease, tollgate_core::Nanos(250_000_000));
+        let off = settings("[gateway]\nlease_usd = \"0\"\n");
+        assert_eq!(gateway_settings(&off, &NoEnv).expect("off").lease, tollgate_core::Nanos::ZERO);
     }
 
     #[test]

@@ -1372,6 +1372,11 @@ pub async fn settle_part_charges_calls_against_a_lease(store: Fresh) {
     let v = ok(store.void("acme", "lease-1", later(4)).await, "void the rest");
     assert_eq!((v.state, v.amount), (HoldState::Voided, usd(7)), "voided with the rest");
     expect_err(store.settle_part(part("call-d", cents(1)), cents(1), later(5)).await, ErrKind::Conflict, "after void");
+    assert_eq!(
+        ok(store.settle_part(part("call-b", usd(3)), usd(2), later(5)).await, "repeat after void"),
+        b,
+        "a repeat of a part recorded before the void replays it"
+    );
     assert_figures(&store, "acme", P, now(), fig(usd(50), cents(330), Nanos::ZERO, Nanos::ZERO), "released").await;
 
     // A lease left open (its process died) expires at its rest, like any hold.
