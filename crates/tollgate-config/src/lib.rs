@@ -105,8 +105,7 @@ pub struct GatewaySection {
     /// Send Claude Code's own warning headers once a pool passes 75 %.
     pub claude_code_warnings: bool,
     /// The budget held at once for a key's small calls, so each does not wait for a disk write
-    /// of its own (docs/gateway.md, "Leases"); "0" holds every call on its own. Unset: "1" on
-    /// SQLite, "0" on PostgreSQL.
+    /// of its own (docs/gateway.md, "Leases"); "0" holds every call on its own. Unset: "1".
     pub lease_usd: Option<UsdInput>,
 }
 

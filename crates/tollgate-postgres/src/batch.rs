@@ -17,9 +17,9 @@
 //! 4. then each write is decided in arrival order with `tollgate-core`, on running totals in
 //!    memory: every refusal and error comes before a write's first change, so one write's
 //!    refusal or error is its own and the others go on. The event-order locks, one statement
-//!    that writes everything (new holds and events, settled, voided and extended holds, pool
-//!    and key totals) and `COMMIT` are then sent together; every write of the batch is answered
-//!    after the commit.
+//!    that writes everything (new holds and events, settled, voided and extended holds, the rest
+//!    of leases charged in parts, pool and key totals) and `COMMIT` are then sent together; every
+//!    write of the batch is answered after the commit.
 //!
 //! Every row a decision depends on stays locked until the commit, as in a transaction of its
 //! own, so a `block` limit still holds exactly across processes. A pool or key row that another
@@ -1288,7 +1288,8 @@ fn decide_extend(s: &mut State, account: &str, hold_id: &str, ttl_s: u64, now: D
 /// Writes what the batch decided and commits: the event-order locks, one statement per kind of
 /// row written, the re-check of refused holds and `COMMIT`, all sent at once (in that order: the
 /// statements are prepared, so each is sent when first polled). Holds that cannot be found by
-/// their `ctid` (made by this batch) or whose event id is not their own are updated one by one
+/// their `ctid` (made by this batch), whose event id is not their own, or that the batch changes
+/// two ways (a lease charged in parts and extended, voided or settled) are updated one by one
 /// first (rare). Returns the seq of each new event, in order.
 async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mut [Outcome]) -> Result<Vec<i64>> {
     let (st, client) = (&c.st, &c.client);

@@ -352,3 +352,36 @@ async fn parts_of_one_lease_in_one_batch() {
     assert_eq!(store.balance("acme", now()).await.expect("balance").pool(P).held, Nanos::ZERO);
     audit_clean(&store).await;
 }
+
+/// A lease charged in parts and extended, or charged and voided, in the same batch: its row is
+/// written once with all of it. On one thread, so that the writes sent together share a batch.
+#[tokio::test]
+async fn a_lease_charged_and_extended_or_voided_in_one_batch() {
+    let Some((_db, store)) = store().await else { return };
+    match store.hold(hold("lease", 10, "lease"), now()).await.expect("hold") {
+        HoldOutcome::Held(_) => {}
+        other => panic!("{other:?}"),
+    }
+    let cent = Nanos::from_usd(1).0 / 100;
+    let part = |id: &str| store.settle_part(settle("lease", id, Nanos(3 * cent), id), Nanos(5 * cent), now());
+    let later = now() + chrono::Duration::seconds(100);
+    let (a, b, extended) = tokio::join!(part("call-a"), part("call-b"), store.extend_hold("acme", "lease", 600, later));
+    a.expect("call-a");
+    b.expect("call-b");
+    assert_eq!(extended.expect("extend").expires_at, later + chrono::Duration::seconds(600));
+    let stored = store.hold_by_id("acme", "lease").await.expect("hold_by_id").expect("the lease");
+    assert_eq!(
+        (stored.state, stored.amount, stored.expires_at),
+        (HoldState::Open, Nanos(Nanos::from_usd(10).0 - 10 * cent), later + chrono::Duration::seconds(600)),
+        "both parts and the extension"
+    );
+    audit_clean(&store).await;
+
+    let (c, voided) = tokio::join!(part("call-c"), store.void("acme", "lease", later));
+    c.expect("call-c");
+    let voided = voided.expect("void");
+    assert_eq!((voided.state, voided.amount), (HoldState::Voided, Nanos(Nanos::from_usd(10).0 - 15 * cent)));
+    let balance = store.balance("acme", now()).await.expect("balance").pool(P).clone();
+    assert_eq!((balance.used, balance.held), (Nanos(9 * cent), Nanos::ZERO), "three calls charged, the rest freed");
+    audit_clean(&store).await;
+}
