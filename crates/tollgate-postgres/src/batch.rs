@@ -1050,6 +1050,64 @@ fn event_id_taken(id: &str) -> StoreError {
     StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id"))
 }
 
+/// What settling against a hold reads: its pool (id, totals, and scope for core's decisions)
+/// and its tier's PAYG multiplier.
+fn hold_pool(s: &State, hold: &Hold) -> StoreResult<(PoolId, PoolTotals, PoolScope, u64)> {
+    let account =
+        s.accounts.get(&hold.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", hold.account)))?;
+    let (_, ppm) = tier_grant(s, account, hold.pool)
+        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
+    let (totals, scope) = pool_scope(s, &pool_id)?;
+    Ok((pool_id, totals, scope, ppm))
+}
+
+/// A charge against a hold, decided: its pool's and key's new totals.
+struct Charge {
+    pool: (PoolId, PoolTotals),
+    key: Option<(KeyId, KeyTotals)>,
+}
+
+/// The totals once `split` is charged to `hold`'s pool and key and `release` of it is freed;
+/// refused (out of range) before anything changes.
+fn charge(
+    s: &State,
+    hold: &Hold,
+    pool: (PoolId, PoolTotals),
+    split: ledger::Split,
+    release: Nanos,
+) -> StoreResult<Charge> {
+    let freed = Nanos(-release.0);
+    let (pool_id, totals) = pool;
+    let new_pool =
+        add_pool(totals, PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: freed })?;
+    let key = match &hold.key {
+        Some(k) => {
+            let id = (k.clone(), us(hold.cycle_start));
+            let t = key_totals(s, &id)?;
+            Some((id, add_key(t, KeyTotals { charged: split.total(), held: freed })?))
+        }
+        None => None,
+    };
+    Ok(Charge { pool: (pool_id, new_pool), key })
+}
+
+/// Applies a decided charge and adds its event (`event_key` its (account, id)) to the batch's
+/// new events; returns the event's place among them.
+fn record(s: &mut State, charge: Charge, event_key: (String, String), row: NewRow) -> usize {
+    let (pool_id, totals) = charge.pool;
+    s.pools.insert(pool_id.clone(), totals);
+    s.changed_pools.insert(pool_id);
+    if let Some((id, t)) = charge.key {
+        s.key_totals.insert(id.clone(), t);
+        s.changed_keys.insert(id);
+    }
+    let i = s.new_events.len();
+    s.new_event_ids.insert(event_key, i);
+    s.new_events.push(row);
+    i
+}
+
 /// The same checks, in the same order, as `ledger::settle` and `ledger::charge_hold`.
 fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
     let key = (r.account.clone(), r.hold_id.clone());
@@ -1088,12 +1146,7 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
     }
     event.pool = hold.pool;
     event.key = hold.key.clone();
-    let account =
-        s.accounts.get(&hold.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", hold.account)))?;
-    let (_, ppm) = tier_grant(s, account, hold.pool)
-        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
-    let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
-    let (totals, scope) = pool_scope(s, &pool_id)?;
+    let (pool_id, totals, scope, ppm) = hold_pool(s, &hold)?;
     let event_key = (event.account.clone(), event.id.clone());
     let taken = s.taken.contains_key(&event_key) || s.new_event_ids.contains_key(&event_key);
     let settlement = match ledger::settle(hold.amount, event.cost, &scope, ppm) {
@@ -1107,38 +1160,12 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
         }
         Err(refusal) => return Err(StoreError::Invalid(format!("amount out of range ({})", refusal.code()))),
     };
-    let split = settlement.split;
-    let release = Nanos(-hold.amount.0);
-    let new_pool =
-        add_pool(totals, PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: release })?;
-    let new_key = match &hold.key {
-        Some(k) => {
-            let id = (k.clone(), us(hold.cycle_start));
-            let t = key_totals(s, &id)?;
-            Some((id, add_key(t, KeyTotals { charged: split.total(), held: release })?))
-        }
-        None => None,
-    };
+    let charge = charge(s, &hold, (pool_id, totals), settlement.split, hold.amount)?;
     if taken {
         return Err(event_id_taken(&event.id));
     }
     // No refusal after this point: the changes.
-    s.pools.insert(pool_id.clone(), new_pool);
-    s.changed_pools.insert(pool_id);
-    if let Some((id, t)) = new_key {
-        s.key_totals.insert(id.clone(), t);
-        s.changed_keys.insert(id);
-    }
-    let i = s.new_events.len();
-    s.new_event_ids.insert(event_key, i);
-    s.new_events.push(NewRow {
-        event,
-        cycle_start: hold.cycle_start,
-        split,
-        overshoot: settlement.overshoot,
-        hold_id: Some(hold.id.clone()),
-        recorded: now,
-    });
+    let i = record(s, charge, event_key, NewRow::of_hold(event, &hold, settlement, now));
     let entry = s.holds.get_mut(&key).expect("the hold read above");
     entry.hold.state = HoldState::Settled;
     entry.event = Some(EventRef::New(i));
@@ -1188,43 +1215,12 @@ fn charge_part(
     let key = (r.account.clone(), r.hold_id.clone());
     let hold = s.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?.hold.clone();
     let event = tollgate_store::part_event(r, &hold, release)?;
-    let account =
-        s.accounts.get(&hold.account).ok_or_else(|| StoreError::NotFound(format!("account {:?}", hold.account)))?;
-    let (_, ppm) = tier_grant(s, account, hold.pool)
-        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
-    let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
-    let (totals, scope) = pool_scope(s, &pool_id)?;
+    let (pool_id, totals, scope, ppm) = hold_pool(s, &hold)?;
     let settlement = ledger::settle(release, event.cost, &scope, ppm)
         .map_err(|refusal| StoreError::Invalid(format!("amount out of range ({})", refusal.code())))?;
-    let split = settlement.split;
-    let freed = Nanos(-release.0);
-    let new_pool =
-        add_pool(totals, PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: freed })?;
-    let new_key = match &hold.key {
-        Some(k) => {
-            let id = (k.clone(), us(hold.cycle_start));
-            let t = key_totals(s, &id)?;
-            Some((id, add_key(t, KeyTotals { charged: split.total(), held: freed })?))
-        }
-        None => None,
-    };
+    let charge = charge(s, &hold, (pool_id, totals), settlement.split, release)?;
     // No refusal after this point: the changes.
-    s.pools.insert(pool_id.clone(), new_pool);
-    s.changed_pools.insert(pool_id);
-    if let Some((id, t)) = new_key {
-        s.key_totals.insert(id.clone(), t);
-        s.changed_keys.insert(id);
-    }
-    let i = s.new_events.len();
-    s.new_event_ids.insert(event_key, i);
-    s.new_events.push(NewRow {
-        event,
-        cycle_start: hold.cycle_start,
-        split,
-        overshoot: settlement.overshoot,
-        hold_id: Some(hold.id.clone()),
-        recorded: now,
-    });
+    let i = record(s, charge, event_key, NewRow::of_hold(event, &hold, settlement, now));
     let entry = s.holds.get_mut(&key).expect("the hold read above");
     entry.hold.amount = Nanos(entry.hold.amount.0 - release.0);
     entry.parted = true;

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use tollgate_core::{Nanos, ledger};
-use tollgate_store::{Event, NewEvent};
+use tollgate_store::{Event, Hold, NewEvent};
 
 use crate::rows::{self, us};
 
@@ -19,6 +19,18 @@ pub struct NewRow {
 }
 
 impl NewRow {
+    /// An event charged against a hold (whole or in part), as `settlement` decided.
+    pub fn of_hold(event: NewEvent, hold: &Hold, settlement: ledger::Settlement, recorded: DateTime<Utc>) -> NewRow {
+        NewRow {
+            event,
+            cycle_start: hold.cycle_start,
+            split: settlement.split,
+            overshoot: settlement.overshoot,
+            hold_id: Some(hold.id.clone()),
+            recorded,
+        }
+    }
+
     /// The event as stored, once its insert gave it `seq`.
     pub fn event(&self, seq: i64) -> Event {
         let e = &self.event;
