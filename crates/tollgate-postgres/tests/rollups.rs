@@ -70,9 +70,8 @@ async fn stored(db: &tokio_postgres::Client) -> (i64, i64, i64) {
     (row.get(0), row.get(1), row.get(2))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_are_rolled_up_once_their_transactions_are_over() {
-    let Some(db) = TestDb::create().await else { return };
+/// A store on `db` with the account acme, and a plain connection to look at its tables.
+async fn acme(db: &TestDb) -> (PgStore, tokio_postgres::Client) {
     let store = db.open().await;
     let account = NewAccount {
         id: "acme".to_string(),
@@ -85,6 +84,13 @@ async fn events_are_rolled_up_once_their_transactions_are_over() {
     store.create_account(account, now()).await.expect("create_account");
     let (sql, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(connection);
+    (store, sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_rolled_up_once_their_transactions_are_over() {
+    let Some(db) = TestDb::create().await else { return };
+    let (store, sql) = acme(&db).await;
 
     let first: Vec<NewEvent> = (0..5).map(|i| event(&format!("e-{i}"), 1_000)).collect();
     store.record_events(first, now()).await.expect("record_events");
@@ -135,18 +141,7 @@ async fn events_are_rolled_up_once_their_transactions_are_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mark_from_another_server_does_not_stall_rolling_up() {
     let Some(db) = TestDb::create().await else { return };
-    let store = db.open().await;
-    let account = NewAccount {
-        id: "acme".to_string(),
-        tier: "team-standard".to_string(),
-        anchor: Some(cycle_start()),
-        timezone: Tz::UTC,
-        interactive_grant: None,
-        programmatic_grant: None,
-    };
-    store.create_account(account, now()).await.expect("create_account");
-    let (sql, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
+    let (store, sql) = acme(&db).await;
     sql.batch_execute("UPDATE rollup_progress SET pending_xid = '900000000000'::xid8").await.expect("restored mark");
     let events: Vec<NewEvent> = (0..3).map(|i| event(&format!("e-{i}"), 1_000)).collect();
     store.record_events(events, now()).await.expect("record_events");
