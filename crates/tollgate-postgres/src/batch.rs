@@ -1408,14 +1408,7 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
         },
         async { if commit_now { client.execute(&st.commit, &[]).await } else { Ok(0) } },
     )?;
-    let index: HashMap<(&str, &str), usize> =
-        e.iter().enumerate().map(|(n, x)| ((x.event.account.as_str(), x.event.id.as_str()), n)).collect();
-    let mut seqs = vec![0i64; e.len()];
-    for r in &seq_rows {
-        let (account, id): (&str, &str) = (r.try_get(0)?, r.try_get(1)?);
-        let n = index.get(&(account, id)).ok_or_else(|| rows::corrupt("event returned by its insert", id))?;
-        seqs[*n] = r.try_get(2)?;
-    }
+    let seqs = events::seqs(e, &seq_rows)?;
     if !commit_now {
         for (entry, new_event) in &one_by_one {
             let hold = &entry.hold;

@@ -1,11 +1,15 @@
 //! Events inserted many in one statement (`INSERT … SELECT FROM unnest(…)`, one array per
 //! column): by the group commit (`batch`) and by `ledger::record_events`.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tollgate_core::{Nanos, ledger};
 use tollgate_store::{Event, Hold, NewEvent};
 
+use crate::Result;
 use crate::rows::{self, us};
 
 /// An event to insert, with what the ledger decided for it.
@@ -86,6 +90,20 @@ pub fn insert_sql(first: usize) -> String {
              lat, tt, pa, rec, fp)",
         arrays.join(", ")
     )
+}
+
+/// The seq of each of `rows`, in order, from the rows of their insert's `RETURNING account, id,
+/// seq` (which come back in no promised order).
+pub fn seqs(rows: &[NewRow], returned: &[Row]) -> Result<Vec<i64>> {
+    let index: HashMap<(&str, &str), usize> =
+        rows.iter().enumerate().map(|(n, r)| ((r.event.account.as_str(), r.event.id.as_str()), n)).collect();
+    let mut seqs = vec![0i64; rows.len()];
+    for r in returned {
+        let (account, id): (&str, &str) = (r.try_get(0)?, r.try_get(1)?);
+        let n = index.get(&(account, id)).ok_or_else(|| rows::corrupt("event returned by its insert", id))?;
+        seqs[*n] = r.try_get(2)?;
+    }
+    Ok(seqs)
 }
 
 /// The columns of rows to insert, one array each.

@@ -542,7 +542,7 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             write_key(tx, key, rows::time(*start), *totals).await?;
         }
     }
-    let mut seqs = vec![0i64; new_rows.len()];
+    let mut seqs = Vec::new();
     if !new_rows.is_empty() {
         let accounts: Vec<&str> = new_rows.iter().map(|r| r.event.account.as_str()).collect();
         lock_event_order(tx, &accounts).await?;
@@ -553,13 +553,7 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
         if inserted.len() != new_rows.len() {
             return Err(Error::Retry);
         }
-        let index: HashMap<(&str, &str), usize> =
-            new_rows.iter().enumerate().map(|(n, r)| ((r.event.account.as_str(), r.event.id.as_str()), n)).collect();
-        for r in &inserted {
-            let (account, id): (&str, &str) = (r.try_get(0)?, r.try_get(1)?);
-            let n = index.get(&(account, id)).ok_or_else(|| rows::corrupt("event returned by its insert", id))?;
-            seqs[*n] = r.try_get(2)?;
-        }
+        seqs = events::seqs(&new_rows, &inserted)?;
     }
     // The place in `new_rows` of each new event of the batch.
     let mut row_of = HashMap::new();
