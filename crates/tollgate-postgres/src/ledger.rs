@@ -418,7 +418,9 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
 /// checks that need no lock (a repeated id, the account, the key), so that a batch of repeats
 /// locks nothing; then the pools and keys of the new events are locked, in the lock order, and
 /// each new event is charged on its pool's running totals. The first event that fails fails the
-/// batch (a pool's unknown tier or an amount out of range show only after every event's checks).
+/// batch, with the error it would meet recorded alone: an amount out of range is reported before
+/// a later event's conflict (a pool's unknown tier, a broken database, shows when its pools are
+/// locked).
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
     if events.is_empty() {
         return Ok(Vec::new());
@@ -435,6 +437,9 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
     let mut keys: HashMap<(&str, &str), bool> = HashMap::new();
     let mut first: HashMap<(&str, &str), usize> = HashMap::new();
     let mut outcomes = Vec::with_capacity(events.len());
+    // The first event refused by these checks: the events before it may still fail first, when
+    // charged (an amount out of range), so its error waits until they are.
+    let mut refused: Option<StoreError> = None;
     for (n, e) in events.iter().enumerate() {
         let id = (e.account.as_str(), e.id.as_str());
         let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), first.get(&id)) {
@@ -448,11 +453,11 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
                 continue;
             }
             Replay::Conflict => {
-                return Err(StoreError::Conflict(format!(
+                refused = Some(StoreError::Conflict(format!(
                     "event id {:?} was already recorded with different content; use a new id",
                     e.id
-                ))
-                .into());
+                )));
+                break;
             }
             Replay::New => {}
         }
@@ -460,7 +465,8 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
         }
         if accounts[e.account.as_str()].is_none() {
-            return Err(StoreError::NotFound(format!("account {:?}", e.account)).into());
+            refused = Some(StoreError::NotFound(format!("account {:?}", e.account)));
+            break;
         }
         if let Some(key) = &e.key {
             if !keys.contains_key(&(e.account.as_str(), key.as_str())) {
@@ -469,14 +475,15 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
                 keys.insert((&e.account, key), found.is_some());
             }
             if !keys[&(e.account.as_str(), key.as_str())] {
-                return Err(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)).into());
+                refused = Some(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)));
+                break;
             }
         }
         first.insert(id, n);
         outcomes.push(Outcome::New);
     }
 
-    // The pools and keys of the new events, locked in the lock order.
+    // The pools and keys of the new events (before the refused one), locked in the lock order.
     let new: Vec<(&NewEvent, &Account, Cycle)> = events
         .iter()
         .zip(&outcomes)
@@ -529,6 +536,9 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             recorded: now,
         };
         new_rows.push(row);
+    }
+    if let Some(e) = refused {
+        return Err(e.into());
     }
 
     // The writes: totals, then the events under their accounts' event-order locks.

@@ -1492,6 +1492,15 @@ pub async fn record_events_duplicate_and_batch_conflict(store: Fresh) {
     );
     assert_eq!(all_events(&store, "acme").await, vec![first.clone()], "a failed batch writes nothing (e-2 absent)");
     assert_figures(&store, "acme", P, now(), fig(usd(50), usd(1), Nanos::ZERO, Nanos::ZERO), "unchanged").await;
+    // The first event at fault decides the error, whatever kind: a negative cost before a
+    // later event's conflict.
+    let negative = event("acme", "e-neg", P, Nanos(-1), now());
+    expect_err(
+        store.record_events(vec![negative, e1_changed.clone()], later(2)).await,
+        ErrKind::Invalid,
+        "a negative cost, then e-1 with other content",
+    );
+    assert_eq!(all_events(&store, "acme").await, vec![first.clone()], "a failed batch writes nothing");
     expect_err(
         store.record_events(vec![e1_changed], later(3)).await,
         ErrKind::Conflict,
