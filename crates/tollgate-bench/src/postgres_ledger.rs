@@ -270,6 +270,7 @@ async fn task(
             model: Some(MODEL.to_string()),
             source: Some("bench".to_string()),
             fingerprint: id.clone(),
+            made_by: tollgate_store::Maker::Admin,
         };
         let hold = match store.hold(request, now).await.map_err(|e| e.to_string())? {
             HoldOutcome::Held(h) => h,
@@ -292,6 +293,7 @@ async fn task(
             latency_ms: Some(800),
             ttft_ms: Some(120),
             partial: false,
+            estimated: false,
             fingerprint: id.clone(),
         };
         let settle = SettleRequest { account, hold_id: hold.id, event };

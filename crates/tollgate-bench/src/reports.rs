@@ -82,6 +82,7 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
                     latency_ms: Some(500 + k % 1000),
                     ttft_ms: None,
                     partial: false,
+                    estimated: false,
                     fingerprint: format!("e{k}"),
                 })
                 .collect();

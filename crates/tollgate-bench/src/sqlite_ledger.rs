@@ -126,6 +126,7 @@ async fn task(store: Arc<dyn Store>, t: u64, calls: u64, now: DateTime<Utc>) -> 
             model: Some(MODEL.to_string()),
             source: Some("bench".to_string()),
             fingerprint: id.clone(),
+            made_by: tollgate_store::Maker::Admin,
         };
         let hold = match store.hold(request, now).await.map_err(|e| e.to_string())? {
             HoldOutcome::Held(h) => h,
@@ -148,6 +149,7 @@ async fn task(store: Arc<dyn Store>, t: u64, calls: u64, now: DateTime<Utc>) -> 
             latency_ms: Some(800),
             ttft_ms: Some(120),
             partial: false,
+            estimated: false,
             fingerprint: id.clone(),
         };
         let settle = SettleRequest { account: ACCOUNT.to_string(), hold_id: hold.id, event };

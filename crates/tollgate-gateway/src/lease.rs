@@ -270,6 +270,7 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
             model: None,
             source: Some("lease".into()),
             fingerprint: String::new(),
+            made_by: tollgate_store::Maker::Gateway,
         };
         let (lease, remaining) = match gw.store.hold(request, gw.now()).await {
             Ok(HoldOutcome::Held(h)) if gw.leases.closed.load(Ordering::Relaxed) => {

@@ -198,6 +198,7 @@ impl Finish {
             latency_ms: Some(self.started.elapsed().as_millis() as u64),
             ttft_ms,
             partial,
+            estimated: false,
             fingerprint: self.call_id.clone(),
         };
         let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };

@@ -750,6 +750,7 @@ async fn hold(
         model: Some(model.to_string()),
         source: Some(source.to_string()),
         fingerprint: String::new(),
+        made_by: tollgate_store::Maker::Gateway,
     };
     match gw.store.hold(request, gw.now()).await.map_err(internal)? {
         HoldOutcome::Held(h) | HoldOutcome::Replayed(h) => Ok(Ok((h.id, h.remaining_after))),

@@ -266,6 +266,7 @@ async fn set_block_limit(h: &Harness, grant_left: Nanos) {
         latency_ms: None,
         ttft_ms: None,
         partial: false,
+        estimated: false,
         fingerprint: "burn".into(),
     };
     h.store.record_events(vec![event], now()).await.unwrap();

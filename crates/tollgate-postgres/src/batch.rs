@@ -295,7 +295,7 @@ impl ToSql for Tid {
 }
 
 const HOLD_LOCK_COLUMNS: &str = "h.id, h.account, h.pool, h.key_id, h.amount, h.model, h.source, h.state, \
-     h.cycle_start_us, h.cycle_end_us, h.created_us, h.expires_us, h.remaining_after, h.fingerprint, h.event_seq, h.ctid";
+     h.cycle_start_us, h.cycle_end_us, h.created_us, h.expires_us, h.remaining_after, h.fingerprint, h.event_seq, h.made_by, h.ctid";
 
 /// A writer's connection and its prepared statements.
 struct Conn {
@@ -442,42 +442,42 @@ const SETTINGS: &str = "SELECT a.*, t.*, pi.*, pp.* FROM unnest($1::text[]) AS u
      LEFT JOIN LATERAL (SELECT on_exhausted, overage_cap, spend_cap FROM policies
          WHERE account = a.id AND pool = 'programmatic') AS pp ON true";
 
-/// Everything a batch writes, in one statement: new holds (`$1`…`$14`), new events (`$15`…`$42`),
-/// the holds they settle (found by `ctid`, `$43`, each with its event by hold id), voided holds
-/// (`$44`), extended holds (`$45`, `$46`), pools (`$47`…`$51`), keys (`$52`…`$54`) and leases
-/// charged in parts (`$55`, `$56`), the last three found by `ctid` with their new figures at the
+/// Everything a batch writes, in one statement: new holds (`$1`…`$14`, their makers `$58`), new events (`$15`…`$43`),
+/// the holds they settle (found by `ctid`, `$44`, each with its event by hold id), voided holds
+/// (`$45`), extended holds (`$46`, `$47`), pools (`$48`…`$52`), keys (`$53`…`$55`) and leases
+/// charged in parts (`$56`, `$57`), the last three found by `ctid` with their new figures at the
 /// same position in the arrays. Its rows: the new events' seqs. The statement's parts change
 /// different rows.
 fn write_sql() -> String {
     format!(
         "WITH new_holds AS (
          INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
-             created_us, expires_us, remaining_after, fingerprint, owner)
-         SELECT a, i, p, k, amt, m, src, 'open', cs, ce, cr, ex, ra, fp, $14
+             created_us, expires_us, remaining_after, fingerprint, owner, made_by)
+         SELECT a, i, p, k, amt, m, src, 'open', cs, ce, cr, ex, ra, fp, $14, mb
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[], $8::int8[],
-                     $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[])
-             AS u(a, i, p, k, amt, m, src, cs, ce, cr, ex, ra, fp)),
+                     $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $58::text[])
+             AS u(a, i, p, k, amt, m, src, cs, ce, cr, ex, ra, fp, mb)),
      e AS (
          {events}
          RETURNING account, id, hold_id, seq),
      settled AS (
          UPDATE holds SET state = 'settled', event_seq = e.seq FROM e
-         WHERE holds.ctid = ANY($43::tid[]) AND e.account = holds.account AND e.hold_id = holds.id),
-     voided AS (UPDATE holds SET state = 'voided' WHERE ctid = ANY($44::tid[])),
+         WHERE holds.ctid = ANY($44::tid[]) AND e.account = holds.account AND e.hold_id = holds.id),
+     voided AS (UPDATE holds SET state = 'voided' WHERE ctid = ANY($45::tid[])),
      extended AS (
-         UPDATE holds SET expires_us = ($46::int8[])[array_position($45::tid[], ctid)] WHERE ctid = ANY($45::tid[])),
+         UPDATE holds SET expires_us = ($47::int8[])[array_position($46::tid[], ctid)] WHERE ctid = ANY($46::tid[])),
      pool_totals AS (
          UPDATE pool_cycles p SET (grants, used, overage, held) =
-             (SELECT ($48::int8[])[n], ($49::int8[])[n], ($50::int8[])[n], ($51::int8[])[n]
-              FROM (SELECT array_position($47::tid[], p.ctid) AS n) AS x)
-         WHERE ctid = ANY($47::tid[])),
+             (SELECT ($49::int8[])[n], ($50::int8[])[n], ($51::int8[])[n], ($52::int8[])[n]
+              FROM (SELECT array_position($48::tid[], p.ctid) AS n) AS x)
+         WHERE ctid = ANY($48::tid[])),
      key_totals AS (
          UPDATE key_cycles k SET (charged, held) =
-             (SELECT ($53::int8[])[n], ($54::int8[])[n] FROM (SELECT array_position($52::tid[], k.ctid) AS n) AS x)
-         WHERE ctid = ANY($52::tid[])),
+             (SELECT ($54::int8[])[n], ($55::int8[])[n] FROM (SELECT array_position($53::tid[], k.ctid) AS n) AS x)
+         WHERE ctid = ANY($53::tid[])),
      parted AS (
-         UPDATE holds SET amount = ($56::int8[])[array_position($55::tid[], ctid)], lease = true
-         WHERE ctid = ANY($55::tid[]))
+         UPDATE holds SET amount = ($57::int8[])[array_position($56::tid[], ctid)], lease = true
+         WHERE ctid = ANY($56::tid[]))
      SELECT account, id, seq FROM e",
         events = events::insert_sql(15)
     )
@@ -572,7 +572,7 @@ fn hold_entry(r: &Row) -> Result<HoldEntry> {
         event: row.event_seq.map(EventRef::Seq),
         hold: row.hold,
         fingerprint: row.fingerprint,
-        tid: Some(r.try_get(15)?),
+        tid: Some(r.try_get(16)?),
         expires_changed: false,
         parted: false,
     })
@@ -1025,6 +1025,7 @@ fn decide_hold(s: &mut State, r: &HoldRequest, now: DateTime<Utc>) -> StoreResul
         created_at: now,
         expires_at: now + Duration::seconds(r.ttl_s as i64),
         remaining_after: decision.pool_remaining,
+        made_by: r.made_by.clone(),
     };
     // No refusal after this point: the changes.
     s.pools.insert(pool_id.clone(), new_pool);
@@ -1304,6 +1305,7 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
     let h_ex: Vec<i64> = h.iter().map(|(x, _)| us(x.expires_at)).collect();
     let h_ra: Vec<Option<i64>> = h.iter().map(|(x, _)| x.remaining_after.map(|n| n.0)).collect();
     let h_fp: Vec<&str> = h.iter().map(|(_, f)| f.as_str()).collect();
+    let h_made_by: Vec<String> = h.iter().map(|(x, _)| x.made_by.to_text()).collect();
     // New events.
     let e = &s.new_events;
     let e_columns = events::Columns::new(e);
@@ -1386,6 +1388,7 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
         &k_held,
         &parted,
         &parted_to,
+        &h_made_by,
     ]);
     let writes = !(h.is_empty()
         && e.is_empty()

@@ -61,6 +61,7 @@ impl NewRow {
             latency_ms: e.latency_ms,
             ttft_ms: e.ttft_ms,
             partial: e.partial,
+            estimated: e.estimated,
             unsettled: false,
             recorded_at: self.recorded,
         }
@@ -68,26 +69,27 @@ impl NewRow {
 }
 
 /// How many parameters [`insert_sql`] takes.
-pub const PARAMS: usize = 28;
+pub const PARAMS: usize = 29;
 
 /// The insert of the rows of [`Columns::params`], whose arrays are the parameters `$first` to
-/// `$first + 27`; it returns nothing (the caller adds its `RETURNING`). Events inserted this way
+/// `$first + 28`; it returns nothing (the caller adds its `RETURNING`). Events inserted this way
 /// are never `unsettled`.
 pub fn insert_sql(first: usize) -> String {
     const TYPES: [&str; PARAMS] = [
         "text", "text", "text", "text", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8",
         "text", "text", "text", "text", "text", "text", "int8", "int8", "text", "int8", "int8", "bool", "int8", "text",
+        "bool",
     ];
     let arrays: Vec<String> = TYPES.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", first + i)).collect();
     format!(
         "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
              cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
              grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
-             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated)
          SELECT a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt, pa,
-             false, rec, fp
+             false, rec, fp, est
          FROM unnest({}) AS u(a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h,
-             lat, tt, pa, rec, fp)",
+             lat, tt, pa, rec, fp, est)",
         arrays.join(", ")
     )
 }
@@ -136,6 +138,7 @@ pub struct Columns<'a> {
     partial: Vec<bool>,
     recorded: Vec<i64>,
     fingerprint: Vec<&'a str>,
+    estimated: Vec<bool>,
 }
 
 impl<'a> Columns<'a> {
@@ -172,6 +175,7 @@ impl<'a> Columns<'a> {
             partial: rows.iter().map(|r| r.event.partial).collect(),
             recorded: int(|r| us(r.recorded)),
             fingerprint: text(|r| &r.event.fingerprint),
+            estimated: rows.iter().map(|r| r.event.estimated).collect(),
         }
     }
 
@@ -206,6 +210,7 @@ impl<'a> Columns<'a> {
             &self.partial,
             &self.recorded,
             &self.fingerprint,
+            &self.estimated,
         ]
     }
 }

@@ -345,9 +345,9 @@ async fn insert_event(
         "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
              cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
              grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
-             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-             $23, $24, $25, $26, $27, $28, $29)
+             $23, $24, $25, $26, $27, $28, $29, $30)
          ON CONFLICT DO NOTHING RETURNING seq",
         &[
             &e.account,
@@ -379,6 +379,7 @@ async fn insert_event(
             &unsettled,
             &us(now),
             &e.fingerprint,
+            &e.estimated,
         ],
     )
     .await?;
@@ -679,6 +680,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
             latency_ms: None,
             ttft_ms: None,
             partial: false,
+            estimated: false,
             fingerprint: format!("unsettled:{}", hold.id),
         };
         // An event that already took the hold's id is kept; this one is named after the hold.

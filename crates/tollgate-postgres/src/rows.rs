@@ -9,7 +9,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Tier, Usage};
-use tollgate_store::{Account, Event, Hold, HoldState, Key, KeyPool, StoreError};
+use tollgate_store::{Account, Event, Hold, HoldState, Key, KeyPool, Maker, StoreError};
 
 use crate::Result;
 
@@ -174,7 +174,7 @@ pub fn key(r: &Row) -> Result<Key> {
 }
 
 pub const HOLD_COLUMNS: &str = "id, account, pool, key_id, amount, model, source, state, cycle_start_us, \
-     cycle_end_us, created_us, expires_us, remaining_after, fingerprint, event_seq";
+     cycle_end_us, created_us, expires_us, remaining_after, fingerprint, event_seq, made_by";
 
 pub struct HoldRow {
     pub hold: Hold,
@@ -200,6 +200,10 @@ pub fn hold(r: &Row) -> Result<HoldRow> {
             created_at: time(r.try_get(10)?),
             expires_at: time(r.try_get(11)?),
             remaining_after: nanos_opt(r.try_get(12)?),
+            made_by: {
+                let m: String = r.try_get(15)?;
+                Maker::parse(&m).ok_or_else(|| corrupt("hold maker", &m))?
+            },
         },
         fingerprint: r.try_get(13)?,
         event_seq: r.try_get(14)?,
@@ -216,7 +220,7 @@ pub async fn load_hold(c: &impl GenericClient, account: &str, id: &str) -> Resul
 pub const EVENT_COLUMNS: &str = "seq, id, account, pool, model, input_tokens, cache_creation_5m_input_tokens, \
      cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost, grant_part, \
      overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us, cycle_start_us, \
-     hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint";
+     hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated";
 
 pub struct EventRow {
     pub event: Event,
@@ -258,6 +262,7 @@ pub fn event(r: &Row) -> Result<EventRow> {
             latency_ms: count_opt(24)?,
             ttft_ms: count_opt(25)?,
             partial: r.try_get(26)?,
+            estimated: r.try_get(30)?,
             unsettled: r.try_get(27)?,
             recorded_at: time(r.try_get(28)?),
         },

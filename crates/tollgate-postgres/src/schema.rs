@@ -279,6 +279,18 @@ CREATE TABLE rollup_progress (
 INSERT INTO rollup_progress (rolled_seq, pending_seq, pending_xid)
 SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0), pg_current_xact_id() FROM events;
 "#,
+    r#"
+-- Who made a hold (`gateway`, `admin` or `key:<id>`): only its maker may end it. Holds made
+-- before this column are the gateway's when their ids are the gateway's (`tgr_…`, `lease_…`),
+-- else their key's, else the admin's.
+ALTER TABLE holds ADD COLUMN made_by TEXT NOT NULL DEFAULT 'admin';
+UPDATE holds SET made_by = CASE
+    WHEN lease OR id LIKE 'tgr\_%' OR id LIKE 'lease\_%' THEN 'gateway'
+    WHEN key_id IS NOT NULL THEN 'key:' || key_id
+    ELSE 'admin' END;
+-- An event charged at an estimate: served work whose usage was not known.
+ALTER TABLE events ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT false;
+"#,
 ];
 
 /// The schema version this code reads and writes: the number of migrations.

@@ -56,6 +56,7 @@ fn hold(id: &str, usd: i64, fingerprint: &str) -> HoldRequest {
         model: Some("claude-sonnet-4-5".to_string()),
         source: Some("batch".to_string()),
         fingerprint: fingerprint.to_string(),
+        made_by: tollgate_store::Maker::Admin,
     }
 }
 
@@ -80,6 +81,7 @@ fn settle(hold_id: &str, event_id: &str, cost: Nanos, fingerprint: &str) -> Sett
             latency_ms: None,
             ttft_ms: None,
             partial: false,
+            estimated: false,
             fingerprint: fingerprint.to_string(),
         },
     }

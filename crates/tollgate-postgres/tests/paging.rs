@@ -50,6 +50,7 @@ fn event(id: &str, pool: PoolKind) -> NewEvent {
         latency_ms: None,
         ttft_ms: None,
         partial: false,
+        estimated: false,
         fingerprint: format!("fp-{id}"),
     }
 }
@@ -74,6 +75,7 @@ async fn write(store: Arc<PgStore>, w: usize) -> Vec<String> {
                 model: Some("claude-sonnet-4-5".to_string()),
                 source: Some("paging".to_string()),
                 fingerprint: format!("hold-{id}"),
+                made_by: tollgate_store::Maker::Admin,
             };
             let outcome = store.hold(hold, now()).await.expect("hold");
             assert!(matches!(outcome, HoldOutcome::Held(_)), "{id}: {outcome:?}");

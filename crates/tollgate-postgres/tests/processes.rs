@@ -70,6 +70,7 @@ fn hold_request(account: &str, id: &str, amount: Nanos, ttl_s: u64) -> HoldReque
         model: Some("claude-sonnet-4-5".to_string()),
         source: Some("processes".to_string()),
         fingerprint: format!("fp-{id}-{}-{ttl_s}", amount.0),
+        made_by: tollgate_store::Maker::Admin,
     }
 }
 

@@ -44,6 +44,7 @@ fn event(id: &str, cost: i64) -> NewEvent {
         latency_ms: Some(200),
         ttft_ms: None,
         partial: false,
+        estimated: false,
         fingerprint: id.to_string(),
     }
 }

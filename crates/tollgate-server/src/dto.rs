@@ -125,6 +125,7 @@ pub fn hold(h: &Hold) -> Value {
         "created_at": time(h.created_at),
         "expires_at": time(h.expires_at),
         "remaining_usd": h.remaining_after.map(usd),
+        "made_by": h.made_by.to_text(),
     })
 }
 
@@ -163,6 +164,7 @@ pub fn event(e: &Event) -> Value {
         "latency_ms": e.latency_ms,
         "ttft_ms": e.ttft_ms,
         "partial": e.partial,
+        "estimated": e.estimated,
         "unsettled": e.unsettled,
         "recorded_at": time(e.recorded_at),
     })

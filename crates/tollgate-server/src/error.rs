@@ -24,6 +24,8 @@ pub enum ApiError {
     Conflict(String),
     /// 413.
     TooLarge(String),
+    /// A refusal with a status and a stable code of its own (`hold_owned_by_gateway`).
+    Denied { status: StatusCode, code: &'static str, message: String },
     /// 429: the credit does not cover the hold. `details` are extra fields of the error object.
     Refused { code: &'static str, message: String, retry_after_s: u64, details: Value },
     /// 500: ours; logged, not shown.
@@ -89,6 +91,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m, None),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", m, None),
+            ApiError::Denied { status, code, message } => (status, code, message, None),
             ApiError::Refused { code, message, retry_after_s, details } => {
                 (StatusCode::TOO_MANY_REQUESTS, code, message, Some((retry_after_s, details)))
             }

@@ -156,12 +156,13 @@ pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldO
         created_at: now,
         expires_at: now + Duration::seconds(req.ttl_s as i64),
         remaining_after: decision.pool_remaining,
+        made_by: req.made_by.clone(),
     };
     let inserted = conn
         .prepare_cached(
             "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
-                            created_us, expires_us, remaining_after, fingerprint)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13)",
+                            created_us, expires_us, remaining_after, fingerprint, made_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -177,7 +178,8 @@ pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldO
                 us(hold.created_at),
                 us(hold.expires_at),
                 hold.remaining_after.map(|n| n.0),
-                req.fingerprint
+                req.fingerprint,
+                hold.made_by.to_text()
             ])
         });
     match inserted {
@@ -337,9 +339,9 @@ fn insert_event(
         "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
              cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
              grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
-             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint)
+             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22,
-             ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
+             ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -371,7 +373,8 @@ fn insert_event(
             e.partial,
             unsettled,
             us(now),
-            e.fingerprint
+            e.fingerprint,
+            e.estimated
         ])
     })
     .map_err(|e| {
@@ -433,6 +436,7 @@ fn insert_event(
         latency_ms: e.latency_ms,
         ttft_ms: e.ttft_ms,
         partial: e.partial,
+        estimated: e.estimated,
         unsettled,
         recorded_at: now,
     })
@@ -534,6 +538,7 @@ pub fn expire(db: &Db, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>>
             latency_ms: None,
             ttft_ms: None,
             partial: false,
+            estimated: false,
             fingerprint: format!("unsettled:{}", hold.id),
         };
         // An event that already took the hold's id is kept; this one is named after the hold.

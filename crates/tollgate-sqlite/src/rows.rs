@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Tier, Usage};
-use tollgate_store::{Account, Event, Hold, HoldState, Key, KeyPool, StoreError, StoreResult};
+use tollgate_store::{Account, Event, Hold, HoldState, Key, KeyPool, Maker, StoreError, StoreResult};
 
 pub fn us(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -143,7 +143,7 @@ pub fn key(r: &Row) -> rusqlite::Result<Key> {
 }
 
 pub const HOLD_COLUMNS: &str = "id, account, pool, key_id, amount, model, source, state, cycle_start_us, \
-     cycle_end_us, created_us, expires_us, remaining_after, fingerprint, event_seq";
+     cycle_end_us, created_us, expires_us, remaining_after, fingerprint, event_seq, made_by";
 
 pub struct HoldRow {
     pub hold: Hold,
@@ -169,6 +169,10 @@ pub fn hold(r: &Row) -> rusqlite::Result<HoldRow> {
             created_at: time(r.get(10)?),
             expires_at: time(r.get(11)?),
             remaining_after: nanos_opt(r.get(12)?),
+            made_by: {
+                let m: String = r.get(15)?;
+                Maker::parse(&m).ok_or_else(|| corrupt("hold maker", &m))?
+            },
         },
         fingerprint: r.get(13)?,
         event_seq: r.get(14)?,
@@ -184,7 +188,7 @@ pub fn load_hold(conn: &Connection, account: &str, id: &str) -> StoreResult<Opti
 pub const EVENT_COLUMNS: &str = "seq, id, account, pool, model, input_tokens, cache_creation_5m_input_tokens, \
      cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost, grant_part, \
      overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us, cycle_start_us, \
-     hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint";
+     hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated";
 
 pub struct EventRow {
     pub event: Event,
@@ -226,6 +230,7 @@ pub fn event(r: &Row) -> rusqlite::Result<EventRow> {
             latency_ms: r.get::<_, Option<i64>>(24)?.map(|v| v as u64),
             ttft_ms: r.get::<_, Option<i64>>(25)?.map(|v| v as u64),
             partial: r.get(26)?,
+            estimated: r.get(30)?,
             unsettled: r.get(27)?,
             recorded_at: time(r.get(28)?),
         },

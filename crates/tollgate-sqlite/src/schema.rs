@@ -204,6 +204,18 @@ GROUP BY account, cycle_start_us, pool, (ts_us / 3600000000) * 3600000000, model
 -- A lease: a hold that several calls' events were charged against (Store::settle_part).
 ALTER TABLE holds ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- Who made a hold (`gateway`, `admin` or `key:<id>`): only its maker may end it. Holds made
+-- before this column are the gateway's when their ids are the gateway's (`tgr_…`, `lease_…`),
+-- else their key's, else the admin's.
+ALTER TABLE holds ADD COLUMN made_by TEXT NOT NULL DEFAULT 'admin';
+UPDATE holds SET made_by = CASE
+    WHEN lease = 1 OR id LIKE 'tgr\_%' ESCAPE '\' OR id LIKE 'lease\_%' ESCAPE '\' THEN 'gateway'
+    WHEN key_id IS NOT NULL THEN 'key:' || key_id
+    ELSE 'admin' END;
+-- An event charged at an estimate: served work whose usage was not known.
+ALTER TABLE events ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Runs the migrations not yet applied, each in its own transaction.

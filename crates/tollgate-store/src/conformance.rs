@@ -66,6 +66,7 @@ macro_rules! conformance_suite {
             add_grant_tops_up_current_cycle_only
             cycle_rollover_starts_fresh_pool
             hold_within_limit
+            hold_keeps_its_maker_and_only_its_maker_ends_it
             hold_up_to_exact_limit_then_refused
             hold_refused_records_nothing
             hold_counts_charged_and_held
@@ -214,6 +215,7 @@ fn hold_request(account: &str, id: &str, pool: PoolKind, amount: Nanos) -> HoldR
         model: Some(MODEL.to_string()),
         source: Some(SOURCE.to_string()),
         fingerprint: String::new(),
+        made_by: crate::Maker::Admin,
     })
 }
 
@@ -251,6 +253,7 @@ fn event(account: &str, id: &str, pool: PoolKind, cost: Nanos, timestamp: DateTi
         latency_ms: Some(850),
         ttft_ms: Some(120),
         partial: false,
+        estimated: false,
         fingerprint: String::new(),
     })
 }
@@ -973,6 +976,7 @@ pub async fn hold_within_limit(store: Fresh) {
         created_at: now(),
         expires_at: later(TTL_S as i64),
         remaining_after: Some(usd(20)),
+        made_by: crate::Maker::Admin,
     };
     assert_eq!(h, want, "the hold returned");
     assert_eq!(ok(store.hold_by_id("acme", "h-1").await, "hold_by_id"), Some(want), "hold_by_id reads it back");
@@ -983,6 +987,68 @@ pub async fn hold_within_limit(store: Fresh) {
     assert_figures(&store, "acme", I, now(), fig(usd(100), Nanos::ZERO, Nanos::ZERO, Nanos::ZERO), "other pool").await;
     let h2 = held(store.hold(hold_request("acme", "h-2", P, usd(20)), now()).await, "the last $20");
     assert_eq!(h2.remaining_after, Some(Nanos::ZERO), "remaining after the last $20");
+}
+
+/// A hold keeps who made it (the gateway, a key, the admin) across a read, on every backend; an
+/// account key cannot end a gateway hold or a sibling key's hold through `ownership`, and the
+/// hold stays open and whole; an event settled at an estimate keeps its `estimated` flag.
+pub async fn hold_keeps_its_maker_and_only_its_maker_ends_it(store: Fresh) {
+    use crate::Maker;
+    use crate::ownership::{self, EndError};
+    standard_account(&store, "acme").await;
+    let made =
+        |id: &str, by: Maker| with_hold_fingerprint(HoldRequest { made_by: by, ..hold_request("acme", id, P, usd(1)) });
+    let key = |k: &str| Maker::Key(k.to_string());
+    for (id, by) in [("h-gw", Maker::Gateway), ("h-k1", key("k1")), ("h-admin", Maker::Admin)] {
+        let h = held(store.hold(made(id, by.clone()), now()).await, id);
+        assert_eq!(h.made_by, by, "the hold returned names its maker");
+        let read = ok(store.hold_by_id("acme", id).await, "hold_by_id").expect("the hold");
+        assert_eq!(read.made_by, by, "hold_by_id reads the maker back");
+    }
+    let s: &dyn Store = &*store;
+    for (id, by, code) in [
+        ("h-gw", key("k1"), "hold_owned_by_gateway"),
+        ("h-gw", Maker::Admin, "hold_owned_by_gateway"),
+        ("h-k1", key("k2"), "hold_made_by_another"),
+        ("h-admin", key("k1"), "hold_made_by_another"),
+    ] {
+        match ownership::void_as(s, &by, "acme", id, now()).await {
+            Err(EndError::Denied(d)) => assert_eq!(d.code(), code, "{by:?} voiding {id}"),
+            other => panic!("{by:?} voiding {id}: expected a refusal, got {other:?}"),
+        }
+        let hold = ok(store.hold_by_id("acme", id).await, "hold_by_id").expect("the hold");
+        let req = settle_request(&hold, Nanos::ZERO, now());
+        assert!(
+            matches!(ownership::settle_as(s, &by, req, now()).await, Err(EndError::Denied(_))),
+            "{by:?} settling {id}"
+        );
+        let hold = ok(store.hold_by_id("acme", id).await, "hold_by_id").expect("the hold");
+        assert_eq!((hold.state, hold.amount), (HoldState::Open, usd(1)), "{id} is untouched");
+    }
+    assert_figures(&store, "acme", P, now(), fig(usd(50), Nanos::ZERO, Nanos::ZERO, usd(3)), "three holds open").await;
+    ok(
+        ownership::void_as(s, &key("k1"), "acme", "h-k1", now())
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .map_err(StoreError::Backend),
+        "its maker voids h-k1",
+    );
+    ok(
+        ownership::void_as(s, &Maker::Admin, "acme", "h-admin", now())
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .map_err(StoreError::Backend),
+        "the admin voids h-admin",
+    );
+    let gw = ok(store.hold_by_id("acme", "h-gw").await, "hold_by_id").expect("the hold");
+    let mut req = settle_request(&gw, usd(1), now());
+    req.event.estimated = true;
+    let req = SettleRequest { event: with_event_fingerprint(req.event), ..req };
+    let e = ok(store.settle(req, now()).await, "the gateway settles its hold");
+    assert!(e.estimated, "the settled event is flagged estimated");
+    let stored = all_events(&store, "acme").await;
+    assert_eq!(stored.iter().map(|e| (e.id.as_str(), e.estimated)).collect::<Vec<_>>(), [("h-gw", true)], "read back");
+    assert_figures(&store, "acme", P, now(), fig(usd(50), usd(1), Nanos::ZERO, Nanos::ZERO), "after").await;
 }
 
 /// A hold of exactly what remains fits; one nano more is refused with the pool's limit and

@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod conformance;
 pub mod feed;
+pub mod ownership;
 pub mod report;
 pub mod simulation;
 mod types;

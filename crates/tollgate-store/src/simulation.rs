@@ -572,6 +572,7 @@ impl AccountModel {
             created_at: now,
             expires_at: now + Duration::seconds(req.ttl_s as i64),
             remaining_after: remaining.map(|r| Nanos(r - amount)),
+            made_by: req.made_by.clone(),
         };
         self.holds.insert(
             req.id.clone(),
@@ -647,6 +648,7 @@ impl AccountModel {
             latency_ms: e.latency_ms,
             ttft_ms: e.ttft_ms,
             partial: e.partial,
+            estimated: false,
             unsettled: false,
             recorded_at: now,
         };
@@ -720,6 +722,7 @@ impl AccountModel {
             latency_ms: e.latency_ms,
             ttft_ms: e.ttft_ms,
             partial: e.partial,
+            estimated: false,
             unsettled: false,
             recorded_at: now,
         }
@@ -916,6 +919,7 @@ fn new_event(
         latency_ms: if rng.chance(70) { Some(rng.below(60_000)) } else { None },
         ttft_ms: if rng.chance(50) { Some(rng.below(5_000)) } else { None },
         partial: rng.chance(10),
+        estimated: false,
         fingerprint: String::new(),
     };
     e.fingerprint = event_fingerprint(&e);
@@ -1111,6 +1115,7 @@ impl Sim {
             model: if rng.chance(80) { Some(rng.pick(&MODELS).to_string()) } else { None },
             source: if rng.chance(50) { Some("sim".to_string()) } else { None },
             fingerprint: String::new(),
+            made_by: crate::Maker::Admin,
         };
         request.fingerprint = hold_fingerprint(&request);
         self.do_hold(a, request, now, label).await;
@@ -1501,6 +1506,7 @@ impl Sim {
                     model: None,
                     source: None,
                     fingerprint: String::new(),
+                    made_by: crate::Maker::Admin,
                 };
                 request.fingerprint = hold_fingerprint(&request);
                 self.check.reply(&label, Err(ErrKind::NotFound), self.store.hold(request, now).await);
@@ -1523,6 +1529,7 @@ impl Sim {
                     latency_ms: None,
                     ttft_ms: None,
                     partial: false,
+                    estimated: false,
                     fingerprint: "f".into(),
                 };
                 self.check.reply(&label, Err(ErrKind::NotFound), self.store.record_events(vec![e], now).await);
@@ -1600,6 +1607,7 @@ impl Sim {
                 latency_ms: None,
                 ttft_ms: None,
                 partial: false,
+                estimated: false,
                 unsettled: true,
                 recorded_at: now,
             };
@@ -2092,6 +2100,7 @@ mod races {
             model: Some(MODELS[1].to_string()),
             source: None,
             fingerprint: String::new(),
+            made_by: crate::Maker::Admin,
         };
         r.fingerprint = hold_fingerprint(&r);
         r
@@ -2115,6 +2124,7 @@ mod races {
             latency_ms: Some(5),
             ttft_ms: None,
             partial: false,
+            estimated: false,
             fingerprint: String::new(),
         };
         event.fingerprint = event_fingerprint(&event);

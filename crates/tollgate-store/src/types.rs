@@ -194,6 +194,38 @@ pub struct HoldRequest {
     pub source: Option<String>,
     /// Digest of the request's content, to tell a repeat from a conflicting reuse of the id.
     pub fingerprint: String,
+    /// Who makes the hold: only they may end it (SPEC section 3, "Who may end a hold").
+    pub made_by: Maker,
+}
+
+/// Who made a hold, or who asks to end one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Maker {
+    /// The gateway: a call's own hold or a lease, ended only from what the upstream reported.
+    Gateway,
+    /// The admin token, through the API.
+    Admin,
+    /// An account key (its id), through the API.
+    Key(String),
+}
+
+impl Maker {
+    /// How the maker is stored: `gateway`, `admin` or `key:<id>`.
+    pub fn to_text(&self) -> String {
+        match self {
+            Maker::Gateway => "gateway".into(),
+            Maker::Admin => "admin".into(),
+            Maker::Key(id) => format!("key:{id}"),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Maker> {
+        match s {
+            "gateway" => Some(Maker::Gateway),
+            "admin" => Some(Maker::Admin),
+            _ => s.strip_prefix("key:").map(|id| Maker::Key(id.to_string())),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +273,7 @@ pub struct Hold {
     pub expires_at: DateTime<Utc>,
     /// The pool's remaining right after the hold was made (None: unlimited).
     pub remaining_after: Option<Nanos>,
+    pub made_by: Maker,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,6 +315,8 @@ pub struct NewEvent {
     pub latency_ms: Option<u64>,
     pub ttft_ms: Option<u64>,
     pub partial: bool,
+    /// No usage was known for served work: charged at an estimate (the hold's input part).
+    pub estimated: bool,
     pub fingerprint: String,
 }
 
@@ -314,6 +349,8 @@ pub struct Event {
     pub latency_ms: Option<u64>,
     pub ttft_ms: Option<u64>,
     pub partial: bool,
+    /// Charged at an estimate: the upstream served the call but its usage was not known.
+    pub estimated: bool,
     /// Charged at its held amount because it was never settled.
     pub unsettled: bool,
     pub recorded_at: DateTime<Utc>,

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tollgate_config::{UnknownModel, UsdInput};
 use tollgate_core::ledger::HOLD_TTL_S_MAX;
 use tollgate_core::{Modifiers, Nanos, PoolKind, Refusal, Usage};
-use tollgate_store::{EventOutcome, EventQuery, HoldOutcome, HoldRequest, NewEvent, SettleRequest};
+use tollgate_store::ownership::{self, Denied, EndError};
+use tollgate_store::{EventOutcome, EventQuery, HoldOutcome, HoldRequest, Maker, NewEvent, SettleRequest};
 
 use super::extract::{Path, Query, whole_number};
 use super::{check_id, check_labels, check_text, parse_pool};
@@ -111,6 +112,8 @@ fn new_event(s: &AppState, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
     if let Some(key) = &e.key {
         check_id(key, "key")?;
     }
+    check_not_reserved(&e.id, "event id")?;
+    let key = attributed_key(caller, e.key.as_deref())?;
     let labels = e.labels.clone().unwrap_or_default();
     check_labels(&labels)?;
     let m = modifiers(e.service_tier.as_deref(), e.inference_geo.as_deref(), e.speed.as_deref())?;
@@ -127,21 +130,77 @@ fn new_event(s: &AppState, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
         inference_geo: e.inference_geo,
         speed: e.speed,
         source: e.source,
-        key: e.key,
+        key,
         labels,
         timestamp,
         latency_ms: e.latency_ms,
         ttft_ms: e.ttft_ms,
         partial: false,
+        estimated: false,
     })
 }
 
-fn outcome_json(o: &EventOutcome) -> Value {
+/// Id prefixes the gateway gives its holds and events (`tgr_…`, `lease_…`): refused from API
+/// callers, so no one can take a gateway call's id before the gateway records it.
+const GATEWAY_ID_PREFIXES: [&str; 2] = ["tgr_", "lease_"];
+
+fn check_not_reserved(id: &str, what: &str) -> ApiResult<()> {
+    match GATEWAY_ID_PREFIXES.iter().find(|p| id.starts_with(**p)) {
+        Some(p) => {
+            Err(ApiError::bad(format!("{what} {id:?}: ids starting with {p:?} are the gateway's; choose another")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The key a hold or an event is attributed to: an account key attributes only to itself (none
+/// named: itself); the admin names any key, or none.
+fn attributed_key(caller: &Caller, named: Option<&str>) -> ApiResult<Option<String>> {
+    match (caller, named) {
+        (Caller::Admin, named) => Ok(named.map(str::to_string)),
+        (Caller::Account { key_id, .. }, None) => Ok(Some(key_id.clone())),
+        (Caller::Account { key_id, .. }, Some(k)) if k == key_id => Ok(Some(key_id.clone())),
+        (Caller::Account { key_id, .. }, Some(k)) => Err(ApiError::Forbidden(format!(
+            "key {key_id} may attribute holds and events only to itself, not to key {k:?}; leave key out or use the admin token"
+        ))),
+    }
+}
+
+/// Who the caller is as a hold's maker.
+fn maker(caller: &Caller) -> Maker {
+    match caller {
+        Caller::Admin => Maker::Admin,
+        Caller::Account { key_id, .. } => Maker::Key(key_id.clone()),
+    }
+}
+
+fn denied(e: EndError) -> ApiError {
+    match e {
+        EndError::Store(e) => e.into(),
+        EndError::Denied(d @ Denied::OwnedByGateway(_)) => {
+            ApiError::Denied { status: StatusCode::CONFLICT, code: d.code(), message: d.to_string() }
+        }
+        EndError::Denied(d) => {
+            ApiError::Denied { status: StatusCode::FORBIDDEN, code: d.code(), message: d.to_string() }
+        }
+    }
+}
+
+/// An event as a caller may see it: lease ids are never shown to account keys.
+fn event_json(e: &tollgate_store::Event, caller: &Caller) -> Value {
+    let mut v = dto::event(e);
+    if matches!(caller, Caller::Account { .. }) && e.hold_id.as_deref().is_some_and(|h| h.starts_with("lease_")) {
+        v["hold"] = Value::Null;
+    }
+    v
+}
+
+fn outcome_json(o: &EventOutcome, caller: &Caller) -> Value {
     let status = match o {
         EventOutcome::Recorded(_) => "recorded",
         EventOutcome::Duplicate(_) => "duplicate",
     };
-    json!({"status": status, "event": dto::event(o.event())})
+    json!({"status": status, "event": event_json(o.event(), caller)})
 }
 
 /// POST one event, or `{"events": […]}`: all validated first, then recorded all or nothing.
@@ -186,9 +245,9 @@ pub async fn post_events(State(s): State<AppState>, caller: Caller, Json(body): 
     let any_new = outcomes.iter().any(|o| matches!(o, EventOutcome::Recorded(_)));
     let status = if any_new { StatusCode::CREATED } else { StatusCode::OK };
     let body = if batch {
-        json!({"results": outcomes.iter().map(outcome_json).collect::<Vec<_>>()})
+        json!({"results": outcomes.iter().map(|o| outcome_json(o, &caller)).collect::<Vec<_>>()})
     } else {
-        outcome_json(&outcomes[0])
+        outcome_json(&outcomes[0], &caller)
     };
     Ok((status, axum::Json(body)).into_response())
 }
@@ -231,7 +290,7 @@ pub async fn list_events(
     };
     let events = s.store.events(query).await?;
     let next = if events.len() == limit { events.last().map(|e| e.seq) } else { None };
-    Ok(axum::Json(json!({"events": events.iter().map(dto::event).collect::<Vec<_>>(), "next": next})))
+    Ok(axum::Json(json!({"events": events.iter().map(|e| event_json(e, &caller)).collect::<Vec<_>>(), "next": next})))
 }
 
 #[derive(Deserialize, Serialize)]
@@ -307,15 +366,15 @@ pub async fn create_hold(
     let id = match &body.id {
         Some(id) => {
             check_id(id, "hold id")?;
+            check_not_reserved(id, "hold id")?;
             id.clone()
         }
         None => format!("hold_{}", uuid_like()?),
     };
-    let key = match (&body.key, &caller) {
-        (Some(k), _) => Some(k.clone()),
-        (None, Caller::Account { key_id, .. }) => Some(key_id.clone()),
-        (None, Caller::Admin) => None,
-    };
+    if let Some(k) = &body.key {
+        check_id(k, "key")?;
+    }
+    let key = attributed_key(&caller, body.key.as_deref())?;
     for (field, v) in [("model", &body.model), ("source", &body.source)] {
         if let Some(v) = v {
             check_text(v, field, 200)?;
@@ -332,6 +391,7 @@ pub async fn create_hold(
         model,
         source: body.source,
         fingerprint: fp,
+        made_by: maker(&caller),
     };
     match s.store.hold(request, now).await? {
         HoldOutcome::Held(h) => Ok((StatusCode::CREATED, axum::Json(dto::hold(&h))).into_response()),
@@ -406,11 +466,8 @@ pub async fn settle_hold(
     Json(body): Json<SettleIn>,
 ) -> ApiResult<impl IntoResponse> {
     caller.require_account(&account)?;
-    let hold = s
-        .store
-        .hold_by_id(&account, &hold_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("hold {hold_id:?} not found")))?;
+    let by = maker(&caller);
+    let hold = ownership::hold_for(s.store.as_ref(), &by, &account, &hold_id).await.map_err(denied)?;
     let fp = fingerprint(&body);
     let now = s.now();
     let timestamp = body.timestamp.as_deref().map(|t| parse_time(t, "timestamp")).transpose()?.unwrap_or(now);
@@ -449,11 +506,13 @@ pub async fn settle_hold(
         latency_ms: body.latency_ms,
         ttft_ms: body.ttft_ms,
         partial: body.partial,
+        estimated: false,
         fingerprint: fp,
     };
-    let settled = s.store.settle(SettleRequest { account, hold_id, event }, now).await?;
+    let request = SettleRequest { account, hold_id, event };
+    let settled = ownership::settle_as(s.store.as_ref(), &by, request, now).await.map_err(denied)?;
     feed_event(&s, &settled);
-    Ok(axum::Json(dto::event(&settled)))
+    Ok(axum::Json(event_json(&settled, &caller)))
 }
 
 /// Tallies a recorded event for the live stream.
@@ -467,6 +526,6 @@ pub async fn void_hold(
     Path((account, hold)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
     caller.require_account(&account)?;
-    let h = s.store.void(&account, &hold, s.now()).await?;
+    let h = ownership::void_as(s.store.as_ref(), &maker(&caller), &account, &hold, s.now()).await.map_err(denied)?;
     Ok(axum::Json(dto::hold(&h)))
 }
