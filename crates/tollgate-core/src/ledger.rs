@@ -71,6 +71,60 @@ impl Refusal {
     }
 }
 
+/// What a refusal's sentence needs besides the refusal: whose call, what it asked for, and
+/// which bound of the pool's policy sets its limit.
+#[derive(Clone, Copy, Debug)]
+pub struct RefusalContext<'a> {
+    pub account: &'a str,
+    pub pool: crate::PoolKind,
+    pub key: Option<&'a str>,
+    pub requested: Nanos,
+    /// None when not known (the pool's policy could not be read).
+    pub scope: Option<crate::LimitScope>,
+    /// When the pool resets, as the caller prints times.
+    pub resets: &'a str,
+}
+
+/// A refusal in words a person can act on: the scope that refused (the pool's grant, overage
+/// cap or spend cap, or the key's own cap) and its figures.
+pub fn refusal_message(refusal: &Refusal, c: &RefusalContext) -> String {
+    let (pool, account, resets) = (c.pool, c.account, c.resets);
+    let requested = c.requested.to_dollars();
+    match refusal {
+        Refusal::PoolExhausted { limit, remaining } => {
+            let scope = match c.scope {
+                Some(crate::LimitScope::Grant) => "limit (the cycle's grants)",
+                Some(crate::LimitScope::OverageCap) => "limit (grants plus the overage cap)",
+                Some(crate::LimitScope::SpendCap) => "spend cap",
+                None => "limit",
+            };
+            format!(
+                "{pool} credits of account {account} exhausted: {} left of the pool's {} {scope}, {requested} needed; resets {resets}",
+                remaining.to_dollars(),
+                limit.to_dollars()
+            )
+        }
+        Refusal::KeyCapReached { cap, remaining } => format!(
+            "key {} of account {account} reached its own cap: {} left of its {} cap, {requested} needed ({pool} pool not exhausted); resets {resets}",
+            c.key.unwrap_or("?"),
+            remaining.to_dollars(),
+            cap.to_dollars()
+        ),
+        Refusal::AmountNegative => "the amount must not be negative".to_string(),
+        Refusal::Overflow => "the amount is out of range".to_string(),
+    }
+}
+
+/// The scope a refusal names, as a stable code: `grant`, `overage_cap`, `spend_cap` (the pool's
+/// limit) or `key_cap`.
+pub fn refusal_scope(refusal: &Refusal, scope: Option<crate::LimitScope>) -> Option<&'static str> {
+    match refusal {
+        Refusal::PoolExhausted { .. } => Some(scope.map_or("limit", crate::LimitScope::as_str)),
+        Refusal::KeyCapReached { .. } => Some("key_cap"),
+        _ => None,
+    }
+}
+
 /// What an admitted hold does: the new held totals, and the pool's remaining after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HoldDecision {
@@ -271,6 +325,35 @@ mod tests {
         assert_eq!(replay::<u64, u8>(None, &1), Replay::New);
         assert_eq!(replay(Some((1u64, 'a')), &1), Replay::Same('a'));
         assert_eq!(replay(Some((1u64, 'a')), &2), Replay::Conflict);
+    }
+
+    #[test]
+    fn refusals_name_the_scope_that_refused_and_its_figures() {
+        let c = RefusalContext {
+            account: "acme",
+            pool: crate::PoolKind::Programmatic,
+            key: Some("ci-bot"),
+            requested: usd(500),
+            scope: Some(crate::LimitScope::Grant),
+            resets: "2026-12-01T00:00:00Z",
+        };
+        let pool = Refusal::PoolExhausted { limit: usd(50), remaining: Nanos(35_540_000_000) };
+        assert_eq!(
+            refusal_message(&pool, &c),
+            "programmatic credits of account acme exhausted: $35.54 left of the pool's $50.00 limit (the cycle's grants), \
+             $500.00 needed; resets 2026-12-01T00:00:00Z"
+        );
+        let spend = RefusalContext { scope: Some(crate::LimitScope::SpendCap), ..c };
+        assert!(refusal_message(&pool, &spend).contains("of the pool's $50.00 spend cap"));
+        let key = Refusal::KeyCapReached { cap: Nanos(10_000_000), remaining: Nanos(10_000_000) };
+        let m = refusal_message(&key, &RefusalContext { requested: Nanos(300_000_000), ..c });
+        assert_eq!(
+            m,
+            "key ci-bot of account acme reached its own cap: $0.01 left of its $0.01 cap, $0.30 needed \
+             (programmatic pool not exhausted); resets 2026-12-01T00:00:00Z"
+        );
+        assert_eq!(refusal_scope(&key, None), Some("key_cap"));
+        assert_eq!(refusal_scope(&pool, Some(crate::LimitScope::OverageCap)), Some("overage_cap"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod usage;
 pub use cycle::{Cycle, CycleAnchor};
 pub use ledger::{HoldDecision, KeyScope, PoolScope, Refusal, Replay, Split};
 pub use money::{MoneyError, Nanos};
-pub use policy::{OnExhausted, PoolKind, PoolPolicy};
+pub use policy::{LimitScope, OnExhausted, PoolKind, PoolPolicy};
 pub use price::{Modifiers, PriceEntry, PriceTable, Provider, Rates, RequestBound};
 pub use tier::Tier;
 pub use usage::{Usage, UsageError};

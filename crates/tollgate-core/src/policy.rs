@@ -74,18 +74,51 @@ pub struct PoolPolicy {
     pub spend_cap: Option<Nanos>,
 }
 
+/// Which bound of a pool's policy sets its limit, to name it in a refusal or an alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitScope {
+    /// `block`: the cycle's grants.
+    Grant,
+    /// `payg`: the grants plus the overage cap.
+    OverageCap,
+    /// The spend cap, lower than what the policy alone allows.
+    SpendCap,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitScope::Grant => "grant",
+            LimitScope::OverageCap => "overage_cap",
+            LimitScope::SpendCap => "spend_cap",
+        }
+    }
+}
+
 impl PoolPolicy {
     /// The pool's limit for a cycle whose grants total `grants` (SPEC section 1). None: unlimited.
     pub fn limit(&self, grants: Nanos) -> Option<Nanos> {
+        self.limit_scope(grants).map(|(limit, _)| limit)
+    }
+
+    /// The pool's limit and the bound that sets it (the spend cap when it is the lower).
+    pub fn limit_scope(&self, grants: Nanos) -> Option<(Nanos, LimitScope)> {
         let by_policy = match self.on_exhausted {
-            OnExhausted::Block => Some(grants),
-            OnExhausted::Payg => self.overage_cap.map(|cap| grants.saturating_add(cap)),
+            OnExhausted::Block => Some((grants, LimitScope::Grant)),
+            OnExhausted::Payg => self.overage_cap.map(|cap| (grants.saturating_add(cap), LimitScope::OverageCap)),
             OnExhausted::Alert => None,
         };
-        match (by_policy, self.spend_cap) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+        let by_cap = self.spend_cap.map(|cap| (cap, LimitScope::SpendCap));
+        match (by_policy, by_cap) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether a charge can go beyond the grants (and so be priced at the PAYG multiplier): never
+    /// under `block`, whose limit is at most the grants.
+    pub fn allows_overage(&self) -> bool {
+        self.on_exhausted != OnExhausted::Block
     }
 }
 
@@ -110,5 +143,25 @@ mod tests {
         assert_eq!(p(OnExhausted::Payg, None, Some(60)).limit(g), Some(Nanos::from_usd(60)));
         assert_eq!(p(OnExhausted::Alert, Some(20), None).limit(g), None);
         assert_eq!(p(OnExhausted::Alert, None, Some(10)).limit(g), Some(Nanos::from_usd(10)));
+    }
+
+    #[test]
+    fn limit_scope_names_the_bound_that_sets_the_limit() {
+        let g = Nanos::from_usd(50);
+        let p = |on_exhausted, overage_cap: Option<i64>, spend_cap: Option<i64>| PoolPolicy {
+            on_exhausted,
+            overage_cap: overage_cap.map(Nanos::from_usd),
+            spend_cap: spend_cap.map(Nanos::from_usd),
+        };
+        let scope = |p: PoolPolicy| p.limit_scope(g).map(|(_, s)| s);
+        assert_eq!(scope(p(OnExhausted::Block, None, None)), Some(LimitScope::Grant));
+        assert_eq!(scope(p(OnExhausted::Block, None, Some(30))), Some(LimitScope::SpendCap));
+        assert_eq!(scope(p(OnExhausted::Block, None, Some(80))), Some(LimitScope::Grant));
+        assert_eq!(scope(p(OnExhausted::Payg, Some(20), None)), Some(LimitScope::OverageCap));
+        assert_eq!(scope(p(OnExhausted::Payg, Some(20), Some(60))), Some(LimitScope::SpendCap));
+        assert_eq!(scope(p(OnExhausted::Payg, None, None)), None);
+        assert_eq!(scope(p(OnExhausted::Alert, None, Some(10))), Some(LimitScope::SpendCap));
+        assert!(!p(OnExhausted::Block, None, None).allows_overage());
+        assert!(p(OnExhausted::Payg, None, None).allows_overage());
     }
 }

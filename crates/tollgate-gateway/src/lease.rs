@@ -36,6 +36,10 @@ const DRAIN_WAIT: Duration = Duration::from_secs(2);
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After a lease was refused or not taken, wait this long before asking again.
 const BACKOFF: Duration = Duration::from_secs(1);
+/// Most leases open at once per (account, pool, key), counting one being taken: the one in use
+/// and the next (SPEC section 3, "Leases stay bounded"). What a crash can charge as `unsettled`
+/// for work not in flight is at most this many × `lease_usd` per key and pool.
+pub const LEASES_PER_SCOPE_MAX: usize = 2;
 
 /// What a lease is for: one key's calls in one pool.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -94,15 +98,29 @@ pub fn scope(key: &Key, pool: PoolKind) -> Scope {
 }
 
 impl LeaseBook {
-    /// Takes `amount` from an open lease of the scope, if one has that much unused.
+    /// Takes `amount` from an open lease of the scope, if one has that much unused. Leases are
+    /// used oldest first; a lease too low for the call (under a quarter left) is retired: it
+    /// takes no new call and is voided, giving its rest back, once its last call is done. So at
+    /// most one lease is in use and one is next.
     pub fn take(&self, key: &Key, pool: PoolKind, amount: Nanos, size: Nanos) -> Option<Part> {
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.get_mut(&scope(key, pool))?;
-        let lease = leases.open.iter_mut().find(|l| !l.draining && l.free >= amount)?;
+        let quarter = size.0 / 4;
+        let mut found = None;
+        for (i, lease) in leases.open.iter_mut().enumerate().filter(|(_, l)| !l.draining) {
+            if lease.free >= amount {
+                found = Some(i);
+                break;
+            }
+            if lease.free.0 < quarter {
+                lease.draining = true;
+            }
+        }
+        let lease = &mut leases.open[found?];
         lease.free = Nanos(lease.free.0 - amount.0);
         lease.calls += 1;
         lease.used = Instant::now();
-        let low = lease.free.0 < size.0 / 4;
+        let low = lease.free.0 < quarter;
         Some(Part { lease_id: lease.id.clone(), amount, low })
     }
 
@@ -181,11 +199,15 @@ impl LeaseBook {
         idle
     }
 
-    /// Whether to take a new lease for the scope now; if so, marks it being taken.
+    /// Whether to take a new lease for the scope now; if so, marks it being taken. Never while
+    /// `LEASES_PER_SCOPE_MAX` are open or being taken, draining ones included (they still hold).
     fn should_take(&self, scope: &Scope) -> bool {
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.entry(scope.clone()).or_default();
-        if leases.taking || leases.not_before.is_some_and(|t| Instant::now() < t) {
+        if leases.taking
+            || leases.open.len() + usize::from(leases.taking) >= LEASES_PER_SCOPE_MAX
+            || leases.not_before.is_some_and(|t| Instant::now() < t)
+        {
             return false;
         }
         leases.taking = true;
@@ -272,7 +294,11 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
             fingerprint: String::new(),
             made_by: tollgate_store::Maker::Gateway,
         };
-        let (lease, remaining) = match gw.store.hold(request, gw.now()).await {
+        let held = gw.store.hold(request, gw.now()).await;
+        if let Ok(HoldOutcome::Held(_)) = &held {
+            gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "taken" }).inc();
+        }
+        let (lease, remaining) = match held {
             Ok(HoldOutcome::Held(h)) if gw.leases.closed.load(Ordering::Relaxed) => {
                 void(&gw, &scope.account, &h.id).await;
                 (None, remaining)
@@ -349,6 +375,7 @@ pub async fn close(gw: &Gateway) {
 }
 
 async fn void(gw: &Gateway, account: &str, id: &str) {
+    gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "voided" }).inc();
     if let Err(e) = gw.store.void(account, id, gw.now()).await {
         tracing::error!(error = %e, lease = %id, "could not void a lease; the sweeper will expire it");
     }

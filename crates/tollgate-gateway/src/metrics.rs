@@ -42,6 +42,12 @@ pub struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// `taken` (held in the store) or `voided` (its unused rest given back).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub api: &'static str,
 }
@@ -68,6 +74,7 @@ pub struct Metrics {
     pub overshoot_nano_usd: Family<ModelLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
     pub holds_open: Gauge,
+    pub leases: Family<LeaseLabels, Counter>,
     pub upstream_latency: Histograms,
     pub overhead: Histograms,
     pub alert_deliveries: Family<DeliveryLabels, Counter>,
@@ -88,6 +95,7 @@ impl Default for Metrics {
             overshoot_nano_usd: Family::default(),
             refusals: Family::default(),
             holds_open: Gauge::default(),
+            leases: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             overhead: Family::new_with_constructor(latency_histogram),
             alert_deliveries: Family::default(),
@@ -96,6 +104,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// How many leases this process took (`taken`) or gave back (`voided`).
+    pub fn lease_count(&self, outcome: &'static str) -> u64 {
+        self.leases.get_or_create(&LeaseLabels { outcome }).get()
+    }
+
     /// Counts one alert delivery to the channel named `channel` (a configured name).
     pub fn alert_delivery(&self, channel: &str, delivered: bool) {
         let outcome = if delivered { "delivered" } else { "failed" };
@@ -134,6 +147,7 @@ impl Metrics {
         );
         registry.register("gateway_refusals", "Calls refused for credit, by pool and reason", self.refusals.clone());
         registry.register("gateway_holds_open", "Holds of calls in flight in this process", self.holds_open.clone());
+        registry.register("gateway_leases", "Leases taken and voided by this process", self.leases.clone());
         registry.register(
             "gateway_upstream_latency_seconds",
             "Time from forwarding a call to the upstream's response headers",

@@ -100,7 +100,7 @@ pub struct Gateway {
     pub(crate) leases: crate::lease::LeaseBook,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
-    multipliers: Mutex<HashMap<String, (u64, Instant)>>,
+    multipliers: Mutex<HashMap<(String, PoolKind), (u64, Instant)>>,
 }
 
 impl Gateway {
@@ -165,9 +165,12 @@ impl Gateway {
         Ok(key)
     }
 
-    /// The PAYG multiplier of the account's tier (overage is charged at list × it).
-    async fn multiplier_ppm(&self, account: &str) -> Result<u64, GatewayError> {
-        if let Some((m, at)) = self.multipliers.lock().expect("multiplier cache").get(account)
+    /// The multiplier a call's hold is raised by: the PAYG multiplier of the account's tier
+    /// (overage is charged at list × it) when the pool's policy allows overage, else 1 (a `block`
+    /// pool never goes past its grants, so its calls are charged at list price).
+    async fn multiplier_ppm(&self, account: &str, pool: PoolKind) -> Result<u64, GatewayError> {
+        let cache_key = (account.to_string(), pool);
+        if let Some((m, at)) = self.multipliers.lock().expect("multiplier cache").get(&cache_key)
             && at.elapsed() < self.settings.cache_ttl
         {
             return Ok(*m);
@@ -178,9 +181,14 @@ impl Gateway {
             .await
             .map_err(internal)?
             .ok_or_else(|| internal(StoreError::NotFound(account.into())))?;
-        let tier = self.store.tiers().await.map_err(internal)?.into_iter().find(|t| t.id == a.tier);
-        let m = tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM);
-        self.multipliers.lock().expect("multiplier cache").insert(account.to_string(), (m, Instant::now()));
+        let policy = self.store.policy(account, pool).await.map_err(internal)?;
+        let m = if policy.allows_overage() {
+            let tier = self.store.tiers().await.map_err(internal)?.into_iter().find(|t| t.id == a.tier);
+            tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM)
+        } else {
+            tollgate_core::tier::PPM
+        };
+        self.multipliers.lock().expect("multiplier cache").insert(cache_key, (m, Instant::now()));
         Ok(m)
     }
 }
@@ -525,7 +533,7 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
     let (entry, model) = price_entry(&gw, &facts.model, now.date_naive())?;
     let entry = entry.clone();
     let (pool, decider) = classify(&gw, &key, &parts.headers)?;
-    let ppm = gw.multiplier_ppm(&key.account).await?;
+    let ppm = gw.multiplier_ppm(&key.account, pool).await?;
 
     // OpenAI: ask for the usage chunk when streaming, and hide it if the client did not.
     let strip_usage_chunk = kind == Kind::OpenAi && facts.stream && !facts.include_usage;
@@ -693,7 +701,7 @@ async fn admit(
         (Refusal::PoolExhausted { remaining, .. }, resets) | (Refusal::KeyCapReached { remaining, .. }, resets) => {
             (remaining, resets)
         }
-        (other, resets) => return Err(refused(gw, key, pool, other, resets)),
+        (other, resets) => return Err(refused(gw, key, pool, other, amount, resets).await),
     };
     // Fit the call: a tighter input bound from count_tokens (Anthropic), then the output bound.
     let input_bound = match kind {
@@ -706,7 +714,7 @@ async fn admit(
     .min(input_max);
     let fitted = affordable_output(entry, input_bound, wanted, facts, allow, ppm, room);
     if wanted == 0 || fitted < gw.settings.min_output_tokens.min(wanted) {
-        return Err(refused(gw, key, pool, refusal.0, resets_at));
+        return Err(refused(gw, key, pool, refusal.0, amount, resets_at).await);
     }
     let worst = entry
         .worst_case(&bound(input_bound, fitted, facts), allow)
@@ -725,7 +733,7 @@ async fn admit(
             clamped_to: Some(fitted),
             body: bytes::Bytes::from(clamped_body),
         }),
-        Err((r, resets)) => Err(refused(gw, key, pool, r, resets)),
+        Err((r, resets)) => Err(refused(gw, key, pool, r, amount, resets).await),
     }
 }
 
@@ -758,27 +766,39 @@ async fn hold(
     }
 }
 
-fn refused(gw: &Gateway, key: &Key, pool: PoolKind, refusal: Refusal, resets_at: DateTime<Utc>) -> GatewayError {
+async fn refused(
+    gw: &Gateway,
+    key: &Key,
+    pool: PoolKind,
+    refusal: Refusal,
+    requested: Nanos,
+    resets_at: DateTime<Utc>,
+) -> GatewayError {
     let now = gw.now();
     gw.metrics.refusals.get_or_create(&RefusalLabels { pool: pool.as_str(), reason: refusal.code() }).inc();
-    gw.feed.refused(&key.account, pool);
-    let reset = resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // A pool's cap is hit only when the pool refused: a key's own cap is the key's, not the pool's.
+    if matches!(refusal, Refusal::PoolExhausted { .. }) {
+        gw.feed.refused(&key.account, pool);
+    }
+    // Which bound of the policy refused, for the message (best effort: not on the hot path).
+    let scope = match gw.store.balance(&key.account, now).await {
+        Ok(b) => b.pool(pool).policy.limit_scope(b.pool(pool).grants).map(|(_, s)| s),
+        Err(_) => None,
+    };
+    let resets = resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let context = tollgate_core::ledger::RefusalContext {
+        account: &key.account,
+        pool,
+        key: Some(&key.id),
+        requested,
+        scope,
+        resets: &resets,
+    };
     let message = match refusal {
-        Refusal::PoolExhausted { limit, remaining } => format!(
-            "{} credits of account {} exhausted: limit {} reached ({} left, not enough for this call); resets {reset}",
-            pool.as_str(),
-            key.account,
-            limit.to_dollars(),
-            remaining.to_dollars()
-        ),
-        Refusal::KeyCapReached { cap, remaining } => format!(
-            "key {} of account {} reached its cap of {} ({} left, not enough for this call); resets {reset}",
-            key.id,
-            key.account,
-            cap.to_dollars(),
-            remaining.to_dollars()
-        ),
-        other => format!("the call cannot be held ({}); resets {reset}", other.code()),
+        Refusal::PoolExhausted { .. } | Refusal::KeyCapReached { .. } => {
+            tollgate_core::ledger::refusal_message(&refusal, &context)
+        }
+        other => format!("the call cannot be held ({}); resets {resets}", other.code()),
     };
     GatewayError::Refused { message, retry_after_s: (resets_at - now).num_seconds() }
 }

@@ -652,3 +652,80 @@ async fn metrics_count_calls_tokens_spend_refusals_and_pools() {
     assert_eq!(value(r#"tollgate_pool_held_nano_usd{account="acme",pool="interactive"}"#), "0");
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+/// Issue 12, finding 5: a `block` pool never goes into overage, so a PAYG multiplier above 1 must
+/// not raise its calls' holds. With $0.02 left, a × 1.5 account fits the same call a × 1 account
+/// fits (Sonnet 4.5 at $15 / MTok out: about 1,333 output tokens), instead of refusing it.
+#[tokio::test]
+async fn a_block_pool_under_a_payg_multiplier_fits_calls_at_list_price() {
+    let h = harness().await;
+    let tier = tollgate_core::Tier {
+        id: "team-payg-1-5".into(),
+        interactive: Nanos::from_usd(100),
+        programmatic: Nanos::from_usd(50),
+        monthly_price: None,
+        payg_multiplier_ppm: 1_500_000,
+    };
+    h.store.put_tier(tier).await.unwrap();
+    let update = tollgate_store::AccountUpdate { tier: Some("team-payg-1-5".into()), ..Default::default() };
+    h.store.update_account("acme", update).await.unwrap();
+    set_block_limit(&h, Nanos(20_000_000)).await;
+    let body = json!({"model":"claude-sonnet-4-5","max_tokens":4000,"messages":[{"role":"user","content":"hi"}]});
+    let r =
+        h.messages(body).header("x-mock-input-tokens", "10").header("x-mock-usage", "10,1000").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    let clamped: u64 = r.headers()["x-tollgate-max-tokens-clamped"].to_str().unwrap().parse().unwrap();
+    assert!((1_200..=1_333).contains(&clamped), "clamped at list price, not list × 1.5 (888): {clamped}");
+    r.text().await.unwrap();
+    // 10 × $3 + 1,000 × $15 per MTok = 15,030,000 nano-USD, from the grant.
+    let (charged, held) = h.programmatic().await;
+    assert_eq!((charged, held), (Nanos(50_000_000_000 - 20_000_000 + 15_030_000), Nanos::ZERO));
+}
+
+/// Issue 12, finding 6: a refusal names the scope that refused and its figures. A key's own cap
+/// is not the pool's: the message says so, and the pool's cap alert is not tallied for it.
+#[tokio::test]
+async fn a_key_cap_refusal_names_the_key_and_is_not_the_pools_cap_hit() {
+    let h = harness().await;
+    let capped = NewKey {
+        id: "ci-bot".into(),
+        account: "acme".into(),
+        name: None,
+        secret_hash: hash_secret("tg-capped-secret"),
+        pool: KeyPool::Fixed(PoolKind::Programmatic),
+        labels: Default::default(),
+        cap: Some(Nanos(10_000_000)),
+    };
+    h.store.create_key(capped, now()).await.unwrap();
+    let r = h
+        .client
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", "tg-capped-secret")
+        .json(&sonnet(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("key ci-bot of account acme reached its own cap: $0.01 left of its $0.01 cap"),
+        "{message}"
+    );
+    assert!(message.contains("programmatic pool not exhausted"), "{message}");
+    let tallies = h.gateway.feed.take_tallies();
+    assert!(tallies.iter().all(|(_, t)| t.refused == 0), "no pool refusal tallied: {tallies:?}");
+
+    set_block_limit(&h, Nanos(1_000)).await;
+    let r = h.messages(sonnet(false)).send().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "programmatic credits of account acme exhausted: $0.000001 left of the pool's $50.00 limit (the cycle's grants), $"
+        ),
+        "{message}"
+    );
+    let tallies = h.gateway.feed.take_tallies();
+    assert_eq!(tallies.iter().map(|(_, t)| t.refused).sum::<u64>(), 1, "the pool's refusal is tallied: {tallies:?}");
+}

@@ -325,9 +325,20 @@ fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, tally: &Tall
             let message = format!("{account} {pool} pool is in overage: ${} beyond its grants", p.overage);
             out.push(Candidate { dedupe: String::new(), percent: None, message });
         }
+        // Only the pool's own refusals are tallied (a key's cap is the key's, not the pool's).
         AlertKind::CapHit if tally.refused > 0 => {
-            let limit = p.limit.map(|l| l.to_dollars()).unwrap_or_else(|| "key cap".into());
-            let message = format!("{account} {pool} pool refused calls: its {limit} limit is reached");
+            let (limit, scope) = match p.policy.limit_scope(p.grants) {
+                Some((limit, tollgate_core::LimitScope::SpendCap)) => (limit, "spend cap"),
+                Some((limit, tollgate_core::LimitScope::OverageCap)) => (limit, "limit (grants plus the overage cap)"),
+                Some((limit, tollgate_core::LimitScope::Grant)) => (limit, "limit (the cycle's grants)"),
+                None => return out,
+            };
+            let message = format!(
+                "{account} {pool} pool refused calls: ${} charged and ${} held of its {} {scope}",
+                charged,
+                p.held,
+                limit.to_dollars()
+            );
             out.push(Candidate { dedupe: String::new(), percent: None, message });
         }
         _ => {}

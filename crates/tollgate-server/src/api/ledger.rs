@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tollgate_config::{UnknownModel, UsdInput};
-use tollgate_core::ledger::HOLD_TTL_S_MAX;
-use tollgate_core::{Modifiers, Nanos, PoolKind, Refusal, Usage};
+use tollgate_core::ledger::{self, HOLD_TTL_S_MAX};
+use tollgate_core::{Modifiers, Nanos, Refusal, Usage};
 use tollgate_store::ownership::{self, Denied, EndError};
 use tollgate_store::{EventOutcome, EventQuery, HoldOutcome, HoldRequest, Maker, NewEvent, SettleRequest};
 
@@ -316,30 +316,6 @@ pub struct HoldIn {
     source: Option<String>,
 }
 
-/// The refusal in words a person can act on.
-pub fn refusal_message(
-    account: &str,
-    pool: PoolKind,
-    refusal: &Refusal,
-    key: Option<&str>,
-    resets_at: DateTime<Utc>,
-) -> String {
-    let resets = dto::time(resets_at);
-    match refusal {
-        Refusal::PoolExhausted { limit, .. } => format!(
-            "{pool} credits of account {account} exhausted: limit {} reached; resets {resets}",
-            limit.to_dollars()
-        ),
-        Refusal::KeyCapReached { cap, .. } => format!(
-            "key {} of account {account} reached its cap of {}; resets {resets}",
-            key.unwrap_or("?"),
-            cap.to_dollars()
-        ),
-        Refusal::AmountNegative => "the amount must not be negative".to_string(),
-        Refusal::Overflow => "the amount is out of range".to_string(),
-    }
-}
-
 pub async fn create_hold(
     State(s): State<AppState>,
     caller: Caller,
@@ -403,11 +379,25 @@ pub async fn create_hold(
                 }
                 _ => (None, None),
             };
+            // Which bound of the pool's policy refused, to name it.
+            let balance = s.store.balance(&account, now).await?;
+            let p = balance.pool(pool);
+            let scope = p.policy.limit_scope(p.grants).map(|(_, scope)| scope);
+            let resets = dto::time(resets_at);
+            let context = ledger::RefusalContext {
+                account: &account,
+                pool,
+                key: key.as_deref(),
+                requested: amount,
+                scope,
+                resets: &resets,
+            };
             Err(ApiError::Refused {
                 code: refusal.code(),
-                message: refusal_message(&account, pool, &refusal, key.as_deref(), resets_at),
+                message: ledger::refusal_message(&refusal, &context),
                 retry_after_s: (resets_at - now).num_seconds().max(1) as u64,
                 details: json!({
+                    "scope": ledger::refusal_scope(&refusal, scope),
                     "limit_usd": limit.map(dto::usd),
                     "remaining_usd": remaining.map(dto::usd),
                     "requested_usd": dto::usd(amount),
