@@ -1,6 +1,7 @@
 //! Starting the server: open the store, apply configured tiers, recover holds left open,
 //! resolve the admin token, start the sweeper, serve until SIGTERM or Ctrl-C.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,12 +9,13 @@ use std::time::Duration;
 
 use tollgate_config::{Env, Settings, StoreUrl};
 use tollgate_sqlite::SqliteStore;
-use tollgate_store::Store;
+use tollgate_store::{Store, StoreResult};
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use tollgate_core::PoolKind;
-use tollgate_store::alerts::{AlertKind, AlertRule};
+use tollgate_store::alerts::{Alert, AlertKind, AlertRule};
 use tollgate_store::feed::{Feed, FeedItem};
 
 use crate::alerts::deliver::Channel;
@@ -120,8 +122,10 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         feed: feed.clone(),
         alerter: Some(alerter.clone()),
     };
-    let ticker = tokio::spawn(publish_feed(store.clone(), feed, alerter.clone(), clock.clone()));
-    let alerting = tokio::spawn(alert_tasks(alerter, clock.clone()));
+    // The first scan runs at once: crossings written before a crash, or while no server ran,
+    // are found without waiting for activity on their pools.
+    let alerting = alert_tasks(&alerter, &clock);
+    let ticker = tokio::spawn(publish_feed(store.clone(), feed, alerter, clock.clone()));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -132,7 +136,9 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     gateway.close().await;
     sweeper.abort();
     ticker.abort();
-    alerting.abort();
+    for task in alerting {
+        task.abort();
+    }
     result.map_err(|e| format!("server error: {e}"))
 }
 
@@ -261,26 +267,41 @@ async fn publish_feed(store: Arc<dyn Store>, feed: Arc<Feed>, alerter: Arc<Alert
     }
 }
 
-/// Delivers due alerts every second, checks spikes every 5 s and forecasts every minute.
-async fn alert_tasks(alerter: Arc<Alerter>, clock: Clock) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut n: u64 = 0;
+/// Starts the alert engine's tasks, each on its own so that none waits for another (a slow
+/// delivery delays no check): deliveries (`Alerter::run_deliveries`); the scan of every balance
+/// at once and then every minute; spikes every 5 s; forecasts every minute.
+fn alert_tasks(alerter: &Arc<Alerter>, clock: &Clock) -> Vec<tokio::task::JoinHandle<()>> {
+    let (scan, spikes, forecasts) = (alerter.clone(), alerter.clone(), alerter.clone());
+    vec![
+        tokio::spawn(alerter.clone().run_deliveries(clock.clone())),
+        tokio::spawn(periodically(60, "alert rules (the scan of every balance)", clock.clone(), move |now| {
+            let a = scan.clone();
+            async move { a.scan(now).await }
+        })),
+        tokio::spawn(periodically(5, "spike rules", clock.clone(), move |now| {
+            let a = spikes.clone();
+            async move { a.check_spikes(now).await }
+        })),
+        tokio::spawn(periodically(60, "forecast rules", clock.clone(), move |now| {
+            let a = forecasts.clone();
+            async move { a.check_forecasts(now).await }
+        })),
+    ]
+}
+
+/// Runs `check` at once and then every `period_s` seconds (a run that takes longer delays the
+/// next, never doubles it up), logging its errors as `what`.
+async fn periodically<F, Fut>(period_s: u64, what: &'static str, clock: Clock, check: F)
+where
+    F: Fn(DateTime<Utc>) -> Fut,
+    Fut: Future<Output = StoreResult<Vec<Alert>>>,
+{
+    let mut tick = tokio::time::interval(Duration::from_secs(period_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        n += 1;
-        let now = clock();
-        if n.is_multiple_of(5)
-            && let Err(e) = alerter.check_spikes(now).await
-        {
-            tracing::error!(error = %e, "spike rules could not be checked");
-        }
-        if n.is_multiple_of(60)
-            && let Err(e) = alerter.check_forecasts(now).await
-        {
-            tracing::error!(error = %e, "forecast rules could not be checked");
-        }
-        if let Err(e) = alerter.deliver_due(now).await {
-            tracing::error!(error = %e, "alert deliveries could not be read");
+        if let Err(e) = check(clock()).await {
+            tracing::error!(error = %e, "{what} could not be checked");
         }
     }
 }

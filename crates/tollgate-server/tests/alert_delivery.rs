@@ -1,7 +1,8 @@
 //! Alert delivery against a real local HTTP receiver: the webhook's signature verifies with the
 //! secret, the event id header is set, Slack gets a readable message, and failures say whether
-//! a retry can help.
+//! a retry can help, and a receiver that stalls fails the delivery at its 10 s bound.
 
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,4 +90,68 @@ async fn failures_say_whether_a_retry_can_help() {
         .unwrap_err();
     assert!(e.retry && e.message.contains("unreachable"), "{e:?}");
     send(&client, &Channel::Log, &alert()).await.unwrap();
+}
+
+/// How a receiver that accepted a request fails to answer it.
+#[derive(Clone, Copy)]
+enum Stall {
+    /// Reads the request and never answers.
+    Silent,
+    /// Answers the status line and headers, announcing a body it never sends.
+    Body,
+}
+
+/// A receiver that reads each request whole and then stalls as `how` says, until the sender
+/// closes the connection.
+fn stalling_receiver(how: Stall) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if data.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if let Stall::Body = how {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 64\r\n\r\n");
+                }
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_receiver_that_stalls_fails_the_delivery_at_the_10_s_bound() {
+    let client = tollgate_gateway::upstream::http_client(Duration::from_secs(2));
+    let silent = Channel::Webhook { url: stalling_receiver(Stall::Silent), secret: None };
+    let body = Channel::Webhook { url: stalling_receiver(Stall::Body), secret: None };
+    let alert = alert();
+    // The minute only keeps a build without the bound from hanging the test run.
+    let sent = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send(&client, &silent, &alert), send(&client, &body, &alert))
+    })
+    .await
+    .expect("a delivery to a stalling receiver was not given up");
+    for e in [sent.0.unwrap_err(), sent.1.unwrap_err()] {
+        assert!(e.retry && e.message.contains("within 10 s"), "{e:?}");
+    }
 }

@@ -1,11 +1,14 @@
 //! Alerts end to end: `tollgate serve` with a webhook channel and threshold rules in its
 //! config, a real local HTTP receiver, events pushing a pool past its thresholds. Each alert
 //! arrives once, signed; an alert whose delivery failed before a SIGKILL arrives after the
-//! restart.
+//! restart; a threshold crossed just before a SIGKILL, or while no server ran, fires at the
+//! next start with no further traffic; a receiver that stalls delays no other delivery.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,11 +60,8 @@ impl Drop for Serve {
 }
 
 async fn serve(dir: &Path, hook_port: u16) -> Serve {
-    let config = dir.join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let config = format!(
+        r#"
 [[channel]]
 name = "ops"
 kind = "webhook"
@@ -74,13 +74,18 @@ pool = "programmatic"
 percent = [50, 80]
 channels = ["ops"]
 "#
-        ),
-    )
-    .unwrap();
+    );
+    serve_with(dir, &config).await
+}
+
+/// `tollgate serve` in `dir` on the database `dir/t.db`, with `config` as its tollgate.toml.
+async fn serve_with(dir: &Path, config: &str) -> Serve {
+    let config_path = dir.join("tollgate.toml");
+    std::fs::write(&config_path, config).unwrap();
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(&config_path)
         .current_dir(dir)
         .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env("TOLLGATE_DB", dir.join("t.db"))
@@ -249,4 +254,235 @@ async fn an_alert_not_delivered_before_a_sigkill_is_delivered_after_the_restart(
     assert_eq!(got.len(), 1, "delivered after the restart");
     assert_eq!(got[0].2["percent"], 50);
     assert!(signature_ok(&got[0].0, &got[0].1));
+}
+
+/// A config with one rule: the programmatic pool reached 100 % of its limit, to `ops`.
+fn limit_reached_config(hook_port: u16) -> String {
+    format!(
+        r#"
+[[channel]]
+name = "ops"
+kind = "webhook"
+url = "http://127.0.0.1:{hook_port}/hook"
+secret_env = "ALERT_SECRET"
+
+[[alert]]
+kind = "threshold"
+pool = "programmatic"
+percent = [100]
+channels = ["ops"]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_crossed_just_before_a_sigkill_fires_after_the_restart_with_no_more_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook_port = free_port();
+    let seen = receiver(hook_port).await;
+    let config = limit_reached_config(hook_port);
+    let s = serve_with(dir.path(), &config).await;
+    post(&s, "/api/v1/accounts", json!({"id": "acme", "tier": "team-standard"})).await;
+    // $60 on the $50 limit, and SIGKILL at once: before the engine's next look at the pool.
+    post(&s, "/api/v1/events", event("a", 4)).await;
+    drop(s);
+    // No event reaches the pool after the restart: only a scan at start can find the crossing.
+    let _s = serve_with(dir.path(), &config).await;
+    let got = wait_for(&seen, 1).await;
+    assert_eq!(got.len(), 1, "the 100 % alert arrives after the restart, with no further event");
+    assert_eq!(got[0].2["percent"], 100);
+    assert_eq!(got[0].2["account"], "acme");
+    assert!(signature_ok(&got[0].0, &got[0].1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_while_no_server_ran_fire_their_threshold_at_the_start() {
+    use tollgate_store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let hook_port = free_port();
+    let seen = receiver(hook_port).await;
+    {
+        // The store directly, no engine: the account and $60 of events on its $50 limit.
+        let store = tollgate_sqlite::SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let now = chrono::Utc::now();
+        let account = tollgate_store::NewAccount {
+            id: "acme".into(),
+            tier: "team-standard".into(),
+            anchor: None,
+            timezone: chrono_tz::UTC,
+            interactive_grant: None,
+            programmatic_grant: None,
+        };
+        store.create_account(account, now).await.unwrap();
+        let event = tollgate_store::NewEvent {
+            id: "written-offline".into(),
+            account: "acme".into(),
+            pool: tollgate_core::PoolKind::Programmatic,
+            model: "claude-opus-4-1".into(),
+            usage: tollgate_core::Usage { input_tokens: 4_000_000, ..Default::default() },
+            cost: tollgate_core::Nanos::from_usd(60),
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: None,
+            key: None,
+            labels: Default::default(),
+            timestamp: now,
+            latency_ms: None,
+            ttft_ms: None,
+            partial: false,
+            estimated: false,
+            fingerprint: "written-offline".into(),
+        };
+        store.record_events(vec![event], now).await.unwrap();
+    }
+    let _s = serve_with(dir.path(), &limit_reached_config(hook_port)).await;
+    let got = wait_for(&seen, 1).await;
+    assert_eq!(got.len(), 1, "the 100 % alert fires at the start, with no event seen by the server");
+    assert_eq!(got[0].2["percent"], 100);
+    assert_eq!(got[0].2["used_usd"], "60");
+}
+
+/// A webhook receiver that reads each request whole, answers a status line and headers that
+/// announce a body, and never sends that body. Counts the requests it read and the connections
+/// the sender closed (gave up on).
+#[derive(Default)]
+struct Stall {
+    requests: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+fn stalling_receiver() -> (u16, Arc<Stall>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stall = Arc::new(Stall::default());
+    let counts = stall.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let counts = counts.clone();
+            std::thread::spawn(move || {
+                if !read_request(&mut conn) {
+                    return;
+                }
+                counts.requests.fetch_add(1, Ordering::SeqCst);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 64\r\n\r\n");
+                let mut buf = [0u8; 1024];
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                counts.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, stall)
+}
+
+/// Reads one HTTP/1.1 request: its head, then the body its content-length announces.
+fn read_request(conn: &mut std::net::TcpStream) -> bool {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                return true;
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Polls `done` until it holds. The minute only keeps a build without the fix from hanging the
+/// test run: it is no bound under test.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "still waiting after a minute: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_stalls_delays_no_other_delivery_and_a_test_send_to_it_stops_at_10_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stall_port, stall) = stalling_receiver();
+    let hook_port = free_port();
+    let seen = receiver(hook_port).await;
+    let config = format!(
+        r#"
+[[channel]]
+name = "slow"
+kind = "webhook"
+url = "http://127.0.0.1:{stall_port}/hook"
+
+[[channel]]
+name = "ops"
+kind = "webhook"
+url = "http://127.0.0.1:{hook_port}/hook"
+secret_env = "ALERT_SECRET"
+
+[[alert]]
+kind = "threshold"
+account = "slow"
+pool = "programmatic"
+percent = [50]
+channels = ["slow"]
+
+[[alert]]
+kind = "threshold"
+account = "acme"
+pool = "programmatic"
+percent = [50]
+channels = ["ops"]
+"#
+    );
+    let s = serve_with(dir.path(), &config).await;
+    post(&s, "/api/v1/accounts", json!({"id": "slow", "tier": "team-standard"})).await;
+    post(&s, "/api/v1/accounts", json!({"id": "acme", "tier": "team-standard"})).await;
+    // slow's alert first: its delivery reaches the receiver that stalls.
+    let mut e = event("s", 2);
+    e["account"] = json!("slow");
+    post(&s, "/api/v1/events", e).await;
+    until("the stalling receiver gets slow's alert", || stall.requests.load(Ordering::SeqCst) >= 1).await;
+    // acme's alert, while slow's delivery hangs: it arrives before that delivery ends.
+    post(&s, "/api/v1/events", event("a", 2)).await;
+    until("acme's alert arrives, or slow's stalled delivery ends", || {
+        !seen.lock().unwrap().is_empty() || stall.closed.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(stall.closed.load(Ordering::SeqCst), 0, "acme's alert waited for slow's stalled delivery to end");
+    let got = wait_for(&seen, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2["account"], "acme");
+
+    // A test send through the stalling channel fails, naming the 10 s bound.
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["alerts", "test", "slow"])
+        .env("TOLLGATE_SERVER", &s.base)
+        .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cli.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = cli.kill();
+            panic!("`tollgate alerts test slow` still waits after a minute: the test send has no bound");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not delivered") && err.contains("10 s"), "{err}");
+    // slow's delivery gave up at its bound too, and is tried again.
+    until("slow's delivery is tried again", || stall.requests.load(Ordering::SeqCst) >= 3).await;
 }

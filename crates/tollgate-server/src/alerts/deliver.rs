@@ -52,9 +52,11 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Time allowed for one delivery.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for one delivery in all: connecting, sending, and the answer's headers and body.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Makes one delivery, within [`DELIVERY_TIMEOUT`] in all: a receiver that accepts the request
+/// and then stalls (before its headers or in its body) fails it at the bound, to be retried.
 pub async fn send(client: &HttpClient, channel: &Channel, delivery: &Delivery) -> Result<(), Failed> {
     let (url, body, headers) = match channel {
         Channel::Log => {
@@ -82,13 +84,23 @@ pub async fn send(client: &HttpClient, channel: &Channel, delivery: &Delivery) -
     let request = request
         .body(Body::from(body))
         .map_err(|e| Failed { message: format!("{url} is not a valid URL: {e}"), retry: false })?;
-    let response = match tokio::time::timeout(DELIVERY_TIMEOUT, client.request(request)).await {
-        Err(_) => return Err(Failed { message: format!("{url} did not answer within 10 s"), retry: true }),
-        Ok(Err(e)) => return Err(Failed { message: format!("{url} is unreachable: {e}"), retry: true }),
-        Ok(Ok(r)) => r,
-    };
+    match tokio::time::timeout(DELIVERY_TIMEOUT, exchange(client, url, request)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Failed {
+            message: format!("{url} did not answer in full within {} s", DELIVERY_TIMEOUT.as_secs()),
+            retry: true,
+        }),
+    }
+}
+
+/// Sends the request and reads the whole answer: its status decides the outcome.
+async fn exchange(client: &HttpClient, url: &str, request: Request<Body>) -> Result<(), Failed> {
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| Failed { message: format!("{url} is unreachable: {e}"), retry: true })?;
     let status = response.status();
-    // Read the answer so the connection can be reused.
+    // Read the answer so the connection can be reused; the bound of `send` covers this too.
     let _ = response.into_body().collect().await;
     if status.is_success() {
         return Ok(());

@@ -5,28 +5,37 @@
 //!   had activity (the live feed's tallies), from the pool's balance. The store records each
 //!   alert once per rule, pool and cycle, so every process may check and several thresholds
 //!   crossed by one call each fire.
+//! - `threshold` and `overage_started` are also checked by a [`scan`](Alerter::scan) of every
+//!   account's balance, at start and then every minute: a crossing written just before a crash,
+//!   while no server ran, or by another process on the same PostgreSQL store is found without
+//!   any further activity on its pool. `cap_hit` follows a refusal, which is no ledger write; a
+//!   pool whose limit is reached is found durably by the 100 % threshold.
 //! - `spike` compares the last window's spend with the trailing windows (six of them), from the
 //!   per-second spend this process saw; it fires when a spike starts and re-arms when it ends.
 //!   With several processes each watches its own calls (a limit of this design, documented).
 //! - `forecast` projects the cycle-to-date burn rate, once a minute, when the projection is
 //!   confident (core::plan).
+//! - Deliveries run concurrently, [`DELIVERIES_IN_FLIGHT_MAX`] at most, each bounded by
+//!   [`deliver::DELIVERY_TIMEOUT`] in all, so a receiver that stalls holds one of them and
+//!   delays no other.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
+use tokio::task::JoinSet;
 use tollgate_core::alert::{self, Spike, SpikeState, THRESHOLD_PERCENTS_DEFAULT};
 use tollgate_core::plan::{ForecastInput, forecast};
 use tollgate_core::{Nanos, PoolKind};
 use tollgate_gateway::metrics::Metrics;
 use tollgate_gateway::upstream::HttpClient;
-use tollgate_store::alerts::{Alert, AlertKind, AlertRule, NewAlert, Outbound};
+use tollgate_store::alerts::{Alert, AlertKind, AlertRule, NewAlert, Outbound, alert_id};
 use tollgate_store::feed::Tally;
 use tollgate_store::{Balance, PoolBalance, Store, StoreResult};
 
 use super::deliver::{self, Channel, Delivery};
-use crate::dto;
+use crate::{Clock, dto};
 
 /// The channel every alert without channels goes to.
 pub const LOG_CHANNEL: &str = "log";
@@ -34,6 +43,14 @@ pub const LOG_CHANNEL: &str = "log";
 const SPIKE_TRAILING_WINDOWS: usize = 6;
 /// Deliveries a failing channel is retried for, with backoff capped at 10 minutes: about a day.
 const DELIVERY_ATTEMPTS_MAX: u32 = 150;
+/// Deliveries one process makes at once. Each is bounded by `deliver::DELIVERY_TIMEOUT`, so
+/// receivers that stall hold at most this many, and only for that long.
+pub const DELIVERIES_IN_FLIGHT_MAX: usize = 16;
+/// How long a claimed delivery is leased to this process: well past the delivery's bound and
+/// the store write that records its outcome.
+const DELIVERY_LEASE_S: u64 = 60;
+/// How often the outbox is read for due deliveries when none just finished.
+const DELIVERY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A pool's spend per second, oldest first: (unix second, nano-USD).
 type SpendHistory = VecDeque<(i64, i64)>;
@@ -48,6 +65,10 @@ pub struct Alerter {
     metrics: Metrics,
     /// Where fired alerts are shown live (`GET /api/v1/stream`).
     feed: Option<Arc<tollgate_store::feed::Feed>>,
+    /// Ids of alerts the store is known to hold (fired by this process or found already
+    /// recorded), with the end of their cycle: checking them again writes nothing. Only a
+    /// cache, emptied of ended cycles by each scan: the store decides.
+    recorded: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl Alerter {
@@ -58,7 +79,16 @@ impl Alerter {
         metrics: Metrics,
     ) -> Alerter {
         channels.entry(LOG_CHANNEL.to_string()).or_insert(Channel::Log);
-        Alerter { store, client, channels, spend: Mutex::default(), spikes: Mutex::default(), metrics, feed: None }
+        Alerter {
+            store,
+            client,
+            channels,
+            spend: Mutex::default(),
+            spikes: Mutex::default(),
+            metrics,
+            feed: None,
+            recorded: Mutex::default(),
+        }
     }
 
     /// Shows fired alerts on the live stream too.
@@ -87,9 +117,45 @@ impl Alerter {
             let Some(balance) = balances.get(account) else { continue };
             let Some(p) = balance.pools.iter().find(|p| p.pool == *pool) else { continue };
             for rule in rules.iter().filter(|r| r.watches(account, *pool)) {
-                for candidate in candidates(rule, balance, p, tally) {
+                for candidate in candidates(rule, balance, p, tally.refused > 0) {
                     if let Some(a) = self.fire_for(rule, balance, p, candidate, now).await? {
                         fired.push(a);
+                    }
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Checks the rules that follow a pool's balance and need no refusal (`threshold`,
+    /// `overage_started`) against every account's pools in the cycle containing `now`, whatever
+    /// activity this process saw: run at start and then periodically, it finds a crossing written
+    /// before a crash, while no server ran, or by another process sharing the store. Each alert
+    /// is recorded once by the store, so scanning again fires nothing twice.
+    pub async fn scan(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
+        let rules: Vec<AlertRule> = self
+            .store
+            .alert_rules()
+            .await?
+            .into_iter()
+            .filter(|r| matches!(r.kind, AlertKind::Threshold | AlertKind::OverageStarted))
+            .collect();
+        self.recorded.lock().expect("recorded alerts").retain(|_, cycle_end| *cycle_end > now);
+        if rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut fired = Vec::new();
+        for account in self.store.accounts().await? {
+            if !rules.iter().any(|r| r.account.as_deref().is_none_or(|a| a == account.id)) {
+                continue;
+            }
+            let balance = self.store.balance(&account.id, now).await?;
+            for p in &balance.pools {
+                for rule in rules.iter().filter(|r| r.watches(&account.id, p.pool)) {
+                    for candidate in candidates(rule, &balance, p, false) {
+                        if let Some(a) = self.fire_for(rule, &balance, p, candidate, now).await? {
+                            fired.push(a);
+                        }
                     }
                 }
             }
@@ -232,6 +298,10 @@ impl Alerter {
         c: Candidate,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Alert>> {
+        let id = alert_id(&rule.id, &balance.account, p.pool, balance.cycle.start, &c.dedupe);
+        if self.recorded.lock().expect("recorded alerts").contains_key(&id) {
+            return Ok(None);
+        }
         let channels = if rule.channels.is_empty() { vec![LOG_CHANNEL.to_string()] } else { rule.channels.clone() };
         let alert = NewAlert {
             rule_id: rule.id.clone(),
@@ -249,6 +319,8 @@ impl Alerter {
             channels,
         };
         let fired = self.store.fire_alert(alert).await?;
+        // Recorded now, or before (None): either way the store holds it.
+        self.recorded.lock().expect("recorded alerts").insert(id, balance.cycle.end);
         if let Some(a) = &fired {
             tracing::info!(alert = %a.id, kind = a.kind.as_str(), account = %a.account, "alert fired: {}", a.message);
             if let Some(feed) = &self.feed {
@@ -258,7 +330,8 @@ impl Alerter {
         Ok(fired)
     }
 
-    /// Sends one delivery through a channel right away (`tollgate alerts test`).
+    /// Sends one delivery through a channel right away (`tollgate alerts test`), within the
+    /// same bound as every delivery ([`deliver::DELIVERY_TIMEOUT`]).
     pub async fn send_now(&self, channel: &str, d: &Delivery) -> Result<(), deliver::Failed> {
         let c = self.channels.get(channel).ok_or_else(|| deliver::Failed {
             message: format!("unknown channel {channel:?}: known: {}", self.channel_names().join(", ")),
@@ -267,24 +340,59 @@ impl Alerter {
         deliver::send(&self.client, c, d).await
     }
 
-    /// Delivers what the outbox has due; returns how many deliveries were attempted.
-    pub async fn deliver_due(&self, now: DateTime<Utc>) -> StoreResult<usize> {
-        let due = self.store.claim_deliveries(now, 60, 32).await?;
-        let n = due.len();
-        for out in due {
-            self.deliver(out, now).await?;
+    /// Delivers the outbox until the task running it is aborted (which aborts the deliveries in
+    /// flight; their leases run out and they are delivered again). Every second, and whenever a
+    /// delivery ends while more may be due, it claims as many due deliveries as there are free
+    /// slots of [`DELIVERIES_IN_FLIGHT_MAX`] and runs each in a task of its own: a receiver that
+    /// stalls holds one slot, for at most the delivery bound, and delays no other delivery.
+    pub async fn run_deliveries(self: Arc<Self>, clock: Clock) {
+        let mut in_flight: JoinSet<StoreResult<()>> = JoinSet::new();
+        let mut tick = tokio::time::interval(DELIVERY_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether the last claim filled every free slot: more may be due right away.
+        let mut more_due = false;
+        loop {
+            let claim = tokio::select! {
+                _ = tick.tick() => true,
+                Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    match ended {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "an alert delivery's outcome could not be recorded"),
+                        Err(e) => tracing::error!(error = %e, "an alert delivery task failed"),
+                    }
+                    more_due
+                }
+            };
+            let free = DELIVERIES_IN_FLIGHT_MAX - in_flight.len();
+            if !claim || free == 0 {
+                continue;
+            }
+            let due = match self.store.claim_deliveries(clock(), DELIVERY_LEASE_S, free).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(error = %e, "alert deliveries could not be read");
+                    continue;
+                }
+            };
+            more_due = due.len() == free;
+            for out in due {
+                let (alerter, clock) = (self.clone(), clock.clone());
+                in_flight.spawn(async move { alerter.deliver(out, &clock).await });
+            }
         }
-        Ok(n)
     }
 
-    async fn deliver(&self, out: Outbound, now: DateTime<Utc>) -> StoreResult<()> {
+    /// Makes one claimed delivery and records its outcome, with the time it ended.
+    async fn deliver(&self, out: Outbound, clock: &Clock) -> StoreResult<()> {
         let Some(channel) = self.channels.get(&out.channel) else {
             let error = format!("channel {:?} is no longer configured", out.channel);
             tracing::error!(alert = %out.alert.id, "{error}");
             self.metrics.alert_delivery(&out.channel, false);
             return self.store.delivery_failed(out.id, None, &error).await;
         };
-        match deliver::send(&self.client, channel, &delivery(&out.alert)).await {
+        let sent = deliver::send(&self.client, channel, &delivery(&out.alert)).await;
+        let now = clock();
+        match sent {
             Ok(()) => {
                 self.metrics.alert_delivery(&out.channel, true);
                 self.store.delivery_done(out.id, now).await
@@ -308,7 +416,8 @@ struct Candidate {
 }
 
 /// The alerts a balance-following rule calls for now (each is recorded once by the store).
-fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, tally: &Tally) -> Vec<Candidate> {
+/// `refused`: the pool refused a call since it was last checked (only `cap_hit` reads it).
+fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, refused: bool) -> Vec<Candidate> {
     let charged = p.used.saturating_add(p.overage);
     let (account, pool) = (&balance.account, p.pool.as_str());
     let mut out = Vec::new();
@@ -326,7 +435,7 @@ fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, tally: &Tall
             out.push(Candidate { dedupe: String::new(), percent: None, message });
         }
         // Only the pool's own refusals are tallied (a key's cap is the key's, not the pool's).
-        AlertKind::CapHit if tally.refused > 0 => {
+        AlertKind::CapHit if refused => {
             let (limit, scope) = match p.policy.limit_scope(p.grants) {
                 Some((limit, tollgate_core::LimitScope::SpendCap)) => (limit, "spend cap"),
                 Some((limit, tollgate_core::LimitScope::OverageCap)) => (limit, "limit (grants plus the overage cap)"),

@@ -188,7 +188,8 @@ pub struct TestIn {
     channel: String,
 }
 
-/// Sends a test alert through a channel now, and says whether it arrived.
+/// Sends a test alert through a channel now, and says whether it arrived: within the 10 s every
+/// delivery is bounded by, so a channel that stalls fails the test at that bound.
 pub async fn test(State(s): State<AppState>, caller: Caller, Json(t): Json<TestIn>) -> ApiResult<axum::Json<Value>> {
     caller.require_admin()?;
     let alerter = s.alerter.as_ref().ok_or_else(|| ApiError::bad("alerts are not running on this server"))?;
