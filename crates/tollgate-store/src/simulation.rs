@@ -181,6 +181,7 @@ stats!(
     reads_checked,
     policy_changes,
     race_holds,
+    intrusions_refused,
 );
 
 impl fmt::Display for Report {
@@ -220,6 +221,7 @@ const COVERAGE: &[&str] = &[
     "not_found",
     "invalid",
     "policy_changes",
+    "intrusions_refused",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -826,6 +828,8 @@ enum Op {
     Advance,
     Expire,
     Recover,
+    /// An account key or the admin, through the API's path, tries to end a hold it may not end.
+    Intrude,
 }
 
 /// Weights per thousand operations.
@@ -847,6 +851,7 @@ const OP_WEIGHTS: &[(Op, u64)] = &[
     (Op::Advance, 75),
     (Op::Expire, 15),
     (Op::Recover, 2),
+    (Op::Intrude, 40),
 ];
 
 fn pick_op(rng: &mut Rng) -> Op {
@@ -1071,6 +1076,7 @@ impl Sim {
             }
             Op::Policy => self.op_policy(rng, a, label).await,
             Op::Events => self.op_events(rng, a, label).await,
+            Op::Intrude => self.op_intrude(rng, a, now, label).await,
             Op::Advance | Op::Expire | Op::Recover | Op::UnknownAccount => unreachable!("not an account operation"),
         }
     }
@@ -1097,6 +1103,11 @@ impl Sim {
         let pool = pick_pool(rng);
         let cycle = a.anchor.cycle_at(now);
         let key = self.pick_key(rng, a);
+        let made_by = match (rng.below(10), &key) {
+            (0..=3, _) => crate::Maker::Gateway,
+            (4..=6, Some(k)) => crate::Maker::Key(k.clone()),
+            _ => crate::Maker::Admin,
+        };
         let remaining = a.remaining(pool, &cycle);
         let amount = match (rng.below(100), remaining) {
             (0..=3, Some(r)) if r >= 0 => r,
@@ -1115,10 +1126,46 @@ impl Sim {
             model: if rng.chance(80) { Some(rng.pick(&MODELS).to_string()) } else { None },
             source: if rng.chance(50) { Some("sim".to_string()) } else { None },
             fingerprint: String::new(),
-            made_by: crate::Maker::Admin,
+            made_by,
         };
         request.fingerprint = hold_fingerprint(&request);
         self.do_hold(a, request, now, label).await;
+    }
+
+    /// An adversarial caller: an account key (or the admin) tries to void an open hold, or settle
+    /// it at $0, that it may not end; the store must refuse and change nothing (the model does
+    /// not change, and every later read is checked against it). Who may end what is decided
+    /// here from SPEC section 3, apart from `ownership`.
+    async fn op_intrude(&self, rng: &mut Rng, a: &mut AccountModel, now: DateTime<Utc>, label: &str) {
+        use crate::Maker;
+        use crate::ownership::{self, EndError};
+        if a.open.is_empty() {
+            return;
+        }
+        let n = rng.below(a.open.len() as u64) as usize;
+        let id = a.open.iter().nth(n).expect("in range").clone();
+        let hold = a.holds[&id].hold.clone();
+        let intruder = if rng.chance(30) { Maker::Admin } else { Maker::Key(rng.pick(&a.keys).0.clone()) };
+        let code = match (&hold.made_by, &intruder) {
+            (Maker::Gateway, _) => "hold_owned_by_gateway",
+            (_, Maker::Admin) => return,
+            (Maker::Key(maker), Maker::Key(caller)) if maker == caller => return,
+            _ => "hold_made_by_another",
+        };
+        let label = format!("{label}: {intruder:?} tries to end {id}, made by {:?}", hold.made_by);
+        let got = if rng.chance(50) {
+            ownership::void_as(&*self.store, &intruder, &a.id, &id, now).await.map(|_| ())
+        } else {
+            let event = new_event(rng, &a.id, id.clone(), hold.pool, hold.key.clone(), 0, now);
+            let request = SettleRequest { account: a.id.clone(), hold_id: id.clone(), event };
+            ownership::settle_as(&*self.store, &intruder, request, now).await.map(|_| ())
+        };
+        match got {
+            Err(EndError::Denied(d)) if d.code() == code => {
+                bump!(self, intrusions_refused);
+            }
+            other => self.check.fail(&label, format!("expected the refusal {code}, got {other:?}")),
+        }
     }
 
     async fn do_hold(&self, a: &mut AccountModel, request: HoldRequest, now: DateTime<Utc>, label: &str) {

@@ -160,7 +160,11 @@ async fn an_account_key_cannot_end_a_gateway_hold_or_speak_for_a_sibling_key() {
     assert_eq!(status, 403, "a hold in a sibling key's name: {v}");
     let own_hold = json!({"pool": "programmatic", "amount_usd": "0.5", "ttl_s": 3600});
     let (status, v) = c.api(&bot, reqwest::Method::POST, "/api/v1/accounts/acme/holds", Some(own_hold)).await;
-    assert_eq!((status, v["error"]["code"].as_str(), v["error"]["scope"].as_str()), (429, Some("key_cap_reached"), Some("key_cap")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str(), v["error"]["scope"].as_str()),
+        (429, Some("key_cap_reached"), Some("key_cap")),
+        "{v}"
+    );
     let own_event = json!({"id": "evt-own", "account": "acme", "pool": "programmatic",
         "model": "claude-sonnet-4-5", "usage": {"input_tokens": 1000}});
     let (status, v) = c.api(&bot, reqwest::Method::POST, "/api/v1/events", Some(own_event)).await;
@@ -172,13 +176,16 @@ async fn an_account_key_cannot_end_a_gateway_hold_or_speak_for_a_sibling_key() {
 
     // Small calls go on a lease; its id is shown to the admin, never to the key.
     for _ in 0..5 {
-        let small = json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+        let small =
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
         let r = c.message(&alice, small).send().await.unwrap();
         assert_eq!(r.status(), 200);
         r.text().await.unwrap();
     }
     c.settled().await;
-    let leased = |events: &[Value]| events.iter().filter(|e| e["hold"].as_str().is_some_and(|h| h.starts_with("lease_"))).count();
+    let leased = |events: &[Value]| {
+        events.iter().filter(|e| e["hold"].as_str().is_some_and(|h| h.starts_with("lease_"))).count()
+    };
     assert!(leased(&c.events(TOKEN).await) > 0, "some calls went on a lease");
     assert_eq!(leased(&c.events(&alice).await), 0, "no lease id is shown to a key");
 }
@@ -190,7 +197,8 @@ async fn leases_stay_bounded_through_many_small_calls_and_a_kill_9() {
     let (mut server, c) = setup(dir.path(), &mock).await;
     let (_, secret) = c.key("bot", None).await;
     // Sonnet 4.5, max_tokens 1000: a worst case of about $0.0156 each, $0.0006 charged each.
-    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let body =
+        json!({"model": "claude-sonnet-4-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
     let worst_case_max = 16_000_000;
     let mut held_max = 0;
     for _ in 0..300 {
@@ -218,5 +226,8 @@ async fn leases_stay_bounded_through_many_small_calls_and_a_kill_9() {
         .map(|e| usd_nanos(e["grant_usd"].as_str().unwrap()) + usd_nanos(e["overage_usd"].as_str().unwrap()))
         .sum();
     assert_eq!(charged_after - charged_before, unsettled, "the restart charged only the unsettled holds");
-    assert!(unsettled <= held_at_kill && unsettled <= 2 * LEASE_NANOS, "charged {unsettled} nano-USD for work not in flight");
+    assert!(
+        unsettled <= held_at_kill && unsettled <= 2 * LEASE_NANOS,
+        "charged {unsettled} nano-USD for work not in flight"
+    );
 }
