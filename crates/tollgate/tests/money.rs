@@ -11,104 +11,18 @@
 mod serve;
 
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::{Value, json};
-use serve::Server;
+use serve::{Client, Server, usd_nanos};
 use tollgate_testkit::MockUpstream;
 
 const TOKEN: &str = "tga_money-test-admin-token";
 /// The default `lease_usd`.
 const LEASE_NANOS: i64 = 1_000_000_000;
 
-async fn start(dir: &Path, mock: &MockUpstream) -> Server {
-    let config = format!(
-        "[[upstream]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
-         api_key_env = \"MOCK_UPSTREAM_KEY\"\nmodels = [\"claude-*\"]\n",
-        mock.base_url()
-    );
-    std::fs::write(dir.join("tollgate.toml"), config).unwrap();
-    let db = dir.join("tollgate.db");
-    Server::start(dir, TOKEN, &[("TOLLGATE_DB", db.to_str().unwrap()), ("MOCK_UPSTREAM_KEY", "upstream-secret")]).await
-}
-
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Client {
-    /// A call to the management API with `auth`; (status, JSON body).
-    async fn api(&self, auth: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(auth);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.api(TOKEN, method.clone(), path, body).await;
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
-        v
-    }
-
-    /// Account acme (team-standard) and a programmatic key of it; (key id, secret).
-    async fn key(&self, name: &str, cap_usd: Option<&str>) -> (String, String) {
-        let mut body = json!({"pool": "programmatic", "name": name});
-        if let Some(cap) = cap_usd {
-            body["cap_usd"] = json!(cap);
-        }
-        let k = self.admin(reqwest::Method::POST, "/api/v1/accounts/acme/keys", Some(body)).await;
-        (k["id"].as_str().unwrap().to_string(), k["key"].as_str().unwrap().to_string())
-    }
-
-    fn message(&self, secret: &str, body: Value) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}/v1/messages", self.base))
-            .header("x-api-key", secret)
-            .header("anthropic-version", "2023-06-01")
-            .json(&body)
-    }
-
-    /// The programmatic pool's (charged, held) in nano-USD.
-    async fn programmatic(&self) -> (i64, i64) {
-        let b = self.admin(reqwest::Method::GET, "/api/v1/accounts/acme/balance", None).await;
-        let p = &b["pools"]["programmatic"];
-        let nanos = |f: &str| usd_nanos(p[f].as_str().unwrap());
-        (nanos("used_usd") + nanos("overage_usd"), nanos("held_usd"))
-    }
-
-    /// (charged, held) once nothing is held, or after 10 s.
-    async fn settled(&self) -> (i64, i64) {
-        for _ in 0..200 {
-            let (charged, held) = self.programmatic().await;
-            if held == 0 {
-                return (charged, held);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.programmatic().await
-    }
-
-    async fn events(&self, auth: &str) -> Vec<Value> {
-        let (status, v) = self.api(auth, reqwest::Method::GET, "/api/v1/accounts/acme/events?limit=1000", None).await;
-        assert_eq!(status, 200, "{v}");
-        v["events"].as_array().unwrap().clone()
-    }
-}
-
-/// "0.42" → 420,000,000.
-fn usd_nanos(s: &str) -> i64 {
-    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-    whole.parse::<i64>().unwrap() * 1_000_000_000 + format!("{frac:0<9}").parse::<i64>().unwrap()
-}
-
 async fn setup(dir: &Path, mock: &MockUpstream) -> (Server, Client) {
-    let server = start(dir, mock).await;
-    let client = Client { http: reqwest::Client::new(), base: server.base.clone() };
+    let server = Server::with_mock(dir, TOKEN, mock).await;
+    let client = Client::new(&server, TOKEN);
     client.admin(reqwest::Method::POST, "/api/v1/accounts", Some(json!({"id": "acme", "tier": "team-standard"}))).await;
     (server, client)
 }
@@ -214,8 +128,8 @@ async fn leases_stay_bounded_through_many_small_calls_and_a_kill_9() {
     );
     let (charged_before, held_at_kill) = c.programmatic().await;
     server.kill();
-    let server = start(dir.path(), &mock).await;
-    let c = Client { http: c.http, base: server.base.clone() };
+    let server = Server::with_mock(dir.path(), TOKEN, &mock).await;
+    let c = Client::new(&server, TOKEN);
     let (charged_after, held_after) = c.programmatic().await;
     assert_eq!(held_after, 0, "the holds left open are settled at start");
     let unsettled: i64 = c

@@ -1,11 +1,16 @@
 //! A `tollgate serve` child process for end-to-end tests: the real binary on a port of its own,
 //! in a working directory of its own (its `tollgate.toml`, token file and SQLite database live
-//! there), SIGKILLed and reaped when dropped, so a failing test leaves no server behind.
+//! there), SIGKILLed and reaped when dropped, so a failing test leaves no server behind; and a
+//! client of its API and gateway. Each test file uses a part of it.
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tollgate_testkit::MockUpstream;
 
 pub struct Server {
     child: Option<Child>,
@@ -46,6 +51,20 @@ impl Server {
         panic!("tollgate serve did not become healthy; last log:\n{last_log}");
     }
 
+    /// `tollgate serve` in `dir` on the SQLite database `dir/tollgate.db`, with a `tollgate.toml`
+    /// whose Anthropic upstream is `mock`.
+    pub async fn with_mock(dir: &Path, token: &str, mock: &MockUpstream) -> Server {
+        let config = format!(
+            "[[upstream]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+             api_key_env = \"MOCK_UPSTREAM_KEY\"\nmodels = [\"claude-*\"]\n",
+            mock.base_url()
+        );
+        std::fs::write(dir.join("tollgate.toml"), config).unwrap();
+        let db = dir.join("tollgate.db");
+        let env = [("TOLLGATE_DB", db.to_str().unwrap()), ("MOCK_UPSTREAM_KEY", "upstream-secret")];
+        Server::start(dir, token, &env).await
+    }
+
     async fn wait_healthy(&mut self) -> bool {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -82,4 +101,86 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A client of a server's API and gateway, acting as the admin (`token`) or with a key.
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(server: &Server, token: &str) -> Client {
+        Client { http: reqwest::Client::new(), base: server.base.clone(), token: token.to_string() }
+    }
+
+    /// A call to the management API with `auth`; (status, JSON body).
+    pub async fn api(&self, auth: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(auth);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.api(&self.token.clone(), method.clone(), path, body).await;
+        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        v
+    }
+
+    /// Account acme (team-standard) and a programmatic key of it; (key id, secret).
+    pub async fn key(&self, name: &str, cap_usd: Option<&str>) -> (String, String) {
+        let mut body = json!({"pool": "programmatic", "name": name});
+        if let Some(cap) = cap_usd {
+            body["cap_usd"] = json!(cap);
+        }
+        let k = self.admin(reqwest::Method::POST, "/api/v1/accounts/acme/keys", Some(body)).await;
+        (k["id"].as_str().unwrap().to_string(), k["key"].as_str().unwrap().to_string())
+    }
+
+    pub fn message(&self, secret: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/messages", self.base))
+            .header("x-api-key", secret)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+    }
+
+    /// The programmatic pool's (charged, held) in nano-USD.
+    pub async fn programmatic(&self) -> (i64, i64) {
+        let b = self.admin(reqwest::Method::GET, "/api/v1/accounts/acme/balance", None).await;
+        let p = &b["pools"]["programmatic"];
+        let nanos = |f: &str| usd_nanos(p[f].as_str().unwrap());
+        (nanos("used_usd") + nanos("overage_usd"), nanos("held_usd"))
+    }
+
+    /// (charged, held) once nothing is held, or after 10 s.
+    pub async fn settled(&self) -> (i64, i64) {
+        for _ in 0..200 {
+            let (charged, held) = self.programmatic().await;
+            if held == 0 {
+                return (charged, held);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.programmatic().await
+    }
+
+    pub async fn events(&self, auth: &str) -> Vec<Value> {
+        let (status, v) = self.api(auth, reqwest::Method::GET, "/api/v1/accounts/acme/events?limit=1000", None).await;
+        assert_eq!(status, 200, "{v}");
+        v["events"].as_array().unwrap().clone()
+    }
+}
+
+/// "0.42" → 420,000,000.
+pub fn usd_nanos(s: &str) -> i64 {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let nanos = whole.trim_start_matches('-').parse::<i64>().unwrap() * 1_000_000_000
+        + format!("{frac:0<9}").parse::<i64>().unwrap();
+    if s.starts_with('-') { -nanos } else { nanos }
 }
