@@ -315,8 +315,10 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
         return Some(base);
     }
     // OpenAI style: -YYYY-MM-DD
-    if model.len() > 11 {
-        let (base, date) = model.split_at(model.len() - 11);
+    // `split_at_checked`: a model name is caller text, and the cut may fall inside a character.
+    if let Some((base, date)) = model.len().checked_sub(11).and_then(|at| model.split_at_checked(at))
+        && !base.is_empty()
+    {
         let d = date.as_bytes();
         let shape = d[0] == b'-'
             && d[5] == b'-'
@@ -375,6 +377,19 @@ pub fn parse_scaled_decimal(text: &str, scale: i32) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13, finding 2: a model name with multi-byte characters where a date suffix would be
+    /// (`claude-sonnet-€€€€`) panicked in `strip_date_suffix`; any text is an unknown model.
+    #[test]
+    fn any_model_name_is_resolved_or_unknown_never_a_panic() {
+        let table = PriceTable::builtin();
+        let day = NaiveDate::from_ymd_opt(2026, 11, 10).expect("a date");
+        for name in ["claude-sonnet-€€€€", "€€€€€€€€€€€€", "a€-2026-11-1", "x-€€€€-01-01", "€", "-", "", "claude-sonnet-4-5-€€€"] {
+            assert!(matches!(table.price_at(name, day), Err(PriceError::UnknownModel(_))), "{name:?}");
+        }
+        assert!(table.price_at("claude-sonnet-4-5-20250929", day).is_ok(), "dated ids still resolve");
+        assert!(table.price_at("gpt-4.1-mini-2025-04-14", day).is_ok(), "OpenAI dated ids still resolve");
+    }
 
     #[test]
     fn scaled_decimals_are_exact() {
