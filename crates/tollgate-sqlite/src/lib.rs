@@ -89,6 +89,17 @@ impl SqliteStore {
                 lock_path.display()
             ))
         })?;
+        // The ledger is the owner's alone: a new database file (and SQLite's WAL and shared-memory
+        // files, which take its mode) is readable and writable by the owner only, like the token
+        // file. An existing file keeps the mode its owner gave it.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match File::options().write(true).create_new(true).mode(0o600).open(path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::Backend(format!("cannot create {}: {e}", path.display()))),
+            }
+        }
         let mut conn = Connection::open(path).map_err(backend)?;
         configure(&conn).map_err(backend)?;
         schema::migrate(&mut conn).map_err(backend)?;

@@ -53,7 +53,7 @@ impl Client {
         } else {
             ""
         };
-        Err((Failure::Refused, format!("{message}{hint} [HTTP {}]", status.as_u16())))
+        Err((failure_of(status), format!("{message}{hint} [HTTP {}]", status.as_u16())))
     }
 
     /// Follows a server-sent event stream, calling `on_event(name, data)` for each event until
@@ -69,9 +69,10 @@ impl Client {
             .await
             .map_err(|e| (Failure::Unreachable, format!("cannot reach the tollgate server at {}: {e}", self.base)))?;
         if !resp.status().is_success() {
-            let status = resp.status().as_u16();
+            let resp_status = resp.status();
+            let status = resp_status.as_u16();
             let text = resp.text().await.unwrap_or_default();
-            return Err((Failure::Refused, format!("{text} [HTTP {status}]")));
+            return Err((failure_of(resp_status), format!("{text} [HTTP {status}]")));
         }
         let mut buffer = String::new();
         while let Some(chunk) =
@@ -112,4 +113,15 @@ pub fn seg(s: &str) -> String {
         }
     }
     out
+}
+
+/// The exit code of an error answer (docs/cli.md): input the server could not take (400, an
+/// unknown account or route 404, 405, 413) is a usage error; a refusal by the ledger or the
+/// credential (401, 403, 409, 429) is a refusal; a server error is internal.
+fn failure_of(status: reqwest::StatusCode) -> Failure {
+    match status.as_u16() {
+        400 | 404 | 405 | 413 | 422 => Failure::Usage,
+        500.. => Failure::Internal,
+        _ => Failure::Refused,
+    }
 }

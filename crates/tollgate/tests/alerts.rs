@@ -210,7 +210,7 @@ async fn thresholds_crossed_by_concurrent_events_each_fire_once_signed() {
     assert!(out.contains("delivered"), "{out}");
     assert_eq!(seen.lock().unwrap().len(), 3, "the test alert reached the receiver");
     let (code, _, err) = cli(&["alerts", "test", "nowhere"]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(2), "an unknown channel is a usage error");
     assert!(err.contains("unknown channel"), "{err}");
 
     // Bad rules through the API are refused with what to fix; nothing is saved.

@@ -11,7 +11,7 @@ use crate::client::{Client, seg};
 use crate::table;
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
 }
 
 fn s(v: &Value, field: &str) -> String {
@@ -49,7 +49,7 @@ pub async fn account(c: &Client, cmd: AccountCmd, json: bool) -> Outcome<()> {
         AccountCmd::List => {
             let v = c.get("/api/v1/accounts").await?;
             if !json {
-                println!("{}", accounts_table(v["accounts"].as_array().map(Vec::as_slice).unwrap_or_default()));
+                outln!("{}", accounts_table(v["accounts"].as_array().map(Vec::as_slice).unwrap_or_default()));
                 return Ok(());
             }
             v
@@ -66,7 +66,7 @@ pub async fn account(c: &Client, cmd: AccountCmd, json: bool) -> Outcome<()> {
     if json {
         print_json(&v)
     } else {
-        println!("{}", accounts_table(std::slice::from_ref(&v)))
+        outln!("{}", accounts_table(std::slice::from_ref(&v)))
     }
     Ok(())
 }
@@ -105,7 +105,7 @@ pub async fn pool(c: &Client, cmd: PoolCmd, json: bool) -> Outcome<()> {
             .iter()
             .map(|(name, p)| vec![name.clone(), s(p, "on_exhausted"), s(p, "overage_cap_usd"), s(p, "spend_cap_usd")])
             .collect();
-        println!("{}", table::render(&["pool", "on_exhausted", "overage_cap_usd", "spend_cap_usd"], &rows));
+        outln!("{}", table::render(&["pool", "on_exhausted", "overage_cap_usd", "spend_cap_usd"], &rows));
     }
     Ok(())
 }
@@ -137,7 +137,7 @@ pub async fn grant(c: &Client, cmd: GrantCmd, json: bool) -> Outcome<()> {
     if json {
         print_json(&v)
     } else {
-        println!("{}", grants_table(&list))
+        outln!("{}", grants_table(&list))
     }
     Ok(())
 }
@@ -168,7 +168,7 @@ pub async fn key(c: &Client, cmd: KeyCmd, json: bool) -> Outcome<()> {
                 print_json(&v);
             } else {
                 // The secret alone on stdout, so `$(tollgate key create …)` captures it.
-                println!("{}", s(&v, "key"));
+                outln!("{}", s(&v, "key"));
                 eprintln!("key {} created; the secret above is shown only once", s(&v, "id"));
             }
         }
@@ -177,14 +177,14 @@ pub async fn key(c: &Client, cmd: KeyCmd, json: bool) -> Outcome<()> {
             if json {
                 print_json(&v)
             } else {
-                println!("{}", keys_table(v["keys"].as_array().map(Vec::as_slice).unwrap_or_default()))
+                outln!("{}", keys_table(v["keys"].as_array().map(Vec::as_slice).unwrap_or_default()))
             }
         }
         KeyCmd::Revoke { account, key_id } => {
             let v = c
                 .call(Method::DELETE, &format!("/api/v1/accounts/{}/keys/{}", seg(&account), seg(&key_id)), None)
                 .await?;
-            if json { print_json(&v) } else { println!("{}", keys_table(std::slice::from_ref(&v))) }
+            if json { print_json(&v) } else { outln!("{}", keys_table(std::slice::from_ref(&v))) }
         }
     }
     Ok(())
@@ -226,7 +226,7 @@ pub async fn tier(c: &Client, cmd: TierCmd, json: bool) -> Outcome<()> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         table::render(&["tier", "interactive_usd", "programmatic_usd", "monthly_price_usd", "payg_multiplier"], &rows)
     );
@@ -240,7 +240,7 @@ pub async fn status(c: &Client, account: &str, json: bool) -> Outcome<()> {
         print_json(&v);
         return Ok(());
     }
-    println!(
+    outln!(
         "account {}  tier {}  cycle {} → {}",
         s(&v, "account"),
         s(&v, "tier"),
@@ -260,7 +260,7 @@ pub async fn status(c: &Client, account: &str, json: bool) -> Outcome<()> {
             row
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         table::render(&["pool", "grant", "used", "overage", "held", "remaining", "limit", "on_exhausted"], &rows)
     );
@@ -290,7 +290,7 @@ pub async fn events(c: &Client, cmd: EventsCmd, json: bool) -> Outcome<()> {
                     vec![s(e, "timestamp"), s(e, "id"), s(e, "pool"), s(e, "model"), s(e, "cost_usd"), s(e, "source")]
                 })
                 .collect();
-            println!("{}", table::render(&["timestamp", "event", "pool", "model", "cost_usd", "source"], &rows));
+            outln!("{}", table::render(&["timestamp", "event", "pool", "model", "cost_usd", "source"], &rows));
         }
         EventsCmd::Post { file } => {
             let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
@@ -334,7 +334,7 @@ pub async fn events(c: &Client, cmd: EventsCmd, json: bool) -> Outcome<()> {
             if json {
                 print_json(&json!({"recorded": recorded, "duplicate": duplicate}));
             } else {
-                println!("{recorded} events recorded, {duplicate} already present");
+                outln!("{recorded} events recorded, {duplicate} already present");
             }
         }
     }
@@ -378,8 +378,8 @@ pub async fn prices(c: &Client, model: Option<String>, date: Option<String>, jso
             .collect()
         })
         .collect();
-    println!("USD per million tokens");
-    println!("{}", table::render(&["model", "from", "input", "write 5m", "write 1h", "read", "output"], &rows));
+    outln!("USD per million tokens");
+    outln!("{}", table::render(&["model", "from", "input", "write 5m", "write 1h", "read", "output"], &rows));
     Ok(())
 }
 
@@ -404,7 +404,7 @@ pub async fn alerts(c: &Client, cmd: AlertsCmd, json: bool) -> Outcome<()> {
                 .iter()
                 .map(|a| vec![s(a, "fired_at"), s(a, "kind"), s(a, "account"), s(a, "pool"), s(a, "message")])
                 .collect();
-            println!("{}", table::render(&["fired_at", "kind", "account", "pool", "message"], &rows));
+            outln!("{}", table::render(&["fired_at", "kind", "account", "pool", "message"], &rows));
         }
         AlertsCmd::Rules => {
             let v = c.get("/api/v1/alert-rules").await?;
@@ -431,14 +431,14 @@ pub async fn alerts(c: &Client, cmd: AlertsCmd, json: bool) -> Outcome<()> {
                     ]
                 })
                 .collect();
-            println!("{}", table::render(&["rule", "kind", "account", "pool", "channels", "from_config"], &rows));
+            outln!("{}", table::render(&["rule", "kind", "account", "pool", "channels", "from_config"], &rows));
         }
         AlertsCmd::Test { channel } => {
             let v = c.post("/api/v1/alerts/test", json!({ "channel": channel })).await?;
             if json {
                 print_json(&v);
             } else {
-                println!("test alert delivered through {channel}");
+                outln!("test alert delivered through {channel}");
             }
         }
     }
@@ -524,7 +524,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
             for r in &reports {
                 let i = &r["pools"]["interactive"];
                 let p = &r["pools"]["programmatic"];
-                println!("{}  cycle {} → {}", s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end"));
+                outln!("{}  cycle {} → {}", s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end"));
                 let overage = |v: &Value| v["overage_usd"].as_str().unwrap_or("0").to_string();
                 let rows = vec![
                     vec![
@@ -542,7 +542,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
                     vec!["overages".into(), format!("${} + ${}", overage(i), overage(p)), "".into(), "".into()],
                     vec!["total".into(), format!("${}", s(r, "total_usd")), "".into(), "".into()],
                 ];
-                println!("{}", table::render(&["", "charged", "calls", "grant used"], &rows));
+                outln!("{}", table::render(&["", "charged", "calls", "grant used"], &rows));
                 if let Some(groups) = r["groups"].as_array() {
                     let rows: Vec<Vec<String>> = groups
                         .iter()
@@ -556,10 +556,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
                             ]
                         })
                         .collect();
-                    println!(
-                        "{}",
-                        table::render(&[by.unwrap_or("group"), "charged", "calls", "input", "output"], &rows)
-                    );
+                    outln!("{}", table::render(&[by.unwrap_or("group"), "charged", "calls", "input", "output"], &rows));
                 }
             }
         }
@@ -575,7 +572,7 @@ pub async fn forecast(c: &Client, account: Option<String>, json: bool) -> Outcom
             print_json(&v);
             continue;
         }
-        println!("{}  cycle {} → {}", a, s(&v["cycle"], "start"), s(&v["cycle"], "end"));
+        outln!("{}  cycle {} → {}", a, s(&v["cycle"], "start"), s(&v["cycle"], "end"));
         let rows: Vec<Vec<String>> = ["interactive", "programmatic"]
             .iter()
             .map(|p| {
@@ -596,11 +593,8 @@ pub async fn forecast(c: &Client, account: Option<String>, json: bool) -> Outcom
                 ]
             })
             .collect();
-        println!(
-            "{}",
-            table::render(&["pool", "charged", "burn", "projected", "runs out", "expires unused", ""], &rows)
-        );
-        println!("{} days to the reset", s(&v["pools"]["programmatic"], "days_to_reset"));
+        outln!("{}", table::render(&["pool", "charged", "burn", "projected", "runs out", "expires unused", ""], &rows));
+        outln!("{} days to the reset", s(&v["pools"]["programmatic"], "days_to_reset"));
     }
     Ok(())
 }
@@ -612,20 +606,20 @@ pub async fn plan(c: &Client, account: &str, body: Value, json: bool) -> Outcome
         return Ok(());
     }
     match v["fits"].as_str() {
-        Some("now") => println!(
+        Some("now") => outln!(
             "fits now: ${} leaves ${} ({} overage)",
             s(&v, "cost_usd"),
             s(&v, "remaining_after_usd"),
             s(&v, "overage_usd")
         ),
-        Some("after_reset") => println!(
+        Some("after_reset") => outln!(
             "does not fit now (${} left); fits after the reset at {}",
             s(&v, "remaining_now_usd"),
             s(&v, "earliest")
         ),
-        _ => println!("never fits: ${} against a limit of ${}", s(&v, "charge_usd"), s(&v, "limit_usd")),
+        _ => outln!("never fits: ${} against a limit of ${}", s(&v, "charge_usd"), s(&v, "limit_usd")),
     }
-    println!("advice: {}", s(&v, "advice"));
+    outln!("advice: {}", s(&v, "advice"));
     Ok(())
 }
 
@@ -653,8 +647,8 @@ pub async fn advise(c: &Client, cmd: AdviseCmd, json: bool) -> Outcome<()> {
                     ]
                 })
                 .collect();
-            println!("{}", table::render(&["tier", "overage", "total"], &rows));
-            println!("recommended: {} (now on {})", s(&v, "recommended"), s(&v, "current_tier"));
+            outln!("{}", table::render(&["tier", "overage", "total"], &rows));
+            outln!("recommended: {} (now on {})", s(&v, "recommended"), s(&v, "current_tier"));
         }
         AdviseCmd::Model { account, pool } => {
             let path = match &pool {
@@ -667,7 +661,7 @@ pub async fn advise(c: &Client, cmd: AdviseCmd, json: bool) -> Outcome<()> {
                 return Ok(());
             }
             for m in v["models"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                println!(
+                outln!(
                     "{}: ${} this cycle, median latency {} ms",
                     s(m, "model"),
                     s(m, "cost_usd"),
@@ -680,7 +674,7 @@ pub async fn advise(c: &Client, cmd: AdviseCmd, json: bool) -> Outcome<()> {
                     .iter()
                     .map(|o| vec![s(o, "model"), format!("${}", s(o, "cost_usd"))])
                     .collect();
-                println!("{}", table::render(&["on model", "would cost"], &rows));
+                outln!("{}", table::render(&["on model", "would cost"], &rows));
             }
         }
     }

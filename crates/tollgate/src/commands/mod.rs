@@ -1,7 +1,28 @@
 //! What each command does. Every command returns `Ok(())` or a failure kind with a message;
 //! `main` turns the kind into the exit code (see docs/cli.md).
 
+/// `println!` for the command's output: when the reader went away (`tollgate … | head`), the
+/// program ends quietly with success instead of panicking on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::commands::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod manage;
+
+/// Writes the command's output to stdout (see `outln!`).
+pub fn write_out(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("tollgate: cannot write the output: {e}");
+            std::process::exit(4);
+        }
+        std::process::exit(0);
+    }
+}
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,10 +67,10 @@ async fn top(client: &Client, account: Option<String>, count: Option<u64>, json:
                 return true;
             }
             if json {
-                println!("{}", serde_json::json!({"event": name, "data": data}));
+                outln!("{}", serde_json::json!({"event": name, "data": data}));
             } else {
                 match name {
-                    "calls" => println!(
+                    "calls" => outln!(
                         "{}  {:<16} {:<13} calls {:>6}  refused {:>4}  charged ${:<12} tokens {}",
                         data["window_end"].as_str().unwrap_or(""),
                         data["account"].as_str().unwrap_or(""),
@@ -62,7 +83,7 @@ async fn top(client: &Client, account: Option<String>, count: Option<u64>, json:
                     "balance" => {
                         for pool in ["interactive", "programmatic"] {
                             let p = &data["pools"][pool];
-                            println!(
+                            outln!(
                                 "{:>22}{:<16} {:<13} used ${} + overage ${}, held ${}, remaining ${}",
                                 "",
                                 data["account"].as_str().unwrap_or(""),
@@ -74,7 +95,7 @@ async fn top(client: &Client, account: Option<String>, count: Option<u64>, json:
                             );
                         }
                     }
-                    other => println!("{other}: {data}"),
+                    other => outln!("{other}: {data}"),
                 }
             }
             seen += 1;
@@ -159,7 +180,7 @@ fn init(path: &Path, force: bool) -> Outcome<()> {
     }
     std::fs::write(path, INIT_TEMPLATE)
         .map_err(|e| (Failure::Internal, format!("cannot write {}: {e}", path.display())))?;
-    println!("wrote {}", path.display());
+    outln!("wrote {}", path.display());
     Ok(())
 }
 
@@ -196,9 +217,9 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
                 "holds_open": audit.holds_open,
                 "breaches": audit.breaches,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("JSON prints"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("JSON prints"));
     } else {
-        println!(
+        outln!(
             "checked {} pool cycles, {} events, {} open holds: {}",
             audit.pools_checked,
             audit.events_checked,
@@ -210,7 +231,7 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
             }
         );
         for b in &audit.breaches {
-            println!("BREACH {b}");
+            outln!("BREACH {b}");
         }
     }
     if audit.breaches.is_empty() { Ok(()) } else { Err((Failure::Refused, "ledger invariants breached".into())) }
