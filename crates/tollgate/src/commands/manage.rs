@@ -468,7 +468,7 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
             }
         }
         "csv" => {
-            let mut out = csv::Writer::from_writer(std::io::stdout());
+            let mut out = csv::Writer::from_writer(Vec::new());
             let header = [
                 "account",
                 "cycle_start",
@@ -515,10 +515,12 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
                         s(t, "cache_read_input_tokens"),
                         s(t, "output_tokens"),
                     ];
-                    out.write_record(record).map_err(|e| usage(e.to_string()))?;
+                    out.write_record(record.iter().map(|c| crate::table::csv_cell(c)))
+                        .map_err(|e| usage(e.to_string()))?;
                 }
             }
-            out.flush().map_err(|e| usage(e.to_string()))?;
+            let bytes = out.into_inner().map_err(|e| (crate::commands::Failure::Internal, e.to_string()))?;
+            crate::commands::write_out(format_args!("{}", String::from_utf8_lossy(&bytes)));
         }
         _ => {
             for r in &reports {
