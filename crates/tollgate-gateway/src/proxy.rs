@@ -320,25 +320,37 @@ fn pick_upstream<'a>(gw: &'a Gateway, kind: Kind, model: &str) -> Result<&'a Ups
         .ok_or_else(|| no_upstream(kind, Some(model)))
 }
 
-/// Headers never copied to the upstream: hop-by-hop ones, the length (recomputed), and
-/// tollgate's own. Credentials are handled apart.
+/// Headers never copied to the upstream: hop-by-hop ones, the length (recomputed), and every
+/// `x-tollgate-*` header (tollgate's own: the key, the pool, and any other a client adds).
+/// Credentials are handled apart.
 fn copied(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "x-api-key"
-            | "authorization"
-            | "x-tollgate-key"
-            | "x-tollgate-pool"
-    )
+    !name.as_str().starts_with("x-tollgate-")
+        && !matches!(
+            name.as_str(),
+            "host"
+                | "content-length"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "x-api-key"
+                | "authorization"
+        )
+}
+
+/// Whether a credential header carries the tollgate key: `x-api-key: <key>` or
+/// `Authorization: Bearer <key>` (any case of the scheme, spaces around the key ignored).
+fn carries_tollgate_key(value: &HeaderValue, tollgate_key: &str) -> bool {
+    let Ok(value) = value.to_str() else { return false };
+    let value = value.trim();
+    let token = match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => value,
+    };
+    token == tollgate_key
 }
 
 fn upstream_request(
@@ -378,9 +390,14 @@ fn upstream_request(
                     upstream.name
                 )));
             }
+            // A client may send its tollgate key as its credential too (an SDK that sets
+            // x-api-key from the same variable): that copy never leaves either.
+            let tollgate_key = headers.get("x-tollgate-key").and_then(|v| v.to_str().ok()).map(str::trim);
             for name in ["x-api-key", "authorization"] {
-                if let Some(v) = headers.get(name) {
-                    out.insert(name, v.clone());
+                for v in headers.get_all(name) {
+                    if !tollgate_key.is_some_and(|key| carries_tollgate_key(v, key)) {
+                        out.append(name, v.clone());
+                    }
                 }
             }
         }
