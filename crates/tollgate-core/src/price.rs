@@ -215,13 +215,7 @@ impl PriceEntry {
     /// The most a request can cost: its input bounded by the body size and allowances at the
     /// highest input-side price, plus `max_tokens` at the output price, plus server tools.
     pub fn worst_case(&self, bound: &RequestBound, allow: &Allowances) -> Result<Nanos, PriceError> {
-        let input_tokens = bound
-            .body_bytes
-            .checked_add(
-                bound.web_search_max_uses.checked_mul(allow.input_tokens_per_tool_use).ok_or(PriceError::Overflow)?,
-            )
-            .and_then(|t| t.checked_add(bound.unbounded_inputs.checked_mul(allow.input_tokens_per_unbounded_input)?))
-            .ok_or(PriceError::Overflow)?;
+        let input_tokens = input_tokens_max(bound, allow)?;
         let r = self.rates_for_input(input_tokens);
         let input_rate = r.input_side_max().max(self.rates.input_side_max());
         let output_rate = r.output.max(self.rates.output);
@@ -233,6 +227,29 @@ impl PriceEntry {
         let tokens = self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)?;
         tokens.checked_add(self.tools_cost(bound.web_search_max_uses)?).ok_or(PriceError::Overflow)
     }
+
+    /// The input side of [`PriceEntry::worst_case`]: the request's input-token bound at the
+    /// highest input-side price the worst case uses, with its modifiers, rounded up. It is what a
+    /// call the upstream served is charged for its input when its usage is not known (SPEC
+    /// section 3, "never bill zero for served work"); never more than the worst case.
+    pub fn input_worst_case(&self, bound: &RequestBound, allow: &Allowances) -> Result<Nanos, PriceError> {
+        let input_tokens = input_tokens_max(bound, allow)?;
+        let input_rate = self.rates_for_input(input_tokens).input_side_max().max(self.rates.input_side_max());
+        let sum = i128::from(input_tokens).checked_mul(i128::from(input_rate)).ok_or(PriceError::Overflow)?;
+        self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)
+    }
+}
+
+/// The most input tokens a request can bring: its body size plus the allowances for the server
+/// tool uses and the inputs by URL or file id that the body does not bound.
+fn input_tokens_max(bound: &RequestBound, allow: &Allowances) -> Result<u64, PriceError> {
+    bound
+        .body_bytes
+        .checked_add(
+            bound.web_search_max_uses.checked_mul(allow.input_tokens_per_tool_use).ok_or(PriceError::Overflow)?,
+        )
+        .and_then(|t| t.checked_add(bound.unbounded_inputs.checked_mul(allow.input_tokens_per_unbounded_input)?))
+        .ok_or(PriceError::Overflow)
 }
 
 #[derive(Clone, Copy)]

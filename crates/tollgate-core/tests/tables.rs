@@ -379,6 +379,32 @@ fn worst_case_bounds_the_claude_code_call() {
 }
 
 #[test]
+fn input_worst_case_is_the_input_side_of_the_worst_case() {
+    // What a served call whose usage is unknown is charged for its input: the worst case with no
+    // output and no tool price, under every modifier, and never more than the worst case.
+    let t = table();
+    let allow = Allowances::default();
+    // sonnet-4-5: 1,000 body bytes + 2 searches × 20,000 + 1 URL input × 100,000 = 141,000
+    // tokens at the 1h write price ($6 / MTok) = 846,000,000 nano-USD.
+    let e = t.price_at("claude-sonnet-4-5", date(D)).unwrap();
+    assert_eq!(e.input_worst_case(&b(1_000, 500, 2, 1, STD), &allow), Ok(Nanos(846_000_000)));
+    for model in ["claude-sonnet-4-5", "claude-opus-5-5", "gpt-5", TINY] {
+        let e = t.price_at(model, date(D)).unwrap();
+        for modifiers in [STD, BATCH, GEO, FAST, FAST_GEO_BATCH] {
+            for bound in
+                [b(1, 0, 0, 0, modifiers), b(3_000_000, 64_000, 0, 0, modifiers), b(120, 1_000, 3, 2, modifiers)]
+            {
+                let input = e.input_worst_case(&bound, &allow).unwrap();
+                let no_output = RequestBound { max_tokens: 0, ..bound };
+                let tools = Nanos(e.web_search_per_request.0 * bound.web_search_max_uses as i64);
+                assert_eq!(e.worst_case(&no_output, &allow), Ok(Nanos(input.0 + tools.0)), "{model} {bound:?}");
+                assert!(input <= e.worst_case(&bound, &allow).unwrap(), "{model} {bound:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn worst_case_with_absurd_tool_price_is_an_overflow_not_a_panic() {
     // With the tool allowance configured to 0 the input count does not overflow, so the web-search
     // term u64::MAX × i64::MAX × 1e6 (≈ 1.7e44, beyond i128's 1.7e38) is what must be checked.

@@ -1,27 +1,37 @@
 //! The response body the client reads: the upstream's bytes, forwarded as they arrive and read
 //! on the side for usage. However the body ends (completed, upstream error or cut, client gone)
 //! the call's hold is settled or voided exactly once.
+//!
+//! Never bill zero for served work (SPEC section 3): only an upstream error status is voided
+//! here (an upstream never reached is voided by `proxy`). Once the upstream answered 2xx, the call
+//! is settled at the best usage known; what could not be read is estimated ([`charge`]).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tollgate_core::{Modifiers, PoolKind, PriceEntry, Usage};
+use tollgate_core::price::{Allowances, PriceError};
+use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, RequestBound, Usage};
 use tollgate_store::{NewEvent, SettleRequest};
 
 use crate::lease::{Part, Scope};
 use crate::metrics::{CallLabels, ModelLabels};
 use crate::proxy::Gateway;
 use crate::upstream::Kind;
-use crate::wire::{self, AnthropicStream, OpenAiStream};
+use crate::wire::{self, AnthropicStream, OpenAiStream, Reported};
 
 /// Most bytes of a JSON response kept to read its usage.
 const JSON_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Longest the gateway reads on from the upstream after the client left, for the usage the
+/// upstream has (nearly) sent: `message_start`, or the rest of a JSON answer.
+const READ_ON_MAX: Duration = Duration::from_secs(10);
 
 /// How the response is read for usage.
 pub enum Meter {
@@ -47,6 +57,17 @@ enum End {
     Complete,
     UpstreamCut,
     ClientGone,
+}
+
+/// What the meter read of a served response when it ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    pub reported: Reported,
+    /// Bytes of text forwarded (SSE) or carried (JSON): the floor of an output estimate.
+    pub text_bytes: u64,
+    /// The upstream's whole answer reached the client: the body completed and, for Anthropic's
+    /// stream, `message_start` … `message_stop` came with no `error` event.
+    pub whole: bool,
 }
 
 impl Meter {
@@ -83,41 +104,101 @@ impl Meter {
         }
     }
 
-    /// The usage known now, whether the response is complete, and the partial estimate flag.
-    fn usage(&self, end: End) -> Option<(Usage, bool)> {
+    /// Whether reading on after the client left can still tell the usage: Anthropic's stream
+    /// before `message_start` (sent first, at once), a JSON answer not yet whole (the upstream
+    /// has done the work; the rest of the answer says what it cost). Not OpenAI's stream: its
+    /// usage comes last, and reading on would have the upstream write the whole answer for no one.
+    fn reads_on(&self) -> bool {
+        match self {
+            Meter::AnthropicSse(s) => !s.started,
+            Meter::Json { .. } => true,
+            Meter::Error | Meter::OpenAiSse { .. } => false,
+        }
+    }
+
+    /// What was read, when the response ended; None for an upstream error (voided).
+    fn reading(&self, end: End) -> Option<Reading> {
         match self {
             Meter::Error => None,
             Meter::Json { kind, body } => {
-                if end != End::Complete {
-                    return None;
-                }
-                let usage = match kind {
-                    Kind::Anthropic => wire::anthropic_response_usage(body),
-                    Kind::OpenAi => wire::openai_response_usage(body),
+                let report = match end {
+                    End::Complete => match kind {
+                        Kind::Anthropic => wire::anthropic_response_usage(body),
+                        Kind::OpenAi => wire::openai_response_usage(body),
+                    },
+                    // Only a whole answer is JSON: a part of one tells nothing.
+                    End::UpstreamCut | End::ClientGone => wire::JsonReport::default(),
                 };
-                usage.map(|u| (u, false))
+                Some(Reading { reported: report.reported, text_bytes: report.text_bytes, whole: end == End::Complete })
             }
-            Meter::AnthropicSse(s) => {
-                if !s.started {
-                    return None;
-                }
-                let whole = end == End::Complete && s.stopped && s.error.is_none();
-                let mut usage = s.usage;
-                if !whole {
-                    // Output = the larger of the last count seen and ⌈text bytes forwarded / 3⌉.
-                    usage.output_tokens = usage.output_tokens.max(s.text_bytes.div_ceil(3));
-                }
-                Some((usage, !whole))
-            }
-            Meter::OpenAiSse { stream, .. } => match (stream.usage, end) {
-                (Some(u), _) => Some((u, false)),
-                (None, _) if stream.started => {
-                    Some((Usage { output_tokens: stream.text_bytes.div_ceil(3), ..Usage::default() }, true))
-                }
-                (None, _) => None,
-            },
+            Meter::AnthropicSse(s) => Some(Reading {
+                reported: s.reported,
+                text_bytes: s.text_bytes,
+                whole: end == End::Complete && s.started && s.stopped && s.error.is_none(),
+            }),
+            Meter::OpenAiSse { stream, .. } => Some(Reading {
+                reported: stream.reported,
+                text_bytes: stream.text_bytes,
+                whole: end == End::Complete && stream.done,
+            }),
         }
     }
+}
+
+/// What a served call is charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// The usage read (counts that could not be read are not in it), output raised to the
+    /// estimate from the text when the answer was not whole.
+    pub usage: Usage,
+    pub cost: Nanos,
+    /// Not the upstream's whole, readable report: cut, client gone, an error event, or a count
+    /// that could not be read.
+    pub partial: bool,
+    /// Part of the cost is the hold's estimate, not a reported count: the input side (or the
+    /// server-tool count) was not reported in a readable form.
+    pub estimated: bool,
+}
+
+/// The charge of a served call (SPEC section 3, "never bill zero for served work"): the best
+/// usage known; output at least ⌈text bytes / 3⌉ when the answer was not whole; and, when the
+/// input side is not known, at least the hold's input part (`bound`'s input at the highest
+/// input-side price, [`PriceEntry::input_worst_case`]) plus the rest of the usage read. Prices
+/// come from core only.
+pub fn charge(
+    reading: &Reading,
+    entry: &PriceEntry,
+    modifiers: &Modifiers,
+    bound: &RequestBound,
+    allow: &Allowances,
+) -> Result<Charge, PriceError> {
+    let r = &reading.reported;
+    let exact = reading.whole && r.input_known() && r.output_known() && !r.any_unreadable();
+    let mut usage = r.usage;
+    if !exact {
+        // Output = the larger of the last count seen and ⌈text bytes forwarded / 3⌉.
+        usage.output_tokens = usage.output_tokens.max(reading.text_bytes.div_ceil(3));
+    }
+    let mut estimated = false;
+    if r.web_search_unknown() {
+        usage.web_search_requests = usage.web_search_requests.max(bound.web_search_max_uses);
+        estimated = true;
+    }
+    let mut cost = entry.cost(&usage, modifiers)?;
+    if !r.input_known() {
+        let rest = Usage {
+            output_tokens: usage.output_tokens,
+            web_search_requests: usage.web_search_requests,
+            ..Usage::default()
+        };
+        let estimate = entry
+            .input_worst_case(bound, allow)?
+            .checked_add(entry.cost(&rest, modifiers)?)
+            .ok_or(PriceError::Overflow)?;
+        cost = cost.max(estimate);
+        estimated = true;
+    }
+    Ok(Charge { usage, cost, partial: !exact, estimated })
 }
 
 /// The end of the first complete SSE event (after its blank line), if any.
@@ -143,13 +224,17 @@ pub struct Finish {
     pub model: String,
     pub entry: PriceEntry,
     pub modifiers: Modifiers,
+    /// What the call was held for (its input and output bounds): the estimate of a served call
+    /// whose usage is not known is this bound's input part.
+    pub bound: RequestBound,
     pub source: String,
     pub labels: BTreeMap<String, String>,
     pub started: Instant,
 }
 
 impl Finish {
-    /// Voids the hold; `outcome` says why, for the calls metric.
+    /// Voids the hold — only for a call the upstream did not serve (an error status, never
+    /// reached); `outcome` says why, for the calls metric.
     pub async fn void(self, outcome: &'static str) {
         self.count(outcome);
         if let Some((scope, part)) = &self.lease {
@@ -170,24 +255,37 @@ impl Finish {
         m.calls.get_or_create(&labels).inc();
     }
 
-    async fn settle(self, usage: Usage, partial: bool, ttft_ms: Option<u64>) {
-        self.count(if partial { "partial" } else { "ok" });
-        self.gateway.metrics.usage(self.pool, &self.model, &usage);
-        let now = self.gateway.now();
-        let cost = match self.entry.cost(&usage, &self.modifiers) {
+    /// Settles a served call at its [`charge`]; a call on a lease is settled against it
+    /// (`Store::settle_part`), never given back.
+    async fn settle(self, reading: Reading, ttft_ms: Option<u64>) {
+        let charged = charge(&reading, &self.entry, &self.modifiers, &self.bound, &self.gateway.settings.allowances);
+        let c = match charged {
             Ok(c) => c,
             Err(e) => {
+                // Cannot happen for counts within their per-call bounds; left to the sweeper,
+                // which charges what is held, flagged `unsettled`.
+                self.count("unpriced");
                 tracing::error!(error = %e, hold = %self.hold_id, "cannot price the usage; the hold is kept until it expires");
+                if let Some((scope, part)) = &self.lease {
+                    self.gateway.leases.abandon(scope, part);
+                }
                 return;
             }
         };
+        self.count(match (c.estimated, c.partial) {
+            (true, _) => "estimated",
+            (false, true) => "partial",
+            (false, false) => "ok",
+        });
+        self.gateway.metrics.usage(self.pool, &self.model, &c.usage);
+        let now = self.gateway.now();
         let event = NewEvent {
             id: self.call_id.clone(),
             account: self.account.clone(),
             pool: self.pool,
             model: self.model.clone(),
-            usage,
-            cost,
+            usage: c.usage,
+            cost: c.cost,
             service_tier: self.modifiers.batch.then(|| "batch".to_string()),
             inference_geo: self.modifiers.geo_us.then(|| "us".to_string()),
             speed: self.modifiers.fast.then(|| "fast".to_string()),
@@ -197,8 +295,8 @@ impl Finish {
             timestamp: now,
             latency_ms: Some(self.started.elapsed().as_millis() as u64),
             ttft_ms,
-            partial,
-            estimated: false,
+            partial: c.partial,
+            estimated: c.estimated,
             fingerprint: self.call_id.clone(),
         };
         let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };
@@ -233,7 +331,8 @@ impl Finish {
 }
 
 pub struct MeteredBody {
-    inner: Incoming,
+    /// The upstream's body; taken by the task that reads on after the client left.
+    inner: Option<Incoming>,
     meter: Meter,
     finish: Option<Finish>,
     ttft_ms: Option<u64>,
@@ -244,7 +343,7 @@ pub struct MeteredBody {
 impl MeteredBody {
     pub fn new(inner: Incoming, meter: Meter, finish: Finish) -> MeteredBody {
         let renewed = finish.started;
-        MeteredBody { inner, meter, finish: Some(finish), ttft_ms: None, renewed }
+        MeteredBody { inner: Some(inner), meter, finish: Some(finish), ttft_ms: None, renewed }
     }
 
     /// A stream still sending data keeps its hold alive: past half its time to live, the hold
@@ -265,24 +364,46 @@ impl MeteredBody {
         });
     }
 
-    /// Settles (usage known) or voids (none) once, in a task of its own: a body cannot await.
+    /// Settles (served) or voids (an upstream error) once, in a task of its own: a body cannot
+    /// await.
     fn end(&mut self, end: End) {
         let Some(finish) = self.finish.take() else { return };
-        let usage = self.meter.usage(end);
+        let reading = self.meter.reading(end);
         let ttft_ms = self.ttft_ms;
-        let outcome = match (&self.meter, end) {
-            (Meter::Error, _) => "upstream_error",
-            (_, End::ClientGone) => "client_gone",
-            (_, End::UpstreamCut) => "cut",
-            (_, End::Complete) => "no_usage",
-        };
-        tokio::spawn(async move {
-            match usage {
-                Some((usage, partial)) => finish.settle(usage, partial, ttft_ms).await,
-                None => finish.void(outcome).await,
-            }
-        });
+        tokio::spawn(finish.end(reading, ttft_ms));
     }
+}
+
+impl Finish {
+    async fn end(self, reading: Option<Reading>, ttft_ms: Option<u64>) {
+        match reading {
+            Some(reading) => self.settle(reading, ttft_ms).await,
+            None => self.void("upstream_error").await,
+        }
+    }
+}
+
+/// After the client left: reads on from the upstream, forwarding nothing, while that can still
+/// tell the usage ([`Meter::reads_on`]), for at most `limit`; then the upstream connection is
+/// dropped. Returns how the upstream's body ended, if it did.
+async fn read_on(mut inner: Incoming, meter: &mut Meter, limit: Duration) -> Option<End> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while meter.reads_on() {
+        match tokio::time::timeout_at(deadline, inner.frame()).await {
+            Err(_) => return None,
+            Ok(None) => return Some(End::Complete),
+            Ok(Some(Err(_))) => return Some(End::UpstreamCut),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    meter.feed(data);
+                }
+                if inner.is_end_stream() {
+                    return Some(End::Complete);
+                }
+            }
+        }
+    }
+    None
 }
 
 impl Body for MeteredBody {
@@ -292,7 +413,8 @@ impl Body for MeteredBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
-            return match Pin::new(&mut this.inner).poll_frame(cx) {
+            let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+            return match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
                     this.end(End::Complete);
@@ -312,7 +434,7 @@ impl Body for MeteredBody {
                         this.keep_hold_alive();
                         let out = this.meter.feed(data);
                         // hyper stops polling a body that says it has ended: settle now.
-                        if this.inner.is_end_stream() {
+                        if this.is_end_stream() {
                             this.end(End::Complete);
                         }
                         if out.is_empty() {
@@ -327,14 +449,131 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 }
 
 impl Drop for MeteredBody {
+    /// The client is gone before the body ended (it may not have polled a single frame). The
+    /// upstream served the call, so it is settled, never voided: at once with what was read, or,
+    /// while reading on can still tell the usage, after reading on (bounded by `READ_ON_MAX`
+    /// and half the hold's time to live, so the hold cannot expire meanwhile).
     fn drop(&mut self) {
-        if self.finish.is_some() {
-            self.end(End::ClientGone);
+        let Some(finish) = self.finish.take() else { return };
+        let ttft_ms = self.ttft_ms;
+        let inner = self.inner.take();
+        match inner {
+            Some(inner) if self.meter.reads_on() => {
+                let mut meter = std::mem::replace(&mut self.meter, Meter::Error);
+                let limit = READ_ON_MAX.min(Duration::from_millis(finish.gateway.settings.hold_ttl_s * 500));
+                tokio::spawn(async move {
+                    // What the upstream sent after the client left was not forwarded: even a
+                    // body read whole (a JSON answer, parsed for its usage) is not `whole`.
+                    let end = read_on(inner, &mut meter, limit).await.unwrap_or(End::ClientGone);
+                    let reading = meter.reading(end).map(|r| Reading { whole: false, ..r });
+                    finish.end(reading, ttft_ms).await;
+                });
+            }
+            _ => {
+                let reading = self.meter.reading(End::ClientGone);
+                tokio::spawn(finish.end(reading, ttft_ms));
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::PriceTable;
+
+    /// What an Anthropic stream of these `data:` payloads reported.
+    fn reported(events: &[&str]) -> Reported {
+        let mut s = AnthropicStream::default();
+        for e in events {
+            s.feed(format!("data: {e}\n\n").as_bytes());
+        }
+        s.reported
+    }
+
+    const START_100: &str = r#"{"type":"message_start","message":{"usage":{"input_tokens":100,"output_tokens":1}}}"#;
+    const DELTA_20: &str = r#"{"type":"message_delta","usage":{"output_tokens":20}}"#;
+    const START_GARBAGE: &str =
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":-5,"output_tokens":-5}}}"#;
+    const START_SEARCH_UNREADABLE: &str = r#"{"type":"message_start","message":{"usage":{"input_tokens":100,"output_tokens":1,"server_tool_use":{"web_search_requests":"x"}}}}"#;
+
+    struct Row {
+        what: &'static str,
+        events: &'static [&'static str],
+        text_bytes: u64,
+        whole: bool,
+        /// (cost in nano-USD, partial, estimated)
+        want: (i64, bool, bool),
+    }
+
+    #[test]
+    fn every_served_ending_is_charged() {
+        // Sonnet 4.5: $3 in, $15 out, $6 for a 1h cache write, $10 per 1,000 searches. The call
+        // was held for 200 input tokens (its body) and 1,000 output tokens, 2 searches: the
+        // hold's input part is (200 + 2 × 20,000 allowance) × $6 / MTok = 241,200,000 nano-USD.
+        const INPUT_PART: i64 = 40_200 * 6_000;
+        let rows = [
+            Row {
+                what: "whole",
+                events: &[START_100, DELTA_20],
+                text_bytes: 29,
+                whole: true,
+                want: (600_000, false, false),
+            },
+            Row {
+                what: "cut after message_start: output from the text",
+                events: &[START_100],
+                text_bytes: 11,
+                whole: false,
+                want: (100 * 3_000 + 4 * 15_000, true, false),
+            },
+            Row { what: "nothing read", events: &[], text_bytes: 0, whole: false, want: (INPUT_PART, true, true) },
+            Row {
+                what: "no message_start, output known",
+                events: &[DELTA_20],
+                text_bytes: 29,
+                whole: false,
+                want: (INPUT_PART + 20 * 15_000, true, true),
+            },
+            Row {
+                what: "unreadable counts in a complete stream",
+                events: &[START_GARBAGE],
+                text_bytes: 29,
+                whole: true,
+                want: (INPUT_PART + 10 * 15_000, true, true),
+            },
+            Row {
+                what: "unreadable search count: the hold's 2",
+                events: &[START_SEARCH_UNREADABLE, DELTA_20],
+                text_bytes: 29,
+                whole: true,
+                want: (600_000 + 2 * 10_000_000, true, true),
+            },
+        ];
+        let table = PriceTable::builtin();
+        let entry =
+            table.price_at("claude-sonnet-4-5", chrono::NaiveDate::from_ymd_opt(2026, 11, 10).unwrap()).unwrap();
+        let bound = RequestBound {
+            body_bytes: 200,
+            max_tokens: 1_000,
+            web_search_max_uses: 2,
+            unbounded_inputs: 0,
+            modifiers: Modifiers::default(),
+        };
+        let mut failures = Vec::new();
+        for row in &rows {
+            let reading = Reading { reported: reported(row.events), text_bytes: row.text_bytes, whole: row.whole };
+            let c = charge(&reading, entry, &Modifiers::default(), &bound, &Allowances::default()).unwrap();
+            let got = (c.cost.0, c.partial, c.estimated);
+            if got != row.want {
+                failures.push(format!("{}: got {got:?}, want {:?}", row.what, row.want));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -241,11 +241,27 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response
 }
 
 async fn messages(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
-    metered_call(gw, Kind::Anthropic, request).await.unwrap_or_else(|e| e.into_response_for(Kind::Anthropic))
+    metered(gw, Kind::Anthropic, request).await
 }
 
 async fn chat_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
-    metered_call(gw, Kind::OpenAi, request).await.unwrap_or_else(|e| e.into_response_for(Kind::OpenAi))
+    metered(gw, Kind::OpenAi, request).await
+}
+
+/// Runs a metered call in a task of its own, so that a client that leaves (which drops this
+/// handler) cannot stop it halfway with its hold open: a call held but not yet forwarded is then
+/// voided, and a call forwarded ends by the upstream's answer (SPEC section 3: voided on an
+/// error status, settled once served).
+async fn metered(gw: Arc<Gateway>, kind: Kind, request: Request) -> Response {
+    // Dropped with this handler: tells the call its client is gone.
+    let (_client_here, client) = tokio::sync::oneshot::channel::<()>();
+    match tokio::spawn(metered_call(gw, kind, request, client)).await {
+        Ok(answer) => answer.unwrap_or_else(|e| e.into_response_for(kind)),
+        Err(e) => {
+            tracing::error!(error = %e, "a gateway call failed");
+            GatewayError::Internal("the gateway failed while serving the call".into()).into_response_for(kind)
+        }
+    }
 }
 
 /// Forwarded, not billed (SPEC section 4); the caller must still hold a tollgate key.
@@ -328,25 +344,37 @@ fn pick_upstream<'a>(gw: &'a Gateway, kind: Kind, model: &str) -> Result<&'a Ups
         .ok_or_else(|| no_upstream(kind, Some(model)))
 }
 
-/// Headers never copied to the upstream: hop-by-hop ones, the length (recomputed), and
-/// tollgate's own. Credentials are handled apart.
+/// Headers never copied to the upstream: hop-by-hop ones, the length (recomputed), and every
+/// `x-tollgate-*` header (tollgate's own: the key, the pool, and any other a client adds).
+/// Credentials are handled apart.
 fn copied(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "x-api-key"
-            | "authorization"
-            | "x-tollgate-key"
-            | "x-tollgate-pool"
-    )
+    !name.as_str().starts_with("x-tollgate-")
+        && !matches!(
+            name.as_str(),
+            "host"
+                | "content-length"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "x-api-key"
+                | "authorization"
+        )
+}
+
+/// Whether a credential header carries the tollgate key: `x-api-key: <key>` or
+/// `Authorization: Bearer <key>` (any case of the scheme, spaces around the key ignored).
+fn carries_tollgate_key(value: &HeaderValue, tollgate_key: &str) -> bool {
+    let Ok(value) = value.to_str() else { return false };
+    let value = value.trim();
+    let token = match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => value,
+    };
+    token == tollgate_key
 }
 
 fn upstream_request(
@@ -386,9 +414,14 @@ fn upstream_request(
                     upstream.name
                 )));
             }
+            // A client may send its tollgate key as its credential too (an SDK that sets
+            // x-api-key from the same variable): that copy never leaves either.
+            let tollgate_key = headers.get("x-tollgate-key").and_then(|v| v.to_str().ok()).map(str::trim);
             for name in ["x-api-key", "authorization"] {
-                if let Some(v) = headers.get(name) {
-                    out.insert(name, v.clone());
+                for v in headers.get_all(name) {
+                    if !tollgate_key.is_some_and(|key| carries_tollgate_key(v, key)) {
+                        out.append(name, v.clone());
+                    }
                 }
             }
         }
@@ -513,12 +546,20 @@ struct Admitted {
     hold_id: String,
     /// The call's part of a lease, when it runs on one (then `hold_id` is the lease's).
     part: Option<crate::lease::Part>,
+    /// The input and output bounds the call was held at (after fitting, if it was fitted).
+    input_tokens_max: u64,
+    max_tokens: u64,
     remaining_after: Option<Nanos>,
     clamped_to: Option<u64>,
     body: bytes::Bytes,
 }
 
-async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<Response, GatewayError> {
+async fn metered_call(
+    gw: Arc<Gateway>,
+    kind: Kind,
+    request: Request,
+    mut client: tokio::sync::oneshot::Receiver<()>,
+) -> Result<Response, GatewayError> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let (key, separate) = authenticate(&gw, &parts.headers).await?;
@@ -563,8 +604,6 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
     )
     .await?;
 
-    let forward =
-        upstream_request(&upstream, parts.method, &parts.uri, &parts.headers, admitted.body.clone(), separate)?;
     let finish = Finish {
         gateway: gw.clone(),
         account: key.account.clone(),
@@ -575,16 +614,42 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         model: model.clone(),
         entry: entry.clone(),
         modifiers: modifiers(&facts),
+        bound: bound(admitted.input_tokens_max, admitted.max_tokens, &facts),
         source: source.clone(),
         labels: key.labels.clone(),
         started,
     };
     gw.metrics.holds_open.inc();
-    let api = match kind {
-        Kind::Anthropic => "anthropic",
-        Kind::OpenAi => "openai",
-    };
-    gw.metrics.overhead.get_or_create(&KindLabels { api }).observe(started.elapsed().as_secs_f64());
+    let forward =
+        match upstream_request(&upstream, parts.method, &parts.uri, &parts.headers, admitted.body.clone(), separate) {
+            Ok(f) => f,
+            Err(e) => {
+                // Held but never forwarded: nothing was served.
+                finish.void("not_forwarded").await;
+                return Err(e);
+            }
+        };
+    if matches!(client.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)) {
+        // The client left while the call was held: nobody would read the answer.
+        finish.void("not_forwarded").await;
+        return Err(GatewayError::Internal("the client left before the call was forwarded".into()));
+    }
+    gw.metrics.overhead.get_or_create(&KindLabels { api: api_label(kind) }).observe(started.elapsed().as_secs_f64());
+    // A client that leaves from now on no longer stops the call (it runs in a task of its own,
+    // `metered`): it ends by the upstream's answer, and a body built for no one is dropped.
+    forward_and_meter(forward, finish, kind, strip_usage_chunk, admitted).await
+}
+
+/// Sends the call upstream and answers with its response, the body metered.
+async fn forward_and_meter(
+    forward: axum::http::Request<Body>,
+    finish: Finish,
+    kind: Kind,
+    strip_usage_chunk: bool,
+    admitted: Admitted,
+) -> Result<Response, GatewayError> {
+    let (gw, pool) = (finish.gateway.clone(), finish.pool);
+    let api = api_label(kind);
     let sent = Instant::now();
     let response = match send(&gw, forward).await {
         Ok(r) => r,
@@ -597,7 +662,7 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
     let (mut head, incoming) = response.into_parts();
     let headers = &mut head.headers;
     headers.insert("x-tollgate-pool", HeaderValue::from_static(pool.as_str()));
-    headers.insert("x-tollgate-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
+    headers.insert("x-tollgate-request-id", HeaderValue::from_str(&finish.call_id).expect("ids are ASCII"));
     if let Some(r) = admitted.remaining_after {
         headers.insert("x-tollgate-remaining-usd", HeaderValue::from_str(&r.to_string()).expect("amounts are ASCII"));
     }
@@ -605,7 +670,7 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         headers.insert("x-tollgate-max-tokens-clamped", HeaderValue::from(m));
     }
     if gw.settings.claude_code_warnings && kind == Kind::Anthropic {
-        warn_claude_code(&gw, &key.account, pool, headers).await;
+        warn_claude_code(&gw, &finish.account, pool, headers).await;
     }
     if !head.status.is_success() {
         // Errors are not billed: void, and forward the error unchanged.
@@ -626,6 +691,14 @@ async fn metered_call(gw: Arc<Gateway>, kind: Kind, request: Request) -> Result<
         head.headers.remove(axum::http::header::CONTENT_LENGTH);
     }
     Ok(Response::from_parts(head, Body::new(MeteredBody::new(incoming, meter, finish))))
+}
+
+/// The `api` label of the gateway's latency metrics.
+fn api_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Anthropic => "anthropic",
+        Kind::OpenAi => "openai",
+    }
 }
 
 /// Claude Code shows its own usage warning when it sees these headers (as a subscription's rate
@@ -684,7 +757,15 @@ async fn admit(
         }
         let remaining_after = gw.leases.remaining(&crate::lease::scope(key, pool));
         let hold_id = part.lease_id.clone();
-        return Ok(Admitted { hold_id, part: Some(part), remaining_after, clamped_to: None, body });
+        return Ok(Admitted {
+            hold_id,
+            part: Some(part),
+            input_tokens_max: input_max,
+            max_tokens: wanted,
+            remaining_after,
+            clamped_to: None,
+            body,
+        });
     }
     let mut refusal = hold(gw, key, pool, source, model, amount, id).await?;
     if refusal.is_err() && crate::lease::give_back(gw, key, pool).await {
@@ -693,7 +774,15 @@ async fn admit(
     let refusal = match refusal {
         Ok(h) => {
             crate::lease::top_up(gw, key, pool, h.1);
-            return Ok(Admitted { hold_id: h.0, part: None, remaining_after: h.1, clamped_to: None, body });
+            return Ok(Admitted {
+                hold_id: h.0,
+                part: None,
+                input_tokens_max: input_max,
+                max_tokens: wanted,
+                remaining_after: h.1,
+                clamped_to: None,
+                body,
+            });
         }
         Err(r) => r,
     };
@@ -729,6 +818,8 @@ async fn admit(
         Ok(h) => Ok(Admitted {
             hold_id: h.0,
             part: None,
+            input_tokens_max: input_bound,
+            max_tokens: fitted,
             remaining_after: h.1,
             clamped_to: Some(fitted),
             body: bytes::Bytes::from(clamped_body),

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 use tollgate_core::Usage;
+use tollgate_core::usage::{TOKENS_PER_CALL_MAX, TOOL_REQUESTS_PER_CALL_MAX};
 
 /// What pricing needs to know about a request before it is forwarded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,96 +143,212 @@ pub fn anthropic_clamp(body: &[u8], max_tokens: u64) -> Result<Vec<u8>, BadReque
     serde_json::to_vec(&v).map_err(|e| BadRequest(format!("cannot re-encode the request: {e}")))
 }
 
-/// Anthropic's usage object, every field optional (deltas carry only some).
-#[derive(Debug, Default, Deserialize)]
-struct AnthropicUsage {
-    input_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    cache_creation: Option<CacheCreation>,
-    output_tokens: Option<u64>,
-    server_tool_use: Option<ServerToolUse>,
+/// One usage count as a report gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Count {
+    /// A whole number within the per-call bound.
+    Sane(u64),
+    /// Text, a negative or fractional number, or a number above the per-call bound (2^64 too):
+    /// never read as some smaller number, the field is unknown.
+    Unreadable,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct CacheCreation {
-    ephemeral_5m_input_tokens: Option<u64>,
-    ephemeral_1h_input_tokens: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ServerToolUse {
-    web_search_requests: Option<u64>,
-}
-
-impl AnthropicUsage {
-    /// Overwrites, field by field, what this (cumulative) usage carries.
-    fn apply(&self, usage: &mut Usage) {
-        if let Some(v) = self.input_tokens {
-            usage.input_tokens = v;
+impl Count {
+    /// The count of a JSON value; None when the field is absent (`null`).
+    fn read(v: Option<&Value>, max: u64) -> Option<Count> {
+        match v? {
+            Value::Null => None,
+            v => Some(match v.as_u64() {
+                Some(n) if n <= max => Count::Sane(n),
+                _ => Count::Unreadable,
+            }),
         }
-        match (&self.cache_creation, self.cache_creation_input_tokens) {
-            (Some(c), _) if c.ephemeral_5m_input_tokens.is_some() || c.ephemeral_1h_input_tokens.is_some() => {
-                usage.cache_creation_5m_input_tokens = c.ephemeral_5m_input_tokens.unwrap_or(0);
-                usage.cache_creation_1h_input_tokens = c.ephemeral_1h_input_tokens.unwrap_or(0);
+    }
+
+    fn tokens(v: Option<&Value>) -> Option<Count> {
+        Count::read(v, TOKENS_PER_CALL_MAX)
+    }
+}
+
+/// The fields of a usage, as bits of [`Reported`]'s masks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Input = 1,
+    CacheWrite5m = 2,
+    CacheWrite1h = 4,
+    CacheRead = 8,
+    Output = 16,
+    WebSearch = 32,
+}
+
+const INPUT_SIDE: u8 =
+    Field::Input as u8 | Field::CacheWrite5m as u8 | Field::CacheWrite1h as u8 | Field::CacheRead as u8;
+
+/// The usage a response has reported so far, field by field. Anthropic's stream reports
+/// cumulative counts, so each field holds the largest sane count reported: a later, smaller one
+/// is a misreport, not a refund. A field reported only in a form that cannot be read stays
+/// unknown, and the meter estimates it rather than read it as zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub usage: Usage,
+    /// Fields reported with a sane count at least once.
+    known: u8,
+    /// Fields reported at least once with a count that cannot be read.
+    unreadable: u8,
+}
+
+impl Reported {
+    fn set(&mut self, field: Field, count: Count) {
+        let n = match count {
+            Count::Sane(n) => n,
+            Count::Unreadable => {
+                self.unreadable |= field as u8;
+                return;
             }
+        };
+        self.known |= field as u8;
+        let u = &mut self.usage;
+        let slot = match field {
+            Field::Input => &mut u.input_tokens,
+            Field::CacheWrite5m => &mut u.cache_creation_5m_input_tokens,
+            Field::CacheWrite1h => &mut u.cache_creation_1h_input_tokens,
+            Field::CacheRead => &mut u.cache_read_input_tokens,
+            Field::Output => &mut u.output_tokens,
+            Field::WebSearch => &mut u.web_search_requests,
+        };
+        *slot = (*slot).max(n);
+    }
+
+    fn set_some(&mut self, field: Field, count: Option<Count>) {
+        if let Some(c) = count {
+            self.set(field, c);
+        }
+    }
+
+    /// The input side is known: `input_tokens` was reported as a sane count, and no input-side
+    /// count (input, cache writes, cache reads) was reported only unreadably.
+    pub fn input_known(&self) -> bool {
+        self.known & Field::Input as u8 != 0 && self.unreadable & !self.known & INPUT_SIDE == 0
+    }
+
+    /// `output_tokens` was reported as a sane count.
+    pub fn output_known(&self) -> bool {
+        self.known & Field::Output as u8 != 0
+    }
+
+    /// The server-tool count was reported, but only unreadably.
+    pub fn web_search_unknown(&self) -> bool {
+        self.unreadable & !self.known & Field::WebSearch as u8 != 0
+    }
+
+    /// Some count could not be read, even if another report of it could.
+    pub fn any_unreadable(&self) -> bool {
+        self.unreadable != 0
+    }
+
+    /// Reads an Anthropic usage object (`message_start`'s, a `message_delta`'s or a JSON
+    /// answer's); absent fields keep their value.
+    fn read_anthropic(&mut self, usage: &Value) {
+        let Some(o) = usage.as_object() else {
+            if !usage.is_null() {
+                // Not an object at all: nothing of it can be read.
+                self.set(Field::Input, Count::Unreadable);
+                self.set(Field::Output, Count::Unreadable);
+            }
+            return;
+        };
+        self.set_some(Field::Input, Count::tokens(o.get("input_tokens")));
+        let split = o.get("cache_creation");
+        let w5 = Count::tokens(split.and_then(|c| c.get("ephemeral_5m_input_tokens")));
+        let w1 = Count::tokens(split.and_then(|c| c.get("ephemeral_1h_input_tokens")));
+        if w5.is_some() || w1.is_some() {
+            self.set(Field::CacheWrite5m, w5.unwrap_or(Count::Sane(0)));
+            self.set(Field::CacheWrite1h, w1.unwrap_or(Count::Sane(0)));
+        } else {
             // Without the split, cache writes are 5-minute writes (the API's default TTL).
-            (_, Some(total)) => {
-                usage.cache_creation_5m_input_tokens = total.saturating_sub(usage.cache_creation_1h_input_tokens);
+            let total = Count::tokens(o.get("cache_creation_input_tokens"));
+            let w5 = total.map(|t| match t {
+                Count::Sane(t) => Count::Sane(t.saturating_sub(self.usage.cache_creation_1h_input_tokens)),
+                unreadable => unreadable,
+            });
+            self.set_some(Field::CacheWrite5m, w5);
+        }
+        self.set_some(Field::CacheRead, Count::tokens(o.get("cache_read_input_tokens")));
+        self.set_some(Field::Output, Count::tokens(o.get("output_tokens")));
+        let searches = o.get("server_tool_use").and_then(|t| t.get("web_search_requests"));
+        self.set_some(Field::WebSearch, Count::read(searches, TOOL_REQUESTS_PER_CALL_MAX));
+    }
+
+    /// Reads an OpenAI usage object: `prompt_tokens` include the cached ones, which are priced
+    /// as cache reads.
+    fn read_openai(&mut self, usage: &Value) {
+        let Some(o) = usage.as_object() else {
+            if !usage.is_null() {
+                self.set(Field::Input, Count::Unreadable);
+                self.set(Field::Output, Count::Unreadable);
             }
-            _ => {}
+            return;
+        };
+        let prompt = Count::tokens(o.get("prompt_tokens"));
+        let cached = Count::tokens(o.get("prompt_tokens_details").and_then(|d| d.get("cached_tokens")));
+        match (prompt, cached) {
+            (Some(Count::Sane(p)), None | Some(Count::Sane(_))) => {
+                let cached = match cached {
+                    Some(Count::Sane(c)) => c,
+                    _ => 0,
+                };
+                let u = Usage::from_openai(p, cached, 0);
+                self.set(Field::Input, Count::Sane(u.input_tokens));
+                self.set(Field::CacheRead, Count::Sane(u.cache_read_input_tokens));
+            }
+            (prompt, cached) => {
+                self.set_some(Field::Input, prompt.map(|_| Count::Unreadable));
+                self.set_some(Field::CacheRead, cached.map(|_| Count::Unreadable));
+            }
         }
-        if let Some(v) = self.cache_read_input_tokens {
-            usage.cache_read_input_tokens = v;
-        }
-        if let Some(v) = self.output_tokens {
-            usage.output_tokens = v;
-        }
-        if let Some(v) = self.server_tool_use.as_ref().and_then(|s| s.web_search_requests) {
-            usage.web_search_requests = v;
-        }
+        self.set_some(Field::Output, Count::tokens(o.get("completion_tokens")));
     }
 }
 
-/// The usage of a non-streaming Anthropic response body; None when it has none.
-pub fn anthropic_response_usage(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Response {
-        usage: Option<AnthropicUsage>,
+/// What a whole JSON answer reports: its usage, and the bytes of text it carries (the floor of
+/// an output estimate when its count cannot be read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JsonReport {
+    pub reported: Reported,
+    pub text_bytes: u64,
+}
+
+fn str_len(v: Option<&Value>) -> u64 {
+    v.and_then(Value::as_str).map_or(0, |s| s.len() as u64)
+}
+
+/// The usage of a non-streaming Anthropic answer; nothing known when it is not JSON.
+pub fn anthropic_response_usage(body: &[u8]) -> JsonReport {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return JsonReport::default() };
+    let mut report = JsonReport::default();
+    if let Some(u) = v.get("usage") {
+        report.reported.read_anthropic(u);
     }
-    let r: Response = serde_json::from_slice(body).ok()?;
-    let mut usage = Usage::default();
-    r.usage?.apply(&mut usage);
-    Some(usage)
-}
-
-/// The usage of a non-streaming OpenAI response body; None when it has none.
-pub fn openai_response_usage(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Response {
-        usage: Option<OpenAiUsage>,
+    for block in v.get("content").and_then(Value::as_array).into_iter().flatten() {
+        report.text_bytes += str_len(block.get("text")) + str_len(block.get("thinking"));
+        if let Some(input) = block.get("input").filter(|i| !i.is_null()) {
+            report.text_bytes += input.to_string().len() as u64;
+        }
     }
-    let r: Response = serde_json::from_slice(body).ok()?;
-    r.usage.map(|u| u.to_usage())
+    report
 }
 
-#[derive(Debug, Deserialize)]
-struct OpenAiUsage {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    prompt_tokens_details: Option<PromptDetails>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PromptDetails {
-    cached_tokens: Option<u64>,
-}
-
-impl OpenAiUsage {
-    fn to_usage(&self) -> Usage {
-        let cached = self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
-        Usage::from_openai(self.prompt_tokens, cached, self.completion_tokens)
+/// The usage of a non-streaming OpenAI answer; nothing known when it is not JSON.
+pub fn openai_response_usage(body: &[u8]) -> JsonReport {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return JsonReport::default() };
+    let mut report = JsonReport::default();
+    if let Some(u) = v.get("usage") {
+        report.reported.read_openai(u);
     }
+    for choice in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        report.text_bytes += str_len(choice.pointer("/message/content"));
+    }
+    report
 }
 
 /// Splits a byte stream into SSE lines across chunk boundaries.
@@ -274,13 +391,14 @@ fn data_of(line: &[u8]) -> Option<&[u8]> {
     Some(d.strip_prefix(b" ").unwrap_or(d))
 }
 
-/// Reads an Anthropic SSE stream on the side: the usage of `message_start`, overwritten field by
-/// field by each cumulative `message_delta`; the text forwarded (for a cut stream's estimate);
-/// whether the stream finished (`message_stop`) or reported an error.
+/// Reads an Anthropic SSE stream on the side: the usage of `message_start`, then of each
+/// cumulative `message_delta`, field by field (each field its largest sane count); the text
+/// forwarded (for a cut stream's estimate); whether the stream finished (`message_stop`) or
+/// reported an error.
 #[derive(Debug, Default)]
 pub struct AnthropicStream {
     lines: Lines,
-    pub usage: Usage,
+    pub reported: Reported,
     pub started: bool,
     pub stopped: bool,
     pub error: Option<String>,
@@ -300,63 +418,41 @@ impl AnthropicStream {
     }
 
     fn on_data(&mut self, data: &[u8]) {
-        #[derive(Deserialize)]
-        struct Event {
-            #[serde(rename = "type")]
-            kind: String,
-            message: Option<Message>,
-            usage: Option<AnthropicUsage>,
-            delta: Option<Delta>,
-            error: Option<ErrorBody>,
-        }
-        #[derive(Deserialize)]
-        struct Message {
-            usage: Option<AnthropicUsage>,
-        }
-        #[derive(Deserialize)]
-        struct Delta {
-            text: Option<String>,
-            thinking: Option<String>,
-            partial_json: Option<String>,
-        }
-        #[derive(Deserialize)]
-        struct ErrorBody {
-            #[serde(rename = "type")]
-            kind: Option<String>,
-        }
-        let Ok(event) = serde_json::from_slice::<Event>(data) else { return };
-        match event.kind.as_str() {
+        let Ok(event) = serde_json::from_slice::<Value>(data) else { return };
+        match event.get("type").and_then(Value::as_str).unwrap_or("") {
             "message_start" => {
                 self.started = true;
-                if let Some(u) = event.message.and_then(|m| m.usage) {
-                    u.apply(&mut self.usage);
+                if let Some(u) = event.pointer("/message/usage") {
+                    self.reported.read_anthropic(u);
                 }
             }
             "message_delta" => {
-                if let Some(u) = event.usage {
-                    u.apply(&mut self.usage);
+                if let Some(u) = event.get("usage") {
+                    self.reported.read_anthropic(u);
                 }
             }
             "content_block_delta" => {
-                if let Some(d) = event.delta {
-                    let n = [d.text, d.thinking, d.partial_json].iter().flatten().map(String::len).sum::<usize>();
-                    self.text_bytes += n as u64;
+                if let Some(d) = event.get("delta") {
+                    let n = str_len(d.get("text")) + str_len(d.get("thinking")) + str_len(d.get("partial_json"));
+                    self.text_bytes += n;
                 }
             }
             "message_stop" => self.stopped = true,
-            "error" => self.error = Some(event.error.and_then(|e| e.kind).unwrap_or_else(|| "error".into())),
+            "error" => {
+                let kind = event.pointer("/error/type").and_then(Value::as_str).unwrap_or("error");
+                self.error = Some(kind.to_string());
+            }
             _ => {}
         }
     }
 }
 
-/// Reads an OpenAI chat-completions SSE stream on the side. When tollgate asked for the usage
-/// chunk on the client's behalf, [`OpenAiStream::feed`] reports the byte ranges to drop so the
-/// client does not see it.
+/// Reads an OpenAI chat-completions SSE stream on the side: the usage chunk (which tollgate asks
+/// for), the text forwarded, whether `[DONE]` arrived.
 #[derive(Debug, Default)]
 pub struct OpenAiStream {
     lines: Lines,
-    pub usage: Option<Usage>,
+    pub reported: Reported,
     pub done: bool,
     pub text_bytes: u64,
     pub started: bool,
@@ -378,29 +474,13 @@ impl OpenAiStream {
             self.done = true;
             return;
         }
-        #[derive(Deserialize)]
-        struct Chunk {
-            usage: Option<OpenAiUsage>,
-            #[serde(default)]
-            choices: Vec<Choice>,
-        }
-        #[derive(Deserialize)]
-        struct Choice {
-            delta: Option<ChoiceDelta>,
-        }
-        #[derive(Deserialize)]
-        struct ChoiceDelta {
-            content: Option<String>,
-        }
-        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else { return };
+        let Ok(chunk) = serde_json::from_slice::<Value>(data) else { return };
         self.started = true;
-        if let Some(u) = chunk.usage {
-            self.usage = Some(u.to_usage());
+        if let Some(u) = chunk.get("usage") {
+            self.reported.read_openai(u);
         }
-        for c in chunk.choices {
-            if let Some(text) = c.delta.and_then(|d| d.content) {
-                self.text_bytes += text.len() as u64;
-            }
+        for c in chunk.get("choices").and_then(Value::as_array).into_iter().flatten() {
+            self.text_bytes += str_len(c.pointer("/delta/content"));
         }
     }
 }

@@ -4,9 +4,20 @@
 //!
 //! - `x-mock-usage: input,output[,cache_5m,cache_1h,cache_read,web_search]` (default `100,20`)
 //! - `x-mock-status: 529` — answer this error status in the API's error format
-//! - `x-mock-delay-ms: 200` — wait this long before each SSE event (and before a JSON answer)
+//! - `x-mock-delay-ms: 200` — wait this long before each SSE event (and before a JSON answer, an
+//!   error status or a `count_tokens` answer)
 //! - `x-mock-cut-after: 3` — break the connection after this many SSE events
 //! - `x-mock-input-tokens: 5000` — what `count_tokens` answers
+//! - `x-mock-usage-raw: -5` — every usage count is reported as this JSON text verbatim (Anthropic
+//!   route): `"lots"`, `-5`, `12.5`, `18446744073709551616` (2^64, one past `u64::MAX`)
+//! - `x-mock-no-message-start: 1` — the stream has no `message_start` event
+//! - `x-mock-delta-usage: output` — `message_delta` reports only `output_tokens` (no input counts)
+//! - `x-mock-output-steps: 500,30` — `message_delta` events reporting these `output_tokens` come
+//!   before the final one (whose count is the usage's): cumulative usage that goes down
+//! - `x-mock-split-events: 1` — each SSE event is sent in two writes, its first line and the rest
+//!   (`x-mock-delay-ms` before each; `x-mock-cut-after` then counts writes)
+//! - `x-mock-json-chunks: 2` — a JSON answer is sent in this many pieces, `x-mock-delay-ms`
+//!   apart (the first at once, with the headers)
 //!
 //! Every request received is kept (method, path and query, headers, body) for assertions.
 
@@ -77,7 +88,17 @@ struct Steer {
     status: Option<u16>,
     delay: Duration,
     cut_after: Option<usize>,
+    /// JSON text that replaces every usage count.
+    usage_raw: Option<String>,
+    no_message_start: bool,
+    delta_usage_output_only: bool,
+    output_steps: Vec<u64>,
+    json_chunks: Option<usize>,
+    split_events: bool,
 }
+
+/// Stands for a usage count in the JSON text until `x-mock-usage-raw` replaces it.
+const RAW: &str = "__mock_raw_count__";
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
@@ -97,6 +118,34 @@ fn steer(headers: &HeaderMap) -> Steer {
         status: header_u64(headers, "x-mock-status").map(|s| s as u16),
         delay: Duration::from_millis(header_u64(headers, "x-mock-delay-ms").unwrap_or(0)),
         cut_after: header_u64(headers, "x-mock-cut-after").map(|n| n as usize),
+        usage_raw: header_str(headers, "x-mock-usage-raw"),
+        no_message_start: headers.contains_key("x-mock-no-message-start"),
+        delta_usage_output_only: header_str(headers, "x-mock-delta-usage").as_deref() == Some("output"),
+        output_steps: header_str(headers, "x-mock-output-steps")
+            .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+            .unwrap_or_default(),
+        json_chunks: header_u64(headers, "x-mock-json-chunks").map(|n| n.max(1) as usize),
+        split_events: headers.contains_key("x-mock-split-events"),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    Some(headers.get(name)?.to_str().ok()?.trim().to_string())
+}
+
+impl Steer {
+    /// A usage count: the number, or the placeholder `x-mock-usage-raw` replaces.
+    fn count(&self, n: u64) -> Value {
+        if self.usage_raw.is_some() { json!(RAW) } else { json!(n) }
+    }
+
+    /// JSON text with the placeholder counts replaced by `x-mock-usage-raw`.
+    fn text(&self, v: &Value) -> String {
+        let text = v.to_string();
+        match &self.usage_raw {
+            Some(raw) => text.replace(&format!("\"{RAW}\""), raw),
+            None => text,
+        }
     }
 }
 
@@ -157,31 +206,34 @@ async fn messages(State(mock): State<Mock>, request: Request) -> Response {
     let (headers, body) = record(&mock, request).await;
     let s = steer(&headers);
     if let Some(status) = s.status {
+        tokio::time::sleep(s.delay).await;
         return anthropic_error(status);
     }
     let model = body.get("model").cloned().unwrap_or(Value::Null);
     let [input, output, w5, w1, read, search] = s.usage;
+    let n = |v: u64| s.count(v);
     let full_usage = json!({
-        "input_tokens": input, "cache_creation_input_tokens": w5 + w1, "cache_read_input_tokens": read,
-        "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1},
-        "output_tokens": output, "server_tool_use": {"web_search_requests": search}, "service_tier": "standard"
+        "input_tokens": n(input), "cache_creation_input_tokens": n(w5 + w1), "cache_read_input_tokens": n(read),
+        "cache_creation": {"ephemeral_5m_input_tokens": n(w5), "ephemeral_1h_input_tokens": n(w1)},
+        "output_tokens": n(output), "server_tool_use": {"web_search_requests": n(search)}, "service_tier": "standard"
     });
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
-        if !s.delay.is_zero() {
-            tokio::time::sleep(s.delay).await;
-        }
         let reply = json!({"id":"msg_mock","type":"message","role":"assistant","model":model,
             "content":[{"type":"text","text":TEXT}],"stop_reason":"end_turn","stop_sequence":null,"usage":full_usage});
-        return axum::Json(reply).into_response();
+        return json_reply(s.text(&reply), s.delay, s.json_chunks).await;
     }
-    let start_usage = json!({"input_tokens": input, "cache_creation_input_tokens": w5 + w1, "cache_read_input_tokens": read,
-        "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1}, "output_tokens": 1});
-    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
-    let events = vec![
-        event(
+    let start_usage = json!({"input_tokens": n(input), "cache_creation_input_tokens": n(w5 + w1), "cache_read_input_tokens": n(read),
+        "cache_creation": {"ephemeral_5m_input_tokens": n(w5), "ephemeral_1h_input_tokens": n(w1)}, "output_tokens": n(1)});
+    let delta_usage = if s.delta_usage_output_only { json!({"output_tokens": n(output)}) } else { full_usage };
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {}\n\n", s.text(&data));
+    let mut events = Vec::new();
+    if !s.no_message_start {
+        events.push(event(
             "message_start",
             json!({"type":"message_start","message":{"id":"msg_mock","type":"message","role":"assistant","model":model,"content":[],"stop_reason":null,"stop_sequence":null,"usage":start_usage}}),
-        ),
+        ));
+    }
+    events.extend([
         event(
             "content_block_start",
             json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}),
@@ -196,17 +248,62 @@ async fn messages(State(mock): State<Mock>, request: Request) -> Response {
             json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"the mock upstream."}}),
         ),
         event("content_block_stop", json!({"type":"content_block_stop","index":0})),
+    ]);
+    for step in &s.output_steps {
+        events.push(event(
+            "message_delta",
+            json!({"type":"message_delta","delta":{},"usage":{"output_tokens": n(*step)}}),
+        ));
+    }
+    events.extend([
         event(
             "message_delta",
-            json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":full_usage}),
+            json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":delta_usage}),
         ),
         event("message_stop", json!({"type":"message_stop"})),
-    ];
+    ]);
+    if s.split_events {
+        events = events.iter().flat_map(|e| split_after_first_line(e)).collect();
+    }
     sse(events, s.delay, s.cut_after)
+}
+
+/// An SSE event as two writes: its first line, then the rest.
+fn split_after_first_line(event: &str) -> Vec<String> {
+    match event.find('\n') {
+        Some(i) if i + 1 < event.len() => vec![event[..=i].to_string(), event[i + 1..].to_string()],
+        _ => vec![event.to_string()],
+    }
+}
+
+/// A JSON answer: whole after `delay`, or in `chunks` pieces `delay` apart (the first at once).
+async fn json_reply(text: String, delay: Duration, chunks: Option<usize>) -> Response {
+    let Some(chunks) = chunks else {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        return ([("content-type", "application/json")], text).into_response();
+    };
+    let bytes = Bytes::from(text);
+    let size = bytes.len().div_ceil(chunks).max(1);
+    let pieces: Vec<Bytes> =
+        (0..bytes.len()).step_by(size).map(|i| bytes.slice(i..(i + size).min(bytes.len()))).collect();
+    let stream = futures_util::stream::unfold((pieces.into_iter(), true), move |(mut it, first)| async move {
+        let piece = it.next()?;
+        if !first && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<Bytes, std::io::Error>(piece), (it, false)))
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
 }
 
 async fn count_tokens(State(mock): State<Mock>, request: Request) -> Response {
     let (headers, body) = record(&mock, request).await;
+    tokio::time::sleep(steer(&headers).delay).await;
     let n = header_u64(&headers, "x-mock-input-tokens").unwrap_or_else(|| body.to_string().len() as u64 / 4);
     axum::Json(json!({"input_tokens": n})).into_response()
 }
@@ -222,6 +319,7 @@ async fn chat_completions(State(mock): State<Mock>, request: Request) -> Result<
     let (headers, body) = record(&mock, request).await;
     let s = steer(&headers);
     if let Some(status) = s.status {
+        tokio::time::sleep(s.delay).await;
         return Ok(openai_error(status));
     }
     let model = body.get("model").cloned().unwrap_or(Value::Null);

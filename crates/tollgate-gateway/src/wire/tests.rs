@@ -41,11 +41,16 @@ fn anthropic_json_usage_with_cache_split() {
     let body = br#"{"id":"msg_1","usage":{"input_tokens":2095,"cache_creation_input_tokens":2051,
         "cache_read_input_tokens":2051,"cache_creation":{"ephemeral_5m_input_tokens":51,"ephemeral_1h_input_tokens":2000},
         "output_tokens":503,"server_tool_use":{"web_search_requests":2}}}"#;
-    assert_eq!(anthropic_response_usage(body), Some(usage(2095, 51, 2000, 2051, 503, 2)));
+    let r = anthropic_response_usage(body).reported;
+    assert_eq!(r.usage, usage(2095, 51, 2000, 2051, 503, 2));
+    assert!(r.input_known() && r.output_known() && !r.any_unreadable());
     // Without the split, cache writes are 5-minute writes.
     let body = br#"{"usage":{"input_tokens":4,"cache_creation_input_tokens":25277,"cache_read_input_tokens":0,"output_tokens":6}}"#;
-    assert_eq!(anthropic_response_usage(body), Some(usage(4, 25277, 0, 0, 6, 0)));
-    assert_eq!(anthropic_response_usage(br#"{"type":"error"}"#), None);
+    assert_eq!(anthropic_response_usage(body).reported.usage, usage(4, 25277, 0, 0, 6, 0));
+    // No usage: nothing known (the meter estimates it).
+    let r = anthropic_response_usage(br#"{"type":"error"}"#).reported;
+    assert!(!r.input_known() && !r.output_known());
+    assert_eq!(anthropic_response_usage(br#"{"usage":{"input_tokens":4,"#), JsonReport::default(), "a part of a body");
 }
 
 #[test]
@@ -68,7 +73,7 @@ fn anthropic_stream_overwrites_with_cumulative_deltas() {
         for chunk in stream.as_bytes().chunks(step) {
             s.feed(chunk);
         }
-        assert_eq!(s.usage, usage(10682, 0, 0, 0, 510, 1), "chunks of {step}");
+        assert_eq!(s.reported.usage, usage(10682, 0, 0, 0, 510, 1), "chunks of {step}");
         assert!(s.started && s.stopped && s.error.is_none());
         assert_eq!(s.text_bytes, 5);
     }
@@ -79,9 +84,86 @@ fn anthropic_stream_error_and_cut() {
     let mut s = AnthropicStream::default();
     s.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
     s.feed(b"event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n");
-    assert_eq!(s.usage, usage(25, 0, 0, 0, 1, 0));
+    assert_eq!(s.reported.usage, usage(25, 0, 0, 0, 1, 0));
     assert_eq!(s.error.as_deref(), Some("overloaded_error"));
     assert!(!s.stopped);
+}
+
+/// An Anthropic stream whose events are these `data:` payloads.
+fn anthropic_stream(events: &[&str]) -> AnthropicStream {
+    let mut s = AnthropicStream::default();
+    for e in events {
+        s.feed(format!("event: x\ndata: {e}\n\n").as_bytes());
+    }
+    s
+}
+
+#[test]
+fn cumulative_usage_that_goes_down_is_read_as_its_largest_value() {
+    let s = anthropic_stream(&[
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":5000,"cache_read_input_tokens":700,"output_tokens":1}}}"#,
+        r#"{"type":"message_delta","usage":{"output_tokens":500}}"#,
+        r#"{"type":"message_delta","usage":{"input_tokens":50,"cache_read_input_tokens":0,"output_tokens":20}}"#,
+    ]);
+    assert_eq!(s.reported.usage, usage(5000, 0, 0, 700, 500, 0), "each field its largest count");
+    assert!(s.reported.input_known() && s.reported.output_known() && !s.reported.any_unreadable());
+}
+
+#[test]
+fn counts_that_cannot_be_read_are_unknown_never_smaller() {
+    // Text, negative, fractional, 2^64 (one past u64::MAX: must not wrap to 0), far beyond it,
+    // above the per-call bound of 100,000,000 tokens, and a usage that is not an object.
+    for raw in ["\"lots\"", "-5", "12.5", "1e3", "18446744073709551616", "1e400", "100000001", "true", "[1]"] {
+        let start = format!(
+            r#"{{"type":"message_start","message":{{"usage":{{"input_tokens":{raw},"output_tokens":{raw}}}}}}}"#
+        );
+        let s = anthropic_stream(&[&start]);
+        assert!(s.started, "{raw}");
+        assert!(!s.reported.input_known() && !s.reported.output_known() && s.reported.any_unreadable(), "{raw}");
+        assert_eq!(s.reported.usage, Usage::default(), "{raw}: nothing read as a number");
+        let json = format!(r#"{{"usage":{{"input_tokens":{raw},"output_tokens":3}}}}"#);
+        let r = anthropic_response_usage(json.as_bytes()).reported;
+        assert!(!r.input_known() && r.output_known() && r.usage.output_tokens == 3, "{raw}");
+        let openai = format!(r#"{{"usage":{{"prompt_tokens":{raw},"completion_tokens":3}}}}"#);
+        let r = openai_response_usage(openai.as_bytes()).reported;
+        assert!(!r.input_known() && r.output_known(), "{raw}");
+    }
+    let s = anthropic_stream(&[r#"{"type":"message_start","message":{"usage":"lots"}}"#]);
+    assert!(s.started && !s.reported.input_known() && s.reported.any_unreadable());
+    // The per-call bound itself is a count.
+    let s = anthropic_stream(&[r#"{"type":"message_start","message":{"usage":{"input_tokens":100000000}}}"#]);
+    assert!(s.reported.input_known() && s.reported.usage.input_tokens == 100_000_000);
+}
+
+#[test]
+fn an_unreadable_count_does_not_hide_a_sane_one() {
+    // message_start's input is known; a delta's unreadable input leaves it, flagged.
+    let s = anthropic_stream(&[
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":50000,"output_tokens":1}}}"#,
+        r#"{"type":"message_delta","usage":{"input_tokens":-1,"output_tokens":30}}"#,
+    ]);
+    assert_eq!(s.reported.usage, usage(50000, 0, 0, 0, 30, 0));
+    assert!(s.reported.input_known() && s.reported.any_unreadable());
+    // An unreadable cache count makes the input side unknown: it may be the largest part.
+    let s = anthropic_stream(&[
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_read_input_tokens":"x","output_tokens":1}}}"#,
+    ]);
+    assert!(!s.reported.input_known());
+    // An unreadable web-search count is unknown too.
+    let s = anthropic_stream(&[
+        r#"{"type":"message_start","message":{"usage":{"input_tokens":10,"output_tokens":1,"server_tool_use":{"web_search_requests":-2}}}}"#,
+    ]);
+    assert!(s.reported.input_known() && s.reported.web_search_unknown());
+}
+
+#[test]
+fn json_answers_report_their_text_for_an_output_estimate() {
+    let body = br#"{"content":[{"type":"thinking","thinking":"abc"},{"type":"text","text":"Hello"},
+        {"type":"tool_use","id":"t","name":"f","input":{"a":1}}],"usage":{"input_tokens":"x"}}"#;
+    // "abc" + "Hello" + {"a":1}
+    assert_eq!(anthropic_response_usage(body).text_bytes, 3 + 5 + 7);
+    let body = br#"{"choices":[{"message":{"role":"assistant","content":"Hi there"}}]}"#;
+    assert_eq!(openai_response_usage(body).text_bytes, 8);
 }
 
 #[test]
@@ -103,7 +185,7 @@ fn openai_request_and_rewrite() {
 fn openai_usage_counts_cached_tokens_once() {
     let body =
         br#"{"usage":{"prompt_tokens":1000,"completion_tokens":50,"prompt_tokens_details":{"cached_tokens":600}}}"#;
-    assert_eq!(openai_response_usage(body), Some(usage(400, 0, 0, 600, 50, 0)));
+    assert_eq!(openai_response_usage(body).reported.usage, usage(400, 0, 0, 600, 50, 0));
     let mut s = OpenAiStream::default();
     s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi there\"}}]}\n\n");
     let usage_chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}\n\n";
@@ -111,7 +193,8 @@ fn openai_usage_counts_cached_tokens_once() {
     assert!(!openai_is_usage_chunk(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n"));
     s.feed(usage_chunk);
     s.feed(b"data: [DONE]\n\n");
-    assert_eq!(s.usage, Some(usage(10, 0, 0, 0, 2, 0)));
+    assert_eq!(s.reported.usage, usage(10, 0, 0, 0, 2, 0));
+    assert!(s.reported.input_known() && s.reported.output_known());
     assert!(s.done);
     assert_eq!(s.text_bytes, 8);
 }
