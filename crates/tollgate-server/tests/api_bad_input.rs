@@ -346,6 +346,39 @@ async fn negative_token_counts_are_refused() {
     .await;
 }
 
+/// Issue 13, finding 3: the cost-only settle stored what it was given (NUL, escapes, line breaks,
+/// a 1 MB model name), which then broke tables and reports; every stored string is checked.
+#[tokio::test]
+async fn a_settle_stores_no_hostile_string() {
+    let api = Api::new().await;
+    let key = api.key_a.clone();
+    let settle = format!("/api/v1/accounts/{A}/holds/hold-a1/settle");
+    // Longer than a model may be, within this server's body limit (a 1 MB one is a 413 here).
+    let huge = "m".repeat(10_000);
+    for (name, field, value) in [
+        ("a model with NUL", "model", "claude\u{0}x"),
+        ("a model with an escape", "model", "\u{1b}[31mred"),
+        ("a model with a line break", "model", "a\r\nb"),
+        ("a 10,000-character model", "model", huge.as_str()),
+        ("a source with an escape", "source", "\u{1b}]8;;http://x\u{7}"),
+    ] {
+        let body = json!({"cost_usd": "0.01", field: value});
+        api.refused(
+            &format!("cost-only settle with {name}"),
+            async |api| api.call(Method::POST, &settle, Auth::Bearer(&key), body).await,
+            want(BAD, INVALID, &[field, "control characters"]),
+        )
+        .await;
+    }
+    let body = json!({"cost_usd": "0.01", "labels": {"team": "=HYPERLINK(\"x\")\u{0}"}});
+    api.refused(
+        "cost-only settle with a control character in a label",
+        async |api| api.call(Method::POST, &settle, Auth::Bearer(&key), body).await,
+        want(BAD, INVALID, &["label \"team\"", "control characters"]),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn absurd_token_counts_are_refused() {
     let api = Api::new().await;

@@ -85,15 +85,21 @@ fn price(
     }
 }
 
+/// A model name as stored: 1 to 200 characters, no control characters.
+fn check_model(model: &str) -> ApiResult<()> {
+    check_text(model, "model", 200)?;
+    if model.is_empty() {
+        return Err(ApiError::bad("model must not be empty"));
+    }
+    Ok(())
+}
+
 /// Validates a posted event and turns it into a record for the store.
 fn new_event(s: &AppState, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
     caller.require_account(&e.account)?;
     check_id(&e.id, "event id")?;
     let pool = parse_pool(&e.pool)?;
-    check_text(&e.model, "model", 200)?;
-    if e.model.is_empty() {
-        return Err(ApiError::bad("model must not be empty"));
-    }
+    check_model(&e.model)?;
     let usage = e.usage.usage()?;
     let now = s.now();
     let timestamp = match &e.timestamp {
@@ -464,11 +470,17 @@ pub async fn settle_hold(
     let event_id = body.event_id.clone().unwrap_or_else(|| hold_id.clone());
     check_id(&event_id, "event_id")?;
     check_labels(&body.labels)?;
+    // Every string a settle stores is checked as `POST /events` checks it, in both forms.
+    if let Some(model) = &body.model {
+        check_model(model)?;
+    }
+    if let Some(source) = &body.source {
+        check_text(source, "source", 128)?;
+    }
     let model = body.model.clone().or(hold.model.clone());
     let m = modifiers(body.service_tier.as_deref(), body.inference_geo.as_deref(), body.speed.as_deref())?;
     let (model, usage, cost) = match (&body.usage, model) {
         (Some(u), Some(model)) => {
-            check_text(&model, "model", 200)?;
             let usage = u.usage()?;
             let cost = price(&s, &model, &usage, &m, timestamp, body.cost_usd.as_ref())?;
             (model, usage, cost)

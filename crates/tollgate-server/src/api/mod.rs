@@ -122,7 +122,8 @@ pub fn check_id(id: &str, what: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Labels: at most 32, keys 1–64 characters of `A-Z a-z 0-9 . _ -`, values at most 256.
+/// Labels: at most 32, keys 1–64 characters of `A-Z a-z 0-9 . _ -`, values at most 256
+/// characters without control characters.
 pub fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > 32 {
         return Err(ApiError::bad(format!("{} labels: at most 32 allowed", labels.len())));
@@ -133,8 +134,10 @@ pub fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Resu
         if !key_ok {
             return Err(ApiError::bad(format!("label name {k:?} must be 1–64 letters, digits, . _ or -")));
         }
-        if v.len() > 256 {
-            return Err(ApiError::bad(format!("label {k:?} is longer than 256 characters")));
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(ApiError::bad(format!(
+                "label {k:?} must be at most 256 characters without control characters"
+            )));
         }
     }
     Ok(())
