@@ -21,13 +21,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut charged = Nanos::ZERO;
     for i in 0..calls {
         // Vary the call a little so nothing is hoisted out of the loop.
-        let bound = RequestBound {
-            body_bytes: 2_000 + (i & 1023),
-            max_tokens: 4_096,
-            web_search_max_uses: 0,
-            unbounded_inputs: 0,
-            modifiers: Modifiers::default(),
-        };
+        let bound = RequestBound { body_bytes: 2_000 + (i & 1023), max_tokens: 4_096, ..RequestBound::default() };
         let worst = entry.worst_case(black_box(&bound), &allow).map_err(|e| e.to_string())?;
         let amount = ledger::hold_amount(worst, 1_000_000).ok_or("hold overflow")?;
         let decision = ledger::decide_hold(&pool, None, amount).map_err(|r| r.code().to_string())?;

@@ -107,6 +107,16 @@ pub struct GatewaySection {
     /// The budget held at once for a key's small calls, so each does not wait for a disk write
     /// of its own (docs/gateway.md, "Leases"); "0" holds every call on its own. Unset: "1".
     pub lease_usd: Option<UsdInput>,
+    /// The `max_uses` given to web search and web fetch tools that have none (at least 1).
+    pub server_tool_max_uses: u64,
+    /// Input tokens held per server-tool use (web search results, a fetched page).
+    pub input_tokens_per_tool_use: u64,
+    /// Input tokens held per document or image given by URL or file id.
+    pub input_tokens_per_unbounded_input: u64,
+    /// Held once for a call with tools the gateway cannot bound (the MCP connector, code
+    /// execution, container uploads). Unset: such calls are refused on `block` pools, and held
+    /// at $1 on `payg` and `alert` pools (docs/gateway.md).
+    pub unbounded_tool_allowance_usd: Option<UsdInput>,
 }
 
 impl Default for GatewaySection {
@@ -118,6 +128,11 @@ impl Default for GatewaySection {
             upstream_timeout_s: 600,
             claude_code_warnings: false,
             lease_usd: None,
+            server_tool_max_uses: tollgate_core::price::SERVER_TOOL_MAX_USES_DEFAULT,
+            input_tokens_per_tool_use: tollgate_core::price::Allowances::default().input_tokens_per_tool_use,
+            input_tokens_per_unbounded_input: tollgate_core::price::Allowances::default()
+                .input_tokens_per_unbounded_input,
+            unbounded_tool_allowance_usd: None,
         }
     }
 }
@@ -374,6 +389,22 @@ fn validate_gateway(file: &File) -> Result<(), ConfigError> {
     if g.upstream_timeout_s == 0 {
         return Err(err("gateway.upstream_timeout_s must be at least 1"));
     }
+    if g.server_tool_max_uses == 0 {
+        return Err(err(
+            "gateway.server_tool_max_uses must be at least 1 (the uses given to a server tool without max_uses)",
+        ));
+    }
+    if let Some(usd) = &g.unbounded_tool_allowance_usd {
+        match usd.nanos() {
+            Ok(n) if n.0 >= 0 => {}
+            _ => {
+                return Err(err(format!(
+                    "gateway.unbounded_tool_allowance_usd: {:?} is not an amount of USD ≥ 0, such as \"2\"",
+                    usd.text()
+                )));
+            }
+        }
+    }
     let mut names = BTreeSet::new();
     for r in &file.pool_rule {
         if !names.insert(&r.name) {
@@ -533,8 +564,11 @@ fn validate_alerts(file: &File) -> Result<(), ConfigError> {
     }
     for (i, a) in file.alert.iter().enumerate() {
         let at = format!("alert #{} ({})", i + 1, a.kind);
-        if !matches!(a.kind.as_str(), "threshold" | "overage_started" | "cap_hit" | "spike" | "forecast") {
-            return Err(err(format!("{at}: kind must be threshold, overage_started, cap_hit, spike or forecast")));
+        if !matches!(a.kind.as_str(), "threshold" | "overage_started" | "cap_hit" | "spike" | "forecast" | "overshoot")
+        {
+            return Err(err(format!(
+                "{at}: kind must be threshold, overage_started, cap_hit, spike, forecast or overshoot"
+            )));
         }
         if !matches!(a.pool.as_str(), "*" | "interactive" | "programmatic") {
             return Err(err(format!("{at}: pool {:?} must be interactive, programmatic or \"*\"", a.pool)));

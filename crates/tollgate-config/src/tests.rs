@@ -86,6 +86,9 @@ fn bad_settings_say_what_to_fix() {
         ("[gateway]\nupstream_timeout_s = 0", "at least 1"),
         ("[gateway]\nbody_size_bytes_max = 0", "at least 1"),
         ("[gateway]\nwarnings = true", "unknown field"),
+        ("[gateway]\nserver_tool_max_uses = 0", "at least 1"),
+        ("[gateway]\nunbounded_tool_allowance_usd = \"-2\"", "not an amount of USD"),
+        ("[gateway]\nunbounded_tool_allowance_usd = \"lots\"", "unbounded_tool_allowance_usd"),
         ("[[pool_rule]]\nname = \"ci\"\nheader = \"x-ci\"\npool = \"bots\"", "must be interactive or programmatic"),
         ("[[pool_rule]]\nname = \"ci\"\nheader = \"x ci\"\npool = \"programmatic\"", "not a header name"),
         (
@@ -168,7 +171,23 @@ fn gateway_settings_and_pool_rules_load() {
     assert_eq!(s.file.gateway.default_pool, "interactive");
     assert_eq!(s.file.gateway.min_output_tokens, 2048);
     assert!(s.file.gateway.claude_code_warnings);
-    assert_eq!(s.file.gateway.lease_usd.map(|u| u.nanos()), Some(Ok(tollgate_core::Nanos(250_000_000))));
+    assert_eq!(s.file.gateway.lease_usd.as_ref().map(|u| u.nanos()), Some(Ok(tollgate_core::Nanos(250_000_000))));
     assert_eq!(s.file.gateway.body_size_bytes_max, 32 * 1024 * 1024);
     assert_eq!(s.file.pool_rule[0].value, "*");
+    // The worst-case allowances: defaults, then set.
+    let g = &s.file.gateway;
+    assert_eq!(
+        (g.server_tool_max_uses, g.input_tokens_per_tool_use, g.input_tokens_per_unbounded_input),
+        (5, 20_000, 100_000)
+    );
+    assert!(g.unbounded_tool_allowance_usd.is_none());
+    let text = "[gateway]\nserver_tool_max_uses = 2\ninput_tokens_per_tool_use = 50000\n\
+                input_tokens_per_unbounded_input = 7\nunbounded_tool_allowance_usd = \"0.5\"\n";
+    let s = Settings::from_file(parse_file(text).unwrap(), None, &no_env()).unwrap();
+    let g = &s.file.gateway;
+    assert_eq!(
+        (g.server_tool_max_uses, g.input_tokens_per_tool_use, g.input_tokens_per_unbounded_input),
+        (2, 50_000, 7)
+    );
+    assert_eq!(g.unbounded_tool_allowance_usd.as_ref().map(|u| u.nanos()), Some(Ok(tollgate_core::Nanos(500_000_000))));
 }

@@ -93,23 +93,41 @@ pub struct RequestBound {
     /// The body's size: a safe upper bound on its text and base64 input tokens.
     pub body_bytes: u64,
     pub max_tokens: u64,
-    /// Σ `max_uses` of server tools (web search) in the request.
+    /// Σ `max_uses` of the web search tools: each use costs its price per request and brings
+    /// results in as input (the input allowance per use).
     pub web_search_max_uses: u64,
+    /// Σ `max_uses` of the web fetch tools: no price per use, but each brings a page in as input
+    /// (the input allowance per use).
+    pub web_fetch_max_uses: u64,
     /// Documents or images given by URL or file id, whose size the body does not bound.
     pub unbounded_inputs: u64,
+    /// The request uses tools whose cost it does not bound (the MCP connector, code execution):
+    /// the call is held with the allowance for them, once.
+    pub unbounded_tools: bool,
     pub modifiers: Modifiers,
 }
 
-/// Input allowances for what the body does not bound (configurable; see docs/pricing.md).
+/// The `max_uses` the gateway gives a web search or web fetch tool that has none (configurable).
+pub const SERVER_TOOL_MAX_USES_DEFAULT: u64 = 5;
+
+/// Allowances for what the body does not bound (configurable; see docs/pricing.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allowances {
     pub input_tokens_per_tool_use: u64,
     pub input_tokens_per_unbounded_input: u64,
+    /// Held once for a call with tools whose cost the request does not bound; a flat amount,
+    /// not scaled by the modifiers. Whether such a call is admitted at all is the gateway's
+    /// decision (docs/gateway.md).
+    pub unbounded_tools: Nanos,
 }
 
 impl Default for Allowances {
     fn default() -> Self {
-        Allowances { input_tokens_per_tool_use: 20_000, input_tokens_per_unbounded_input: 100_000 }
+        Allowances {
+            input_tokens_per_tool_use: 20_000,
+            input_tokens_per_unbounded_input: 100_000,
+            unbounded_tools: Nanos::ZERO,
+        }
     }
 }
 
@@ -213,7 +231,8 @@ impl PriceEntry {
     }
 
     /// The most a request can cost: its input bounded by the body size and allowances at the
-    /// highest input-side price, plus `max_tokens` at the output price, plus server tools.
+    /// highest input-side price, plus `max_tokens` at the output price, plus server tools, plus
+    /// the allowance for tools the request does not bound.
     pub fn worst_case(&self, bound: &RequestBound, allow: &Allowances) -> Result<Nanos, PriceError> {
         let input_tokens = input_tokens_max(bound, allow)?;
         let r = self.rates_for_input(input_tokens);
@@ -225,7 +244,11 @@ impl PriceEntry {
             .ok_or(PriceError::Overflow)?;
         // Round up, not half-up: a bound must never be below the true worst case.
         let tokens = self.apply_modifiers(sum, MTOK, &bound.modifiers, Rounding::Up)?;
-        tokens.checked_add(self.tools_cost(bound.web_search_max_uses)?).ok_or(PriceError::Overflow)
+        let unbounded = if bound.unbounded_tools { allow.unbounded_tools } else { Nanos::ZERO };
+        tokens
+            .checked_add(self.tools_cost(bound.web_search_max_uses)?)
+            .and_then(|t| t.checked_add(unbounded))
+            .ok_or(PriceError::Overflow)
     }
 
     /// The input side of [`PriceEntry::worst_case`]: the request's input-token bound at the
@@ -243,11 +266,10 @@ impl PriceEntry {
 /// The most input tokens a request can bring: its body size plus the allowances for the server
 /// tool uses and the inputs by URL or file id that the body does not bound.
 fn input_tokens_max(bound: &RequestBound, allow: &Allowances) -> Result<u64, PriceError> {
+    let tool_uses = bound.web_search_max_uses.checked_add(bound.web_fetch_max_uses).ok_or(PriceError::Overflow)?;
     bound
         .body_bytes
-        .checked_add(
-            bound.web_search_max_uses.checked_mul(allow.input_tokens_per_tool_use).ok_or(PriceError::Overflow)?,
-        )
+        .checked_add(tool_uses.checked_mul(allow.input_tokens_per_tool_use).ok_or(PriceError::Overflow)?)
         .and_then(|t| t.checked_add(bound.unbounded_inputs.checked_mul(allow.input_tokens_per_unbounded_input)?))
         .ok_or(PriceError::Overflow)
 }

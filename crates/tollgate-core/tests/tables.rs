@@ -301,7 +301,15 @@ const fn b(
     unbounded_inputs: u64,
     m: Modifiers,
 ) -> RequestBound {
-    RequestBound { body_bytes, max_tokens, web_search_max_uses, unbounded_inputs, modifiers: m }
+    RequestBound {
+        body_bytes,
+        max_tokens,
+        web_search_max_uses,
+        web_fetch_max_uses: 0,
+        unbounded_inputs,
+        unbounded_tools: false,
+        modifiers: m,
+    }
 }
 
 const fn w(model: &'static str, date: &'static str, bound: RequestBound, want: i64) -> WorstRow {
@@ -410,8 +418,41 @@ fn worst_case_with_absurd_tool_price_is_an_overflow_not_a_panic() {
     // term u64::MAX × i64::MAX × 1e6 (≈ 1.7e44, beyond i128's 1.7e38) is what must be checked.
     let mut entry = table().price_at(TINY, date(D)).unwrap().clone();
     entry.web_search_per_request = Nanos::MAX;
-    let allow = Allowances { input_tokens_per_tool_use: 0, input_tokens_per_unbounded_input: 0 };
+    let allow =
+        Allowances { input_tokens_per_tool_use: 0, input_tokens_per_unbounded_input: 0, ..Allowances::default() };
     assert_eq!(entry.worst_case(&b(0, 0, u64::MAX, 0, STD), &allow), Err(PriceError::Overflow));
+}
+
+#[test]
+fn worst_case_holds_web_fetch_uses_and_the_unbounded_tool_allowance() {
+    let t = table();
+    let e = t.price_at("claude-sonnet-4-6", date(D)).unwrap();
+    let allow = Allowances { unbounded_tools: Nanos::from_usd(2), ..Allowances::default() };
+    let bound = |web_search_max_uses, web_fetch_max_uses, unbounded_tools| RequestBound {
+        body_bytes: 1_000,
+        max_tokens: 1_000,
+        web_search_max_uses,
+        web_fetch_max_uses,
+        unbounded_inputs: 0,
+        unbounded_tools,
+        modifiers: STD,
+    };
+    // sonnet-4-6 (no long-context price): 1h write $6, output $15.
+    // Web fetch, 3 uses: input 1,000 + 3 × 20,000 = 61,000 × 6,000 = 366,000,000
+    //   + 1,000 × 15,000 = 15,000,000; no price per fetch → 381,000,000
+    assert_eq!(e.worst_case(&bound(0, 3, false), &allow), Ok(Nanos(381_000_000)));
+    // Web search 2 + web fetch 3: input 1,000 + 5 × 20,000 = 101,000 × 6,000 = 606,000,000
+    //   + 15,000,000 + 2 searches × 10,000,000 = 641,000,000
+    assert_eq!(e.worst_case(&bound(2, 3, false), &allow), Ok(Nanos(641_000_000)));
+    // Unbounded tools: 1,000 × 6,000 + 15,000,000 = 21,000,000, + the $2 allowance once
+    //   = 2,021,000,000; the allowance is flat: batch halves the tokens only
+    //   (21,000,000 / 2 = 10,500,000 + 2,000,000,000).
+    assert_eq!(e.worst_case(&bound(0, 0, true), &allow), Ok(Nanos(2_021_000_000)));
+    assert_eq!(e.worst_case(&RequestBound { modifiers: BATCH, ..bound(0, 0, true) }, &allow), Ok(Nanos(2_010_500_000)));
+    // Without unbounded tools the allowance is not held.
+    assert_eq!(e.worst_case(&bound(0, 0, false), &allow), Ok(Nanos(21_000_000)));
+    // Uses that overflow together are an overflow, not a panic.
+    assert_eq!(e.worst_case(&bound(u64::MAX, 1, false), &allow), Err(PriceError::Overflow));
 }
 
 // ---------------------------------------------------------------------------------------------

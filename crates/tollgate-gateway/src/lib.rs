@@ -13,5 +13,6 @@ pub mod upstream;
 pub mod wire;
 
 pub use error::GatewayError;
-pub use proxy::{Clock, Gateway, LEASE_DEFAULT, PoolRule, Settings, routes};
+pub use proxy::{Clock, Gateway, LEASE_DEFAULT, PoolRule, Settings, UNBOUNDED_TOOL_ALLOWANCE_DEFAULT, routes};
+pub use tollgate_core::price::SERVER_TOOL_MAX_USES_DEFAULT;
 pub use upstream::{Auth, Kind, Upstream};

@@ -562,7 +562,9 @@ mod tests {
             body_bytes: 200,
             max_tokens: 1_000,
             web_search_max_uses: 2,
+            web_fetch_max_uses: 0,
             unbounded_inputs: 0,
+            unbounded_tools: false,
             modifiers: Modifiers::default(),
         };
         let mut failures = Vec::new();

@@ -15,8 +15,8 @@ use axum::routing::{get, head, post};
 use chrono::{DateTime, Utc};
 use tollgate_core::classify::{self, Decider};
 use tollgate_core::ledger::hold_amount;
-use tollgate_core::price::Allowances;
-use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, PriceTable, Refusal, RequestBound};
+use tollgate_core::price::{Allowances, SERVER_TOOL_MAX_USES_DEFAULT};
+use tollgate_core::{Modifiers, Nanos, OnExhausted, PoolKind, PriceEntry, PriceTable, Refusal, RequestBound};
 use tollgate_store::feed::Feed;
 use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, hash_secret};
 
@@ -45,8 +45,18 @@ pub struct Settings {
     pub min_output_tokens: u64,
     /// Time allowed until the upstream's response headers arrive.
     pub upstream_timeout: Duration,
+    /// Input allowances for what a request body does not bound (per server-tool use, per
+    /// document or image by URL or file id); its `unbounded_tools` is set per call from
+    /// `unbounded_tool_allowance`.
     pub allowances: Allowances,
-    /// How long a key or an account's multiplier is trusted before it is read again.
+    /// The `max_uses` given to web search and web fetch tools that have none, so their cost is
+    /// bounded.
+    pub server_tool_max_uses: u64,
+    /// Held once for a call with tools the gateway cannot bound (the MCP connector, code
+    /// execution, container uploads). None: such calls are refused on `block` pools and held at
+    /// [`UNBOUNDED_TOOL_ALLOWANCE_DEFAULT`] on `payg` and `alert` pools.
+    pub unbounded_tool_allowance: Option<Nanos>,
+    /// How long a key or a pool's policy and multiplier are trusted before they are read again.
     pub cache_ttl: Duration,
     /// Configured pool rules on headers, in order.
     pub rules: Vec<PoolRule>,
@@ -69,6 +79,10 @@ pub struct PoolRule {
 /// own hold, while Claude Code's large `max_tokens` calls are held one by one.
 pub const LEASE_DEFAULT: Nanos = Nanos(1_000_000_000);
 
+/// What a call with tools the gateway cannot bound is held with on a `payg` or `alert` pool when
+/// no allowance is configured: $1.
+pub const UNBOUNDED_TOOL_ALLOWANCE_DEFAULT: Nanos = Nanos(1_000_000_000);
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -81,6 +95,8 @@ impl Default for Settings {
             min_output_tokens: 1_024,
             upstream_timeout: Duration::from_secs(600),
             allowances: Allowances::default(),
+            server_tool_max_uses: SERVER_TOOL_MAX_USES_DEFAULT,
+            unbounded_tool_allowance: None,
             cache_ttl: Duration::from_secs(5),
             rules: Vec::new(),
             claude_code_warnings: false,
@@ -100,7 +116,7 @@ pub struct Gateway {
     pub(crate) leases: crate::lease::LeaseBook,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
-    multipliers: Mutex<HashMap<(String, PoolKind), (u64, Instant)>>,
+    pool_terms: Mutex<HashMap<(String, PoolKind), (PoolTerms, Instant)>>,
 }
 
 impl Gateway {
@@ -115,7 +131,7 @@ impl Gateway {
             feed: Arc::default(),
             leases: Default::default(),
             keys: Mutex::default(),
-            multipliers: Mutex::default(),
+            pool_terms: Mutex::default(),
         }
     }
 
@@ -165,15 +181,16 @@ impl Gateway {
         Ok(key)
     }
 
-    /// The multiplier a call's hold is raised by: the PAYG multiplier of the account's tier
-    /// (overage is charged at list × it) when the pool's policy allows overage, else 1 (a `block`
-    /// pool never goes past its grants, so its calls are charged at list price).
-    async fn multiplier_ppm(&self, account: &str, pool: PoolKind) -> Result<u64, GatewayError> {
+    /// What a call's hold depends on in its pool: the policy's `on_exhausted`, and the multiplier
+    /// the hold is raised by — the PAYG multiplier of the account's tier (overage is charged at
+    /// list × it) when the policy allows overage, else 1 (a `block` pool never goes past its
+    /// grants, so its calls are charged at list price).
+    async fn pool_terms(&self, account: &str, pool: PoolKind) -> Result<PoolTerms, GatewayError> {
         let cache_key = (account.to_string(), pool);
-        if let Some((m, at)) = self.multipliers.lock().expect("multiplier cache").get(&cache_key)
+        if let Some((t, at)) = self.pool_terms.lock().expect("pool terms cache").get(&cache_key)
             && at.elapsed() < self.settings.cache_ttl
         {
-            return Ok(*m);
+            return Ok(*t);
         }
         let a = self
             .store
@@ -182,15 +199,23 @@ impl Gateway {
             .map_err(internal)?
             .ok_or_else(|| internal(StoreError::NotFound(account.into())))?;
         let policy = self.store.policy(account, pool).await.map_err(internal)?;
-        let m = if policy.allows_overage() {
+        let multiplier_ppm = if policy.allows_overage() {
             let tier = self.store.tiers().await.map_err(internal)?.into_iter().find(|t| t.id == a.tier);
             tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM)
         } else {
             tollgate_core::tier::PPM
         };
-        self.multipliers.lock().expect("multiplier cache").insert(cache_key, (m, Instant::now()));
-        Ok(m)
+        let terms = PoolTerms { on_exhausted: policy.on_exhausted, multiplier_ppm };
+        self.pool_terms.lock().expect("pool terms cache").insert(cache_key, (terms, Instant::now()));
+        Ok(terms)
     }
+}
+
+/// A pool's policy as far as a call's hold needs it.
+#[derive(Clone, Copy, Debug)]
+struct PoolTerms {
+    on_exhausted: OnExhausted,
+    multiplier_ppm: u64,
 }
 
 fn internal(e: StoreError) -> GatewayError {
@@ -504,42 +529,79 @@ fn modifiers(facts: &RequestFacts) -> Modifiers {
     Modifiers { batch: facts.batch, geo_us: facts.geo_us, fast: facts.fast }
 }
 
-fn bound(input_tokens_max: u64, max_tokens: u64, facts: &RequestFacts) -> RequestBound {
-    RequestBound {
-        body_bytes: input_tokens_max,
-        max_tokens,
-        web_search_max_uses: facts.web_search_max_uses,
-        unbounded_inputs: facts.unbounded_inputs,
-        modifiers: modifiers(facts),
+/// What a call's hold is worked out from: its price, what its request bounds, the allowances
+/// for what it does not, and the multiplier the hold is raised by.
+struct HoldTerms<'a> {
+    entry: &'a PriceEntry,
+    facts: &'a RequestFacts,
+    allow: Allowances,
+    ppm: u64,
+}
+
+impl HoldTerms<'_> {
+    fn bound(&self, input_tokens_max: u64, max_tokens: u64) -> RequestBound {
+        let f = self.facts;
+        RequestBound {
+            body_bytes: input_tokens_max,
+            max_tokens,
+            web_search_max_uses: f.web_search_max_uses,
+            web_fetch_max_uses: f.web_fetch_max_uses,
+            unbounded_inputs: f.unbounded_inputs,
+            unbounded_tools: !f.unbounded_tools.is_empty(),
+            modifiers: modifiers(f),
+        }
+    }
+
+    /// The hold for an input bound and an output bound: the worst case × the multiplier.
+    fn amount(&self, input_tokens_max: u64, max_tokens: u64) -> Option<Nanos> {
+        self.entry
+            .worst_case(&self.bound(input_tokens_max, max_tokens), &self.allow)
+            .ok()
+            .and_then(|w| hold_amount(w, self.ppm))
+    }
+
+    /// The most output tokens (≤ `wanted`) whose hold fits `room`.
+    fn affordable_output(&self, input_tokens_max: u64, wanted: u64, room: Nanos) -> u64 {
+        let fits = |m: u64| self.amount(input_tokens_max, m).is_some_and(|h| h <= room);
+        if !fits(0) {
+            return 0;
+        }
+        let (mut lo, mut hi) = (0u64, wanted);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid) { lo = mid } else { hi = mid - 1 }
+        }
+        lo
     }
 }
 
-/// The most output tokens (≤ `wanted`) whose worst case, held at the multiplier, fits `room`.
-fn affordable_output(
-    entry: &PriceEntry,
-    input_tokens_max: u64,
-    wanted: u64,
+/// The allowance a call with tools the gateway cannot bound is held with, or its refusal: on a
+/// `block` pool such a call is admitted only under a configured allowance (SPEC section 3).
+fn unbounded_tool_allowance(
+    gw: &Gateway,
+    key: &Key,
+    pool: PoolKind,
+    on_exhausted: OnExhausted,
     facts: &RequestFacts,
-    allow: &Allowances,
-    ppm: u64,
-    room: Nanos,
-) -> u64 {
-    let fits = |m: u64| {
-        entry
-            .worst_case(&bound(input_tokens_max, m, facts), allow)
-            .ok()
-            .and_then(|w| hold_amount(w, ppm))
-            .is_some_and(|h| h <= room)
-    };
-    if !fits(0) {
-        return 0;
+) -> Result<Nanos, GatewayError> {
+    if facts.unbounded_tools.is_empty() {
+        return Ok(Nanos::ZERO);
     }
-    let (mut lo, mut hi) = (0u64, wanted);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    match (gw.settings.unbounded_tool_allowance, on_exhausted) {
+        (Some(allowance), _) => Ok(allowance),
+        (None, OnExhausted::Payg | OnExhausted::Alert) => Ok(UNBOUNDED_TOOL_ALLOWANCE_DEFAULT),
+        (None, OnExhausted::Block) => {
+            gw.metrics.refusals.get_or_create(&RefusalLabels { pool: pool.as_str(), reason: "unbounded_tool" }).inc();
+            let tools = facts.unbounded_tools.join(", ");
+            Err(GatewayError::BadRequest(format!(
+                "this request uses {tools}, whose cost tollgate cannot bound before the call, and the {} pool of \
+                 account {} is a block pool (a hard cap): remove {tools} from the request, or set \
+                 [gateway] unbounded_tool_allowance_usd in tollgate.toml to hold such calls with an allowance",
+                pool.as_str(),
+                key.account
+            )))
+        }
     }
-    lo
 }
 
 struct Admitted {
@@ -564,7 +626,7 @@ async fn metered_call(
     let (parts, body) = request.into_parts();
     let (key, separate) = authenticate(&gw, &parts.headers).await?;
     let body = read_body(&gw, body).await?;
-    let facts = match kind {
+    let mut facts = match kind {
         Kind::Anthropic => wire::anthropic_request(&body),
         Kind::OpenAi => wire::openai_request(&body),
     }
@@ -574,7 +636,20 @@ async fn metered_call(
     let (entry, model) = price_entry(&gw, &facts.model, now.date_naive())?;
     let entry = entry.clone();
     let (pool, decider) = classify(&gw, &key, &parts.headers)?;
-    let ppm = gw.multiplier_ppm(&key.account, pool).await?;
+    let terms = gw.pool_terms(&key.account, pool).await?;
+    let allow = Allowances {
+        unbounded_tools: unbounded_tool_allowance(&gw, &key, pool, terms.on_exhausted, &facts)?,
+        ..gw.settings.allowances
+    };
+
+    // Server tools without max_uses get one, so that their uses are bounded and held.
+    let body = if facts.tools_without_max_uses() > 0 {
+        let max_uses = gw.settings.server_tool_max_uses;
+        facts.inject_max_uses(max_uses);
+        bytes::Bytes::from(wire::anthropic_inject_max_uses(&body, max_uses).map_err(|e| GatewayError::BadRequest(e.0))?)
+    } else {
+        body
+    };
 
     // OpenAI: ask for the usage chunk when streaming, and hide it if the client did not.
     let strip_usage_chunk = kind == Kind::OpenAi && facts.stream && !facts.include_usage;
@@ -586,23 +661,10 @@ async fn metered_call(
 
     let id = request_id();
     let source = decider.source();
-    let admitted = admit(
-        &gw,
-        kind,
-        &upstream,
-        &parts.headers,
-        &key,
-        pool,
-        &source,
-        &model,
-        &entry,
-        &facts,
-        ppm,
-        body,
-        &id,
-        separate,
-    )
-    .await?;
+    let hold_terms = HoldTerms { entry: &entry, facts: &facts, allow, ppm: terms.multiplier_ppm };
+    let admitted =
+        admit(&gw, kind, &upstream, &parts.headers, &key, pool, &source, &model, &hold_terms, body, &id, separate)
+            .await?;
 
     let finish = Finish {
         gateway: gw.clone(),
@@ -614,7 +676,7 @@ async fn metered_call(
         model: model.clone(),
         entry: entry.clone(),
         modifiers: modifiers(&facts),
-        bound: bound(admitted.input_tokens_max, admitted.max_tokens, &facts),
+        bound: hold_terms.bound(admitted.input_tokens_max, admitted.max_tokens),
         source: source.clone(),
         labels: key.labels.clone(),
         started,
@@ -736,21 +798,15 @@ async fn admit(
     pool: PoolKind,
     source: &str,
     model: &str,
-    entry: &PriceEntry,
-    facts: &RequestFacts,
-    ppm: u64,
+    terms: &HoldTerms<'_>,
     body: bytes::Bytes,
     id: &str,
     separate: bool,
 ) -> Result<Admitted, GatewayError> {
-    let allow = &gw.settings.allowances;
-    let wanted = facts.max_tokens.unwrap_or(0);
+    let wanted = terms.facts.max_tokens.unwrap_or(0);
     let input_max = body.len() as u64;
-    let worst = entry
-        .worst_case(&bound(input_max, wanted, facts), allow)
-        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    let amount = hold_amount(worst, ppm)
-        .ok_or_else(|| GatewayError::BadRequest("the request's worst case overflows the ledger".into()))?;
+    let overflow = || GatewayError::BadRequest("the request's worst case overflows the ledger".into());
+    let amount = terms.amount(input_max, wanted).ok_or_else(overflow)?;
     if let Some(part) = gw.leases.take(key, pool, amount, gw.settings.lease) {
         if part.low {
             crate::lease::next(gw, key, pool);
@@ -801,14 +857,11 @@ async fn admit(
         Kind::OpenAi => input_max,
     }
     .min(input_max);
-    let fitted = affordable_output(entry, input_bound, wanted, facts, allow, ppm, room);
+    let fitted = terms.affordable_output(input_bound, wanted, room);
     if wanted == 0 || fitted < gw.settings.min_output_tokens.min(wanted) {
         return Err(refused(gw, key, pool, refusal.0, amount, resets_at).await);
     }
-    let worst = entry
-        .worst_case(&bound(input_bound, fitted, facts), allow)
-        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    let amount = hold_amount(worst, ppm).ok_or_else(|| GatewayError::BadRequest("overflow".into()))?;
+    let amount = terms.amount(input_bound, fitted).ok_or_else(overflow)?;
     let clamped_body = match kind {
         Kind::Anthropic => wire::anthropic_clamp(&body, fitted),
         Kind::OpenAi => wire::openai_rewrite(&body, false, Some(fitted)),

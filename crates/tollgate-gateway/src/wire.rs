@@ -14,11 +14,20 @@ pub struct RequestFacts {
     /// `max_tokens` (Anthropic) or `max_completion_tokens` / `max_tokens` (OpenAI); None if absent.
     pub max_tokens: Option<u64>,
     pub stream: bool,
-    /// Σ `max_uses` of server tools (web search); a tool without `max_uses` counts once per
-    /// `UNBOUNDED_TOOL_USES`.
+    /// Σ `max_uses` of the web search tools that set one.
     pub web_search_max_uses: u64,
+    /// Σ `max_uses` of the web fetch tools that set one.
+    pub web_fetch_max_uses: u64,
+    /// Web search and web fetch tools without `max_uses`: unbounded until the gateway gives
+    /// them one ([`RequestFacts::inject_max_uses`], [`anthropic_inject_max_uses`]).
+    pub web_search_without_max_uses: u64,
+    pub web_fetch_without_max_uses: u64,
     /// Documents and images given by URL or file id: their size is not in the body.
     pub unbounded_inputs: u64,
+    /// What the request uses whose cost the gateway cannot bound before the call, as the
+    /// request names it (`mcp_servers`, a code execution tool's type, `container_upload`,
+    /// `web_search_options`), each once, in the order found.
+    pub unbounded_tools: Vec<String>,
     pub batch: bool,
     pub geo_us: bool,
     pub fast: bool,
@@ -26,8 +35,58 @@ pub struct RequestFacts {
     pub include_usage: bool,
 }
 
-/// How many uses a web-search tool without `max_uses` is bounded by.
-pub const UNBOUNDED_TOOL_USES: u64 = 10;
+impl RequestFacts {
+    /// Server tools without `max_uses` that the gateway must give one before forwarding.
+    pub fn tools_without_max_uses(&self) -> u64 {
+        self.web_search_without_max_uses.saturating_add(self.web_fetch_without_max_uses)
+    }
+
+    /// Counts `max_uses` for every server tool that had none, as the body rewritten by
+    /// [`anthropic_inject_max_uses`] with the same value says.
+    pub fn inject_max_uses(&mut self, max_uses: u64) {
+        let add = |sum: u64, tools: u64| sum.saturating_add(tools.saturating_mul(max_uses));
+        self.web_search_max_uses = add(self.web_search_max_uses, self.web_search_without_max_uses);
+        self.web_fetch_max_uses = add(self.web_fetch_max_uses, self.web_fetch_without_max_uses);
+        self.web_search_without_max_uses = 0;
+        self.web_fetch_without_max_uses = 0;
+    }
+
+    fn unbounded(&mut self, name: &str) {
+        if !self.unbounded_tools.iter().any(|n| n == name) {
+            self.unbounded_tools.push(name.to_string());
+        }
+    }
+}
+
+/// Server tools whose uses `max_uses` bounds, by the prefix of their `type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerTool {
+    WebSearch,
+    WebFetch,
+}
+
+fn server_tool(tool: &Value) -> Option<ServerTool> {
+    let kind = tool.get("type").and_then(Value::as_str)?;
+    if kind.starts_with("web_search") {
+        Some(ServerTool::WebSearch)
+    } else if kind.starts_with("web_fetch") {
+        Some(ServerTool::WebFetch)
+    } else {
+        None
+    }
+}
+
+/// A server tool's `max_uses`: None when absent (or null); a value that is not a whole number
+/// is the caller's to fix.
+fn max_uses(tool: &Value, index: usize) -> Result<Option<u64>, BadRequest> {
+    match tool.get("max_uses") {
+        None | Some(Value::Null) => Ok(None),
+        Some(m) => m
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| BadRequest(format!("tools[{index}].max_uses: must be a whole number of uses, such as 5"))),
+    }
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadRequest(pub String);
@@ -56,10 +115,28 @@ pub fn anthropic_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
         fast: v.get("speed").and_then(Value::as_str) == Some("fast"),
         ..RequestFacts::default()
     };
-    for tool in v.get("tools").and_then(Value::as_array).into_iter().flatten() {
-        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind.starts_with("web_search") {
-            facts.web_search_max_uses += tool.get("max_uses").and_then(Value::as_u64).unwrap_or(UNBOUNDED_TOOL_USES);
+    // The MCP connector: the upstream calls the servers' tools, and their results come in as
+    // input, as often as the model likes.
+    if v.get("mcp_servers").and_then(Value::as_array).is_some_and(|s| !s.is_empty()) {
+        facts.unbounded("mcp_servers");
+    }
+    for (i, tool) in v.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match (server_tool(tool), max_uses(tool, i)?) {
+            (Some(ServerTool::WebSearch), Some(n)) => {
+                facts.web_search_max_uses = facts.web_search_max_uses.saturating_add(n)
+            }
+            (Some(ServerTool::WebFetch), Some(n)) => {
+                facts.web_fetch_max_uses = facts.web_fetch_max_uses.saturating_add(n)
+            }
+            (Some(ServerTool::WebSearch), None) => facts.web_search_without_max_uses += 1,
+            (Some(ServerTool::WebFetch), None) => facts.web_fetch_without_max_uses += 1,
+            (None, _) => {
+                // Code execution: billed by container time, and what it prints comes back as input.
+                let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind.starts_with("code_execution") {
+                    facts.unbounded(kind);
+                }
+            }
         }
     }
     let mut count = |blocks: &Value| {
@@ -67,6 +144,11 @@ pub fn anthropic_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
             let source_kind = block.get("source").and_then(|s| s.get("type")).and_then(Value::as_str);
             if matches!(source_kind, Some("url") | Some("file")) {
                 facts.unbounded_inputs += 1;
+            }
+            // A file put into the code execution container: what the model does with it there
+            // is as unbounded as code execution itself.
+            if block.get("type").and_then(Value::as_str) == Some("container_upload") {
+                facts.unbounded("container_upload");
             }
         }
     };
@@ -84,6 +166,21 @@ pub fn anthropic_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
     Ok(facts)
 }
 
+/// Gives every web search and web fetch tool without `max_uses` this one, so that what the
+/// call can cost is bounded (SPEC section 3); tools that have one keep it.
+pub fn anthropic_inject_max_uses(body: &[u8], max_uses: u64) -> Result<Vec<u8>, BadRequest> {
+    let mut v = parse_json(body)?;
+    for tool in v.get_mut("tools").and_then(Value::as_array_mut).into_iter().flatten() {
+        if server_tool(tool).is_some()
+            && tool.get("max_uses").is_none_or(Value::is_null)
+            && let Some(t) = tool.as_object_mut()
+        {
+            t.insert("max_uses".into(), Value::from(max_uses));
+        }
+    }
+    serde_json::to_vec(&v).map_err(|e| BadRequest(format!("cannot re-encode the request: {e}")))
+}
+
 /// Reads an OpenAI chat-completions request.
 pub fn openai_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
     let v = parse_json(body)?;
@@ -97,14 +194,19 @@ pub fn openai_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
             m.as_u64().ok_or_else(|| BadRequest("max_completion_tokens: must be a positive whole number".into()))?,
         ),
     };
-    Ok(RequestFacts {
+    let mut facts = RequestFacts {
         model: model.to_string(),
         max_tokens,
         stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
         include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         batch: v.get("service_tier").and_then(Value::as_str) == Some("batch"),
         ..RequestFacts::default()
-    })
+    };
+    // Search models: a price per search and the pages found as input, with no bound on either.
+    if v.get("web_search_options").is_some_and(|o| !o.is_null()) {
+        facts.unbounded("web_search_options");
+    }
+    Ok(facts)
 }
 
 /// Rewrites an OpenAI request: `stream_options.include_usage = true` (so the stream reports

@@ -14,7 +14,8 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
         tx,
         "WITH e AS (
              SELECT account, pool, cycle_start_us, SUM(grant_part) AS grant_part, SUM(overage_part) AS overage_part,
-                 SUM(grant_part + overage_part - overshoot) FILTER (WHERE hold_id IS NOT NULL) AS through_holds
+                 SUM(grant_part + overage_part - overshoot) FILTER (WHERE hold_id IS NOT NULL) AS through_holds,
+                 SUM(overshoot) AS overshoot, COUNT(*) FILTER (WHERE overshoot > 0) AS overshot
              FROM events GROUP BY account, pool, cycle_start_us),
          h AS (
              SELECT account, pool, cycle_start_us, SUM(amount) AS held FROM holds WHERE state = 'open'
@@ -24,7 +25,8 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
          SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held,
             COALESCE(e.grant_part, 0)::BIGINT, COALESCE(e.overage_part, 0)::BIGINT,
             COALESCE(e.through_holds, 0)::BIGINT, COALESCE(h.held, 0)::BIGINT, COALESCE(g.amount, 0)::BIGINT,
-            COALESCE(q.on_exhausted, 'block'), q.overage_cap, q.spend_cap
+            COALESCE(q.on_exhausted, 'block'), q.overage_cap, q.spend_cap,
+            COALESCE(e.overshoot, 0)::BIGINT, COALESCE(e.overshot, 0)::BIGINT
          FROM pool_cycles p LEFT JOIN policies q ON q.account = p.account AND q.pool = p.pool
          LEFT JOIN e ON e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us
          LEFT JOIN h ON h.account = p.account AND h.pool = p.pool AND h.cycle_start_us = p.cycle_start_us
@@ -42,6 +44,10 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
         let (grants, used, overage, held) = (n(3)?, n(4)?, n(5)?, n(6)?);
         let (sum_grant, sum_overage, through_holds, open_held, sum_grants) = (n(7)?, n(8)?, n(9)?, n(10)?, n(11)?);
         let policy: PoolPolicy = rows::policy(r, 12)?;
+        let (overshoot, overshot) = (n(15)?, r.try_get::<_, i64>(16)?);
+        if overshot > 0 {
+            audit.warnings.push(Audit::overshoot_warning(&account, &pool_name, start, overshoot, overshot as u64));
+        }
         let at = format!("account {account} pool {pool_name} cycle {}", start.to_rfc3339());
         let mut breach = |text: String| audit.breaches.push(format!("{at}: {text}"));
         if used != sum_grant {

@@ -228,6 +228,14 @@ fn gateway_settings(settings: &Settings, env: &dyn Env) -> Result<tollgate_gatew
             tollgate_config::UnknownModel::PriceAs(m) => Some(m.clone()),
         },
         hold_ttl_s: settings.file.server.hold_ttl_s,
+        server_tool_max_uses: g.server_tool_max_uses,
+        allowances: tollgate_core::price::Allowances {
+            input_tokens_per_tool_use: g.input_tokens_per_tool_use,
+            input_tokens_per_unbounded_input: g.input_tokens_per_unbounded_input,
+            ..Default::default()
+        },
+        // Validated by the configuration (an amount ≥ 0).
+        unbounded_tool_allowance: g.unbounded_tool_allowance_usd.as_ref().and_then(|u| u.nanos().ok()),
         ..tollgate_gateway::Settings::default()
     })
 }
@@ -433,6 +441,25 @@ mod tests {
         assert_eq!(gateway_settings(&set, &NoEnv).expect("set").lease, tollgate_core::Nanos(250_000_000));
         let off = settings("[gateway]\nlease_usd = \"0\"\n");
         assert_eq!(gateway_settings(&off, &NoEnv).expect("off").lease, tollgate_core::Nanos::ZERO);
+    }
+
+    #[test]
+    fn the_worst_case_settings_reach_the_gateway() {
+        let defaults = gateway_settings(&settings(""), &NoEnv).expect("defaults");
+        assert_eq!(defaults.server_tool_max_uses, tollgate_gateway::SERVER_TOOL_MAX_USES_DEFAULT);
+        assert_eq!(defaults.allowances, tollgate_core::price::Allowances::default());
+        assert_eq!(defaults.unbounded_tool_allowance, None);
+        let set = settings(
+            "[gateway]\nserver_tool_max_uses = 3\ninput_tokens_per_tool_use = 40000\n\
+             input_tokens_per_unbounded_input = 9\nunbounded_tool_allowance_usd = \"2.5\"\n",
+        );
+        let set = gateway_settings(&set, &NoEnv).expect("set");
+        assert_eq!(set.server_tool_max_uses, 3);
+        assert_eq!(
+            (set.allowances.input_tokens_per_tool_use, set.allowances.input_tokens_per_unbounded_input),
+            (40_000, 9)
+        );
+        assert_eq!(set.unbounded_tool_allowance, Some(tollgate_core::Nanos(2_500_000_000)));
     }
 
     #[test]

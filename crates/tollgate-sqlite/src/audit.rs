@@ -23,7 +23,13 @@ pub fn audit(conn: &Connection) -> StoreResult<Audit> {
                   WHERE h.account = p.account AND h.pool = p.pool AND h.cycle_start_us = p.cycle_start_us
                     AND h.state = 'open'),
                 (SELECT COALESCE(SUM(amount), 0) FROM grants g
-                  WHERE g.account = p.account AND g.pool = p.pool AND g.cycle_start_us = p.cycle_start_us)
+                  WHERE g.account = p.account AND g.pool = p.pool AND g.cycle_start_us = p.cycle_start_us),
+                (SELECT COALESCE(SUM(overshoot), 0) FROM events e
+                  WHERE e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us
+                    AND e.overshoot > 0),
+                (SELECT COUNT(*) FROM events e
+                  WHERE e.account = p.account AND e.pool = p.pool AND e.cycle_start_us = p.cycle_start_us
+                    AND e.overshoot > 0)
              FROM pool_cycles p ORDER BY p.account, p.pool, p.cycle_start_us",
         )
         .map_err(backend)?;
@@ -36,6 +42,10 @@ pub fn audit(conn: &Connection) -> StoreResult<Audit> {
         let n = |i: usize| -> StoreResult<Nanos> { r.get::<_, i64>(i).map(Nanos).map_err(backend) };
         let (grants, used, overage, held) = (n(3)?, n(4)?, n(5)?, n(6)?);
         let (sum_grant, sum_overage, through_holds, open_held, sum_grants) = (n(7)?, n(8)?, n(9)?, n(10)?, n(11)?);
+        let (overshoot, overshot) = (n(12)?, r.get::<_, i64>(13).map_err(backend)?);
+        if overshot > 0 {
+            audit.warnings.push(Audit::overshoot_warning(&account, &pool_name, start, overshoot, overshot as u64));
+        }
         let at = format!("account {account} pool {pool_name} cycle {}", start.to_rfc3339());
         let mut breach = |text: String| audit.breaches.push(format!("{at}: {text}"));
         if used != sum_grant {

@@ -15,11 +15,20 @@ pub enum AlertKind {
     CapHit,
     Spike,
     Forecast,
+    /// Calls of the pool were charged above their holds in the cycle: the upstream reported
+    /// more than the worst case that was held.
+    Overshoot,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 5] =
-        [AlertKind::Threshold, AlertKind::OverageStarted, AlertKind::CapHit, AlertKind::Spike, AlertKind::Forecast];
+    pub const ALL: [AlertKind; 6] = [
+        AlertKind::Threshold,
+        AlertKind::OverageStarted,
+        AlertKind::CapHit,
+        AlertKind::Spike,
+        AlertKind::Forecast,
+        AlertKind::Overshoot,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +37,7 @@ impl AlertKind {
             AlertKind::CapHit => "cap_hit",
             AlertKind::Spike => "spike",
             AlertKind::Forecast => "forecast",
+            AlertKind::Overshoot => "overshoot",
         }
     }
 

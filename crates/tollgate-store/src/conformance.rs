@@ -95,6 +95,7 @@ macro_rules! conformance_suite {
             recover_open_holds_settles_open_holds
             keys_create_list_lookup_revoke
             audit_clean_after_mixed_workload
+            audit_warns_of_overshoot_per_pool_and_cycle
             concurrent_holds_never_overshoot
             concurrent_holds_respect_key_cap
             concurrent_settles_charge_once
@@ -1948,6 +1949,48 @@ pub async fn audit_clean_after_mixed_workload(store: Fresh) {
         audit.pools_checked >= 4,
         "the audit checks every pool and cycle written (acme P Nov, I Nov, P Oct, beta P Nov), got {}",
         audit.pools_checked
+    );
+}
+
+/// Charges above their holds (overshoot: the upstream reported more than the worst case held)
+/// are no breach, but the audit names them: one warning per pool and cycle, with the total and
+/// the number of events, lease parts included; direct events and charges within their holds
+/// are not named.
+pub async fn audit_warns_of_overshoot_per_pool_and_cycle(store: Fresh) {
+    standard_account(&store, "acme").await;
+    standard_account(&store, "beta").await;
+    let october = at("2026-10-20T00:00:00Z");
+    let h = held(store.hold(hold_request("acme", "h-0", P, usd(1)), october).await, "October $1");
+    ok(store.settle(settle_request(&h, usd(2), october), october).await, "October: $1 above its hold");
+    let h = held(store.hold(hold_request("acme", "h-1", P, usd(1)), now()).await, "$1");
+    ok(store.settle(settle_request(&h, usd(3), later(1)), later(1)).await, "$2 above its hold");
+    let h = held(store.hold(hold_request("acme", "h-2", P, usd(1)), now()).await, "$1");
+    ok(store.settle(settle_request(&h, cents(150), later(2)), later(2)).await, "$0.50 above its hold");
+    let h = held(store.hold(hold_request("acme", "h-3", P, usd(1)), now()).await, "$1");
+    ok(store.settle(settle_request(&h, cents(40), later(3)), later(3)).await, "within its hold");
+    let h = held(store.hold(hold_request("acme", "h-4", I, usd(1)), now()).await, "interactive $1");
+    ok(store.settle(settle_request(&h, cents(90), later(3)), later(3)).await, "interactive, within its hold");
+    record_one(&store, event("acme", "e-1", P, usd(60), later(4)), later(4), "a direct event past the limit").await;
+
+    let lease = held(store.hold(hold_request("beta", "lease-1", P, usd(5)), now()).await, "beta's lease");
+    let mut part = settle_request(&lease, usd(2), later(1));
+    part.event.id = "call-1".to_string();
+    part.event = with_event_fingerprint(part.event);
+    ok(store.settle_part(part, usd(1), later(1)).await, "a lease part $1 above what it held");
+
+    let audit = ok(store.audit().await, "audit");
+    assert!(audit.breaches.is_empty(), "overshoot is no breach: {:#?}", audit.breaches);
+    assert_eq!(
+        audit.warnings,
+        [
+            "account acme pool programmatic cycle 2026-10-01T00:00:00+00:00: 1 event was charged $1.00 above its hold \
+             (overshoot)",
+            "account acme pool programmatic cycle 2026-11-01T00:00:00+00:00: 2 events were charged $2.50 above their \
+             holds (overshoot)",
+            "account beta pool programmatic cycle 2026-11-01T00:00:00+00:00: 1 event was charged $1.00 above its hold \
+             (overshoot)",
+        ],
+        "one warning per pool and cycle with overshoot, in account, pool and cycle order"
     );
 }
 

@@ -266,7 +266,7 @@ pub enum AlertsCmd {
         account: Option<String>,
         #[arg(long)]
         pool: Option<String>,
-        /// threshold, overage_started, cap_hit, spike or forecast.
+        /// threshold, overage_started, cap_hit, spike, forecast or overshoot.
         #[arg(long)]
         kind: Option<String>,
         /// RFC 3339 time.

@@ -64,7 +64,9 @@ async fn run(seed: u64) {
         let at = format!("seed {seed}, step {step}");
         match rng.below(100) {
             0..=7 => {
-                // kill -9 between calls: only leases are open.
+                // kill -9 between calls: only leases are open once every call has its event (a
+                // call whose client left may still be reading the upstream's answer).
+                until_recorded(&c, calls).await;
                 let (charged_before, _) = c.programmatic().await;
                 server.kill();
                 server = Server::with_mock(dir.path(), TOKEN, &mock).await;
@@ -178,4 +180,14 @@ async fn until_settled(c: &Client, expected: i64) -> (i64, i64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.programmatic().await
+}
+
+/// Waits (at most 20 s) until the calls' events, those not `unsettled`, number `calls`.
+async fn until_recorded(c: &Client, calls: usize) {
+    for _ in 0..400 {
+        if c.events(TOKEN).await.iter().filter(|e| e["unsettled"] == false).count() >= calls {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -25,8 +25,39 @@ fn anthropic_request_bounds() {
     assert_eq!(f.model, "claude-opus-5-5");
     assert_eq!(f.max_tokens, Some(128_000));
     assert!(f.stream && f.batch && f.fast && !f.geo_us);
-    assert_eq!(f.web_search_max_uses, 3 + UNBOUNDED_TOOL_USES);
+    assert_eq!((f.web_search_max_uses, f.web_search_without_max_uses), (3, 1));
     assert_eq!(f.unbounded_inputs, 2);
+    assert!(f.unbounded_tools.is_empty());
+}
+
+#[test]
+fn anthropic_server_tools_get_max_uses_and_unbounded_tools_are_named() {
+    let body = br#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":[
+            {"type":"container_upload","file_id":"f1"},{"type":"container_upload","file_id":"f2"}]}],
+        "mcp_servers":[{"type":"url","url":"https://mcp.example/sse","name":"x"}],
+        "tools":[{"type":"web_fetch_20250910","name":"web_fetch"},{"type":"web_fetch_20250910","name":"f2","max_uses":4},
+                 {"type":"web_search_20250305","name":"web_search","max_uses":null},
+                 {"type":"code_execution_20250825","name":"code_execution"}]}"#;
+    let mut f = anthropic_request(body).unwrap();
+    assert_eq!((f.web_fetch_max_uses, f.web_fetch_without_max_uses), (4, 1));
+    assert_eq!((f.web_search_max_uses, f.web_search_without_max_uses), (0, 1));
+    assert_eq!(f.tools_without_max_uses(), 2);
+    assert_eq!(f.unbounded_tools, ["mcp_servers", "code_execution_20250825", "container_upload"]);
+    f.inject_max_uses(5);
+    assert_eq!((f.web_fetch_max_uses, f.web_search_max_uses, f.tools_without_max_uses()), (9, 5, 0));
+
+    let rewritten = anthropic_inject_max_uses(body, 5).unwrap();
+    let v: Value = serde_json::from_slice(&rewritten).unwrap();
+    let uses: Vec<Value> = v["tools"].as_array().unwrap().iter().map(|t| t["max_uses"].clone()).collect();
+    assert_eq!(uses, [Value::from(5), Value::from(4), Value::from(5), Value::Null]);
+    // The rewritten body reads as bounded.
+    let again = anthropic_request(&rewritten).unwrap();
+    assert_eq!((again.web_fetch_max_uses, again.web_search_max_uses, again.tools_without_max_uses()), (9, 5, 0));
+
+    let bad = br#"{"model":"m","tools":[{"type":"web_search_20250305","name":"w","max_uses":"lots"}]}"#;
+    assert!(anthropic_request(bad).unwrap_err().0.contains("tools[0].max_uses"));
+    let search = br#"{"model":"gpt-5-search","messages":[],"web_search_options":{}}"#;
+    assert_eq!(openai_request(search).unwrap().unbounded_tools, ["web_search_options"]);
 }
 
 #[test]

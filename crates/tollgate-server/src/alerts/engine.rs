@@ -10,6 +10,10 @@
 //!   while no server ran, or by another process on the same PostgreSQL store is found without
 //!   any further activity on its pool. `cap_hit` follows a refusal, which is no ledger write; a
 //!   pool whose limit is reached is found durably by the 100 % threshold.
+//! - `overshoot` is checked by the same scan, from the events of each account's current cycle:
+//!   the scan reads them once, then only the events recorded since (a cursor on their `seq`).
+//!   A pool that no `overshoot` rule watches is covered by the built-in rule
+//!   [`OVERSHOOT_DEFAULT_RULE`], to the log: a charge above its hold is never silent.
 //! - `spike` compares the last window's spend with the trailing windows (six of them), from the
 //!   per-second spend this process saw; it fires when a spike starts and re-arms when it ends.
 //!   With several processes each watches its own calls (a limit of this design, documented).
@@ -32,13 +36,20 @@ use tollgate_gateway::metrics::Metrics;
 use tollgate_gateway::upstream::HttpClient;
 use tollgate_store::alerts::{Alert, AlertKind, AlertRule, NewAlert, Outbound, alert_id};
 use tollgate_store::feed::Tally;
-use tollgate_store::{Balance, PoolBalance, Store, StoreResult};
+use tollgate_store::{Balance, EventQuery, PoolBalance, Store, StoreResult};
 
 use super::deliver::{self, Channel, Delivery};
 use crate::{Clock, dto};
 
 /// The channel every alert without channels goes to.
 pub const LOG_CHANNEL: &str = "log";
+/// The rule that raises overshoot on a pool no `overshoot` rule watches, to the log channel.
+pub const OVERSHOOT_DEFAULT_RULE: &str = "overshoot-default";
+/// Events read per page when the scan looks for overshoot (the store's largest page).
+const OVERSHOOT_PAGE_EVENTS: usize = 10_000;
+/// Pages of one account's events read by one scan at most; a cycle with more events is read on
+/// over the next scans.
+const OVERSHOOT_PAGES_PER_SCAN_MAX: usize = 100;
 /// Trailing windows a spike is compared with.
 const SPIKE_TRAILING_WINDOWS: usize = 6;
 /// Deliveries a failing channel is retried for, with backoff capped at 10 minutes: about a day.
@@ -69,6 +80,19 @@ pub struct Alerter {
     /// recorded), with the end of their cycle: checking them again writes nothing. Only a
     /// cache, emptied of ended cycles by each scan: the store decides.
     recorded: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// What the scan has read of each account's events in its current cycle. Only a cache of
+    /// reads, rebuilt from the store at start: the events decide.
+    overshoot: Mutex<HashMap<String, OvershootTally>>,
+}
+
+/// The overshoot of one account's events in one cycle, as far as the scan has read them.
+#[derive(Clone, Debug, Default)]
+struct OvershootTally {
+    cycle_start: Option<DateTime<Utc>>,
+    /// The `seq` of the last event read: the next read starts after it.
+    after_seq: Option<i64>,
+    /// Per pool (interactive, programmatic): the total charged above holds, and the events.
+    pools: [(Nanos, u64); 2],
 }
 
 impl Alerter {
@@ -88,6 +112,7 @@ impl Alerter {
             metrics,
             feed: None,
             recorded: Mutex::default(),
+            overshoot: Mutex::default(),
         }
     }
 
@@ -128,39 +153,99 @@ impl Alerter {
     }
 
     /// Checks the rules that follow a pool's balance and need no refusal (`threshold`,
-    /// `overage_started`) against every account's pools in the cycle containing `now`, whatever
-    /// activity this process saw: run at start and then periodically, it finds a crossing written
-    /// before a crash, while no server ran, or by another process sharing the store. Each alert
-    /// is recorded once by the store, so scanning again fires nothing twice.
+    /// `overage_started`) and the `overshoot` rules (with the built-in one) against every
+    /// account's pools in the cycle containing `now`, whatever activity this process saw: run at
+    /// start and then periodically, it finds a crossing or an overshoot written before a crash,
+    /// while no server ran, or by another process sharing the store. Each alert is recorded once
+    /// by the store, so scanning again fires nothing twice.
     pub async fn scan(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
-        let rules: Vec<AlertRule> = self
-            .store
-            .alert_rules()
-            .await?
+        let rules = self.store.alert_rules().await?;
+        let (overshoot_rules, rules): (Vec<AlertRule>, Vec<AlertRule>) = rules
             .into_iter()
-            .filter(|r| matches!(r.kind, AlertKind::Threshold | AlertKind::OverageStarted))
-            .collect();
+            .filter(|r| matches!(r.kind, AlertKind::Threshold | AlertKind::OverageStarted | AlertKind::Overshoot))
+            .partition(|r| r.kind == AlertKind::Overshoot);
         self.recorded.lock().expect("recorded alerts").retain(|_, cycle_end| *cycle_end > now);
-        if rules.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut fired = Vec::new();
-        for account in self.store.accounts().await? {
-            if !rules.iter().any(|r| r.account.as_deref().is_none_or(|a| a == account.id)) {
-                continue;
-            }
-            let balance = self.store.balance(&account.id, now).await?;
-            for p in &balance.pools {
-                for rule in rules.iter().filter(|r| r.watches(&account.id, p.pool)) {
-                    for candidate in candidates(rule, &balance, p, false) {
-                        if let Some(a) = self.fire_for(rule, &balance, p, candidate, now).await? {
-                            fired.push(a);
+        let accounts = self.store.accounts().await?;
+        {
+            let known: std::collections::HashSet<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
+            self.overshoot.lock().expect("overshoot tallies").retain(|account, _| known.contains(account.as_str()));
+        }
+        for account in accounts {
+            let mut balance = None;
+            if rules.iter().any(|r| r.account.as_deref().is_none_or(|a| a == account.id)) {
+                let b = self.store.balance(&account.id, now).await?;
+                for p in &b.pools {
+                    for rule in rules.iter().filter(|r| r.watches(&account.id, p.pool)) {
+                        for candidate in candidates(rule, &b, p, false) {
+                            if let Some(a) = self.fire_for(rule, &b, p, candidate, now).await? {
+                                fired.push(a);
+                            }
                         }
                     }
                 }
+                balance = Some(b);
+            }
+            let cycle = account.cycle_anchor().cycle_at(now);
+            let tally = self.overshoot_of(&account.id, cycle.start).await?;
+            for pool in PoolKind::ALL {
+                let (total, events) = tally.pools[pool as usize];
+                if events == 0 {
+                    continue;
+                }
+                let b = match balance.take() {
+                    Some(b) => b,
+                    None => self.store.balance(&account.id, now).await?,
+                };
+                let p = b.pool(pool).clone();
+                let watching: Vec<AlertRule> =
+                    overshoot_rules.iter().filter(|r| r.watches(&account.id, pool)).cloned().collect();
+                let watching = if watching.is_empty() { vec![overshoot_default_rule()] } else { watching };
+                for rule in &watching {
+                    let candidate = overshoot_candidate(&b, &p, total, events);
+                    if let Some(a) = self.fire_for(rule, &b, &p, candidate, now).await? {
+                        fired.push(a);
+                    }
+                }
+                balance = Some(b);
             }
         }
         Ok(fired)
+    }
+
+    /// The overshoot of an account's events in the cycle starting at `cycle_start`: what this
+    /// process read before, plus the events recorded since (in `seq` order, which on every
+    /// backend is the order an account's events commit in, so none is skipped).
+    async fn overshoot_of(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<OvershootTally> {
+        let known = self.overshoot.lock().expect("overshoot tallies").get(account).cloned();
+        let mut tally = known.filter(|t| t.cycle_start == Some(cycle_start)).unwrap_or_default();
+        tally.cycle_start = Some(cycle_start);
+        for _ in 0..OVERSHOOT_PAGES_PER_SCAN_MAX {
+            let query = EventQuery {
+                account: account.to_string(),
+                // A settled event is stamped at its settle, after its hold's cycle started: the
+                // bound lets the store read by its (account, time) index. The cycle each event
+                // is booked in decides below.
+                since: Some(cycle_start),
+                after_seq: tally.after_seq,
+                limit: OVERSHOOT_PAGE_EVENTS,
+                ..EventQuery::default()
+            };
+            let events = self.store.events(query).await?;
+            for e in events.iter().filter(|e| e.cycle_start == cycle_start && e.overshoot.0 > 0) {
+                let (total, count) = &mut tally.pools[e.pool as usize];
+                *total = total.saturating_add(e.overshoot);
+                *count += 1;
+            }
+            if let Some(last) = events.last() {
+                tally.after_seq = Some(last.seq);
+            }
+            if events.len() < OVERSHOOT_PAGE_EVENTS {
+                break;
+            }
+        }
+        self.overshoot.lock().expect("overshoot tallies").insert(account.to_string(), tally.clone());
+        Ok(tally)
     }
 
     /// Adds a pool's spend of the second ending at `now` to its history.
@@ -455,11 +540,45 @@ fn candidates(rule: &AlertRule, balance: &Balance, p: &PoolBalance, refused: boo
     out
 }
 
+/// The built-in rule that raises overshoot on a pool no `overshoot` rule watches: every account,
+/// both pools, the log channel. It is not stored; its alerts name it as their rule.
+fn overshoot_default_rule() -> AlertRule {
+    AlertRule {
+        id: OVERSHOOT_DEFAULT_RULE.to_string(),
+        kind: AlertKind::Overshoot,
+        account: None,
+        pool: None,
+        percents: Vec::new(),
+        window_s: None,
+        factor_ppm: None,
+        floor: None,
+        days: None,
+        channels: Vec::new(),
+        from_config: false,
+    }
+}
+
+/// The overshoot alert of a pool whose `events` were charged `total` above their holds.
+fn overshoot_candidate(balance: &Balance, p: &PoolBalance, total: Nanos, events: u64) -> Candidate {
+    let (were, holds) = if events == 1 { ("event was", "its hold") } else { ("events were", "their holds") };
+    let message = format!(
+        "{} {} pool: {events} {were} charged {} above {holds} this cycle (overshoot: the upstream reported more \
+         than the worst case held)",
+        balance.account,
+        p.pool.as_str(),
+        total.to_dollars()
+    );
+    Candidate { dedupe: String::new(), percent: None, message }
+}
+
 /// Checks a rule (from the configuration or the API) and says what to fix.
 pub fn validate_rule(r: &AlertRule) -> Result<(), String> {
     if r.id.is_empty() || r.id.len() > 64 || !r.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Err(format!("rule id {:?} must be 1 to 64 letters, digits, '-' or '_'", r.id));
+    }
+    if r.id == OVERSHOOT_DEFAULT_RULE {
+        return Err(format!("rule id {OVERSHOOT_DEFAULT_RULE:?} is the built-in overshoot rule's: choose another id"));
     }
     for p in &r.percents {
         if !(1..=100).contains(p) {
@@ -484,7 +603,7 @@ pub fn validate_rule(r: &AlertRule) -> Result<(), String> {
                 return Err("a forecast rule needs days: how many days before the reset is too early".into());
             }
         }
-        AlertKind::OverageStarted | AlertKind::CapHit => {}
+        AlertKind::OverageStarted | AlertKind::CapHit | AlertKind::Overshoot => {}
     }
     if r.kind != AlertKind::Threshold && !r.percents.is_empty() {
         return Err(format!("percent applies to threshold rules only, not {}", r.kind.as_str()));

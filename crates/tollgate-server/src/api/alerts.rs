@@ -52,7 +52,7 @@ pub struct AlertsParams {
 fn parse_kind(kind: &str) -> Result<AlertKind, ApiError> {
     AlertKind::parse(kind).ok_or_else(|| {
         ApiError::bad(format!(
-            "unknown alert kind {kind:?}: use threshold, overage_started, cap_hit, spike or forecast"
+            "unknown alert kind {kind:?}: use threshold, overage_started, cap_hit, spike, forecast or overshoot"
         ))
     })
 }

@@ -216,11 +216,17 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
                 "events_checked": audit.events_checked,
                 "holds_open": audit.holds_open,
                 "breaches": audit.breaches,
+                "warnings": audit.warnings,
         });
         outln!("{}", serde_json::to_string_pretty(&v).expect("JSON prints"));
     } else {
+        let warnings = match audit.warnings.len() {
+            0 => String::new(),
+            1 => "; 1 warning".to_string(),
+            n => format!("; {n} warnings"),
+        };
         outln!(
-            "checked {} pool cycles, {} events, {} open holds: {}",
+            "checked {} pool cycles, {} events, {} open holds: {}{warnings}",
             audit.pools_checked,
             audit.events_checked,
             audit.holds_open,
@@ -232,6 +238,10 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
         );
         for b in &audit.breaches {
             outln!("BREACH {b}");
+        }
+        // Warnings are no breach: they do not change the exit code.
+        for w in &audit.warnings {
+            outln!("WARNING {w}");
         }
     }
     if audit.breaches.is_empty() { Ok(()) } else { Err((Failure::Refused, "ledger invariants breached".into())) }
