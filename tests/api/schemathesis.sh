@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Schemathesis against the real `tollgate serve` (issue 13): every operation of
+# /api/v1/openapi.json fuzzed with the admin token; no answer may be a 5xx. A fixed seed keeps
+# runs repeatable (SCHEMATHESIS_SEED overrides it). Needs target/debug/tollgate and a Python
+# environment with tests/api/requirements.txt installed (.ci/run makes both).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+python="${PYTHON:-$root/target/sdk-venv/bin/python}"
+work="$(mktemp -d)"
+port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+token="tga_schemathesis-admin-token"
+cd "$work"
+TOLLGATE_LISTEN="127.0.0.1:$port" TOLLGATE_ADMIN_TOKEN="$token" TOLLGATE_LOG=warn \
+  "$root/target/debug/tollgate" serve >"$work/serve.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+export TOLLGATE_SERVER="http://127.0.0.1:$port" TOLLGATE_ADMIN_TOKEN="$token"
+"$root/target/debug/tollgate" account create acme --tier team-standard >/dev/null
+"$python" -m schemathesis.cli run "http://127.0.0.1:$port/api/v1/openapi.json" \
+  -H "Authorization: Bearer $token" --checks not_a_server_error --max-examples 30 \
+  --seed "${SCHEMATHESIS_SEED:-12013}" --no-color
+if grep -q "panicked" "$work/serve.log"; then
+  echo "tests/api/schemathesis.sh: the server panicked:" >&2
+  cat "$work/serve.log" >&2
+  exit 1
+fi
