@@ -8,6 +8,7 @@
 //! cargo run --release -p tollgate-bench -- streams [--streams 1000] [--delay-ms 500]
 //! cargo run --release -p tollgate-bench -- reports [--events 10000000] [--postgres URL]
 //! cargo run --release -p tollgate-bench -- postgres [--pools 1] [--stores 4] [--tasks 256] [--calls 100000] [--url postgres://…]
+//! cargo run --release -p tollgate-bench -- strip [--bytes 8388608] [--chunk-bytes 1024] [--runs 3]
 //! ```
 
 mod core_decisions;
@@ -16,6 +17,7 @@ mod postgres_ledger;
 mod reports;
 mod sqlite_ledger;
 mod streams;
+mod strip;
 
 use std::process::ExitCode;
 
@@ -29,7 +31,8 @@ fn main() -> ExitCode {
         Some("streams-gateway") => streams::serve(&args[1..]),
         Some("reports") => reports::run(&args[1..]),
         Some("postgres") => postgres_ledger::run(&args[1..]),
-        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] [--postgres URL] [--lease-usd X] | streams [--streams N] [--delay-ms N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL]".to_string()),
+        Some("strip") => strip::run(&args[1..]),
+        _ => Err("usage: tollgate-bench core [--calls N] | sqlite [--tasks N] [--calls N] | gateway [--calls N] [--connections N] [--seconds N] [--postgres URL] [--lease-usd X] | streams [--streams N] [--delay-ms N] | reports [--events N] [--postgres URL] | postgres [--pools N] [--stores N] [--tasks N] [--calls N] [--url URL] | strip [--bytes N] [--chunk-bytes N] [--runs N]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

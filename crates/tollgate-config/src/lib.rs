@@ -100,7 +100,8 @@ pub struct GatewaySection {
     pub min_output_tokens: u64,
     /// Largest gateway request body.
     pub body_size_bytes_max: usize,
-    /// Time allowed for the upstream's response headers.
+    /// Time allowed for the upstream's response headers, and the longest silence of an
+    /// upstream's body (at most half `hold_ttl_s`) before it ends as a cut.
     pub upstream_timeout_s: u64,
     /// Send Claude Code's own warning headers once a pool passes 75 %.
     pub claude_code_warnings: bool,

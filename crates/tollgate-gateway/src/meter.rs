@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tollgate_core::price::{Allowances, PriceError};
 use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, RequestBound, Usage};
 use tollgate_store::{NewEvent, SettleRequest};
@@ -24,9 +23,11 @@ use crate::lease::{Part, Scope};
 use crate::metrics::{CallLabels, ModelLabels};
 use crate::proxy::Gateway;
 use crate::upstream::Kind;
-use crate::wire::{self, AnthropicStream, OpenAiStream, Reported};
+use crate::upstream::{BodyError, UpstreamBody};
+use crate::wire::{self, AnthropicStream, OpenAiStream, Reported, UsageChunkStrip};
 
-/// Most bytes of a JSON response kept to read its usage.
+/// Most bytes of a JSON response kept to read its usage; a longer answer's usage is not read
+/// (it is estimated).
 const JSON_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Longest the gateway reads on from the upstream after the client left, for the usage the
@@ -39,15 +40,14 @@ pub enum Meter {
     Error,
     Json {
         kind: Kind,
-        body: Vec<u8>,
+        /// The answer so far; None once it is longer than `JSON_BODY_BYTES_MAX` (no longer kept).
+        body: Option<Vec<u8>>,
     },
     AnthropicSse(AnthropicStream),
     OpenAiSse {
         stream: OpenAiStream,
-        /// Hide the usage chunk that tollgate asked for on the client's behalf.
-        strip_usage_chunk: bool,
-        /// Bytes of an SSE event not yet complete (only when stripping).
-        pending: Vec<u8>,
+        /// Hides the usage chunk that tollgate asked for on the client's behalf.
+        strip: Option<UsageChunkStrip>,
     },
 }
 
@@ -71,13 +71,24 @@ pub struct Reading {
 }
 
 impl Meter {
-    /// Reads a chunk; returns the bytes to forward.
+    /// A JSON answer's meter.
+    pub fn json(kind: Kind) -> Meter {
+        Meter::Json { kind, body: Some(Vec::new()) }
+    }
+
+    /// Reads a chunk; returns the bytes to forward. The work is linear in the chunk's size, and
+    /// what is kept is bounded (a JSON answer up to `JSON_BODY_BYTES_MAX`, an SSE line or a held
+    /// back SSE event up to 1 MiB).
     fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
             Meter::Error => chunk,
             Meter::Json { body, .. } => {
-                if body.len() + chunk.len() <= JSON_BODY_BYTES_MAX {
-                    body.extend_from_slice(&chunk);
+                // Past the bound the answer is not kept at all: a part of it tells nothing.
+                if body.as_ref().is_some_and(|b| b.len() + chunk.len() > JSON_BODY_BYTES_MAX) {
+                    *body = None;
+                }
+                if let Some(b) = body {
+                    b.extend_from_slice(&chunk);
                 }
                 chunk
             }
@@ -85,22 +96,35 @@ impl Meter {
                 s.feed(&chunk);
                 chunk
             }
-            Meter::OpenAiSse { stream, strip_usage_chunk: false, .. } => {
+            Meter::OpenAiSse { stream, strip: None } => {
                 stream.feed(&chunk);
                 chunk
             }
-            Meter::OpenAiSse { stream, strip_usage_chunk: true, pending } => {
+            Meter::OpenAiSse { stream, strip: Some(strip) } => {
                 stream.feed(&chunk);
-                pending.extend_from_slice(&chunk);
-                let mut out = Vec::with_capacity(pending.len());
-                while let Some(end) = event_end(pending) {
-                    let event: Vec<u8> = pending.drain(..end).collect();
-                    if !wire::openai_is_usage_chunk(&event) {
-                        out.extend_from_slice(&event);
-                    }
-                }
+                let mut out = Vec::with_capacity(chunk.len());
+                strip.feed(&chunk, &mut out);
                 Bytes::from(out)
             }
+        }
+    }
+
+    /// The upstream's body ended whole: what was held back to be read whole is forwarded (an
+    /// event the stream ended in without its blank line, unless it is the usage chunk).
+    fn finish(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        if let Meter::OpenAiSse { strip: Some(strip), .. } = self {
+            strip.finish(&mut out);
+        }
+        Bytes::from(out)
+    }
+
+    /// Bytes held back from the client: an SSE event not yet complete, when stripping.
+    #[cfg(test)]
+    fn buffered_bytes(&self) -> usize {
+        match self {
+            Meter::OpenAiSse { strip: Some(strip), .. } => strip.held_bytes(),
+            _ => 0,
         }
     }
 
@@ -121,13 +145,13 @@ impl Meter {
         match self {
             Meter::Error => None,
             Meter::Json { kind, body } => {
-                let report = match end {
-                    End::Complete => match kind {
+                let report = match (end, body) {
+                    (End::Complete, Some(body)) => match kind {
                         Kind::Anthropic => wire::anthropic_response_usage(body),
                         Kind::OpenAi => wire::openai_response_usage(body),
                     },
                     // Only a whole answer is JSON: a part of one tells nothing.
-                    End::UpstreamCut | End::ClientGone => wire::JsonReport::default(),
+                    _ => wire::JsonReport::default(),
                 };
                 Some(Reading { reported: report.reported, text_bytes: report.text_bytes, whole: end == End::Complete })
             }
@@ -199,16 +223,6 @@ pub fn charge(
         estimated = true;
     }
     Ok(Charge { usage, cost, partial: !exact, estimated })
-}
-
-/// The end of the first complete SSE event (after its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// What settling or voiding the call needs.
@@ -331,8 +345,9 @@ impl Finish {
 }
 
 pub struct MeteredBody {
-    /// The upstream's body; taken by the task that reads on after the client left.
-    inner: Option<Incoming>,
+    /// The upstream's body (its silence bounded); taken by the task that reads on after the
+    /// client left, dropped once it ended.
+    inner: Option<UpstreamBody>,
     meter: Meter,
     finish: Option<Finish>,
     ttft_ms: Option<u64>,
@@ -341,7 +356,7 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    pub fn new(inner: Incoming, meter: Meter, finish: Finish) -> MeteredBody {
+    pub fn new(inner: UpstreamBody, meter: Meter, finish: Finish) -> MeteredBody {
         let renewed = finish.started;
         MeteredBody { inner: Some(inner), meter, finish: Some(finish), ttft_ms: None, renewed }
     }
@@ -386,7 +401,7 @@ impl Finish {
 /// After the client left: reads on from the upstream, forwarding nothing, while that can still
 /// tell the usage ([`Meter::reads_on`]), for at most `limit`; then the upstream connection is
 /// dropped. Returns how the upstream's body ended, if it did.
-async fn read_on(mut inner: Incoming, meter: &mut Meter, limit: Duration) -> Option<End> {
+async fn read_on(mut inner: UpstreamBody, meter: &mut Meter, limit: Duration) -> Option<End> {
     let deadline = tokio::time::Instant::now() + limit;
     while meter.reads_on() {
         match tokio::time::timeout_at(deadline, inner.frame()).await {
@@ -408,20 +423,26 @@ async fn read_on(mut inner: Incoming, meter: &mut Meter, limit: Duration) -> Opt
 
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    /// The upstream's frames, metered; an upstream that cuts its body, or stays silent past the
+    /// idle bound ([`UpstreamBody`]), ends the call as a cut: settled at what was read.
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         loop {
             let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
             return match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
+                    let rest = this.meter.finish();
                     this.end(End::Complete);
-                    Poll::Ready(None)
+                    this.inner = None;
+                    if rest.is_empty() { Poll::Ready(None) } else { Poll::Ready(Some(Ok(Frame::data(rest)))) }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.end(End::UpstreamCut);
+                    // Closes the upstream's connection now (a silent one is still open).
+                    this.inner = None;
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -432,9 +453,13 @@ impl Body for MeteredBody {
                             this.ttft_ms = Some(f.started.elapsed().as_millis() as u64);
                         }
                         this.keep_hold_alive();
-                        let out = this.meter.feed(data);
+                        let mut out = this.meter.feed(data);
                         // hyper stops polling a body that says it has ended: settle now.
                         if this.is_end_stream() {
+                            let rest = this.meter.finish();
+                            if !rest.is_empty() {
+                                out = Bytes::from([&out[..], &rest[..]].concat());
+                            }
                             this.end(End::Complete);
                         }
                         if out.is_empty() {
@@ -449,7 +474,7 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.inner.as_ref().is_none_or(UpstreamBody::is_end_stream)
     }
 }
 
@@ -494,6 +519,82 @@ mod tests {
             s.feed(format!("data: {e}\n\n").as_bytes());
         }
         s.reported
+    }
+
+    /// An OpenAI stream whose usage chunk is stripped: a role chunk, a text chunk whose event is
+    /// `text_event_bytes` long, the stop chunk, the usage chunk (100 in, 20 out) and `[DONE]`;
+    /// some events end in `\r\n\r\n`. Returns the stream and what the client must get: the
+    /// same bytes without the usage chunk.
+    fn openai_stream(text_event_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+        let chunk = |delta: &str| {
+            format!(
+                r#"{{"id":"c","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{delta}}}],"usage":null}}"#
+            )
+        };
+        let bare = format!("data: {}\n\n", chunk(r#"{"content":""}"#)).len();
+        let text = "a".repeat(text_event_bytes.saturating_sub(bare));
+        let usage = r#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":100,"completion_tokens":20}}"#;
+        let events = [
+            format!("data: {}\r\n\r\n", chunk(r#"{"role":"assistant","content":""}"#)),
+            format!("data: {}\n\n", chunk(&format!(r#"{{"content":"{text}"}}"#))),
+            format!("data: {}\r\n\r\n", chunk("{}")),
+            format!("{usage}\n\n"),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        let all = events.concat().into_bytes();
+        let client = events.iter().filter(|e| !e.starts_with(usage)).cloned().collect::<String>().into_bytes();
+        (all, client)
+    }
+
+    fn stripping_meter() -> Meter {
+        Meter::OpenAiSse { stream: OpenAiStream::default(), strip: Some(UsageChunkStrip::default()) }
+    }
+
+    /// Issue 13, finding 4: an 8 MiB event in 1 KiB chunks. The meter holds back at most one
+    /// bounded event (the old code held the whole event and scanned all of it again on every
+    /// chunk), forwards every byte but the usage chunk's, and still reads the usage.
+    #[test]
+    fn stripping_an_8_mib_event_holds_back_a_bounded_part_and_forwards_every_other_byte() {
+        let (upstream, client) = openai_stream(8 << 20);
+        let mut meter = stripping_meter();
+        let mut out = Vec::with_capacity(client.len());
+        let started = Instant::now();
+        for (i, chunk) in upstream.chunks(1024).enumerate() {
+            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+            let held = meter.buffered_bytes();
+            assert!(held <= wire::SSE_EVENT_BYTES_MAX, "after chunk {i}: {held} bytes held back");
+        }
+        eprintln!("8 MiB event stripped in 1 KiB chunks in {:?}", started.elapsed());
+        assert!(out == client, "the client's bytes: {} of {} as expected", out.len(), client.len());
+        let reading = meter.reading(End::Complete).unwrap();
+        assert_eq!((reading.reported.usage.input_tokens, reading.reported.usage.output_tokens), (100, 20));
+        assert!(reading.whole);
+    }
+
+    /// However the stream is cut into chunks, even through a `\r\n\r\n`, the client gets the same
+    /// bytes, without the usage chunk.
+    #[test]
+    fn stripping_is_the_same_in_chunks_of_any_size() {
+        let (upstream, client) = openai_stream(300);
+        for size in 1..=upstream.len() {
+            let mut meter = stripping_meter();
+            let mut out = Vec::new();
+            for chunk in upstream.chunks(size) {
+                out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+            }
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&client), "chunks of {size}");
+        }
+    }
+
+    /// A JSON answer longer than the bound is not kept at all: its usage is unknown (estimated),
+    /// never read from the part of it that came after the bound.
+    #[test]
+    fn a_json_answer_over_the_bound_is_not_read() {
+        let mut meter = Meter::json(Kind::Anthropic);
+        meter.feed(Bytes::from(vec![b'x'; JSON_BODY_BYTES_MAX + 1]));
+        meter.feed(Bytes::from_static(br#"{"usage":{"input_tokens":1,"output_tokens":1}}"#));
+        let reading = meter.reading(End::Complete).unwrap();
+        assert!(!reading.reported.input_known() && !reading.reported.output_known(), "{reading:?}");
     }
 
     const START_100: &str = r#"{"type":"message_start","message":{"usage":{"input_tokens":100,"output_tokens":1}}}"#;

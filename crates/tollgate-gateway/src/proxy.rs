@@ -23,7 +23,7 @@ use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, 
 use crate::error::GatewayError;
 use crate::meter::{Finish, Meter, MeteredBody};
 use crate::metrics::{KindLabels, Metrics, RefusalLabels};
-use crate::upstream::{Auth, HttpClient, Kind, Upstream};
+use crate::upstream::{Auth, HttpClient, Kind, Upstream, UpstreamBody};
 use crate::wire::{self, RequestFacts};
 
 /// The clock, injected so tests control time.
@@ -43,7 +43,9 @@ pub struct Settings {
     pub body_size_bytes_max: usize,
     /// "Make the call fit" never lowers `max_tokens` below this.
     pub min_output_tokens: u64,
-    /// Time allowed until the upstream's response headers arrive.
+    /// Time allowed until the upstream's response headers arrive (then 504), and the longest
+    /// silence of an upstream's body (capped at half `hold_ttl_s`, [`Settings::upstream_idle`]),
+    /// after which it ends as a cut.
     pub upstream_timeout: Duration,
     /// Input allowances for what a request body does not bound (per server-tool use, per
     /// document or image by URL or file id); its `unbounded_tools` is set per call from
@@ -102,6 +104,17 @@ impl Default for Settings {
             claude_code_warnings: false,
             metrics_token_digest: None,
         }
+    }
+}
+
+impl Settings {
+    /// The longest an upstream's body may send nothing before it ends as a cut:
+    /// `upstream_timeout`, and at most half `hold_ttl_s`: a running stream's hold lives more
+    /// than that past its last frame (the meter extends it past half its time to live), so a
+    /// silent call ends, and is settled, by the time its hold could first expire (to within the
+    /// moment between that frame and the gateway's next wait).
+    pub fn upstream_idle(&self) -> Duration {
+        self.upstream_timeout.min(Duration::from_millis(self.hold_ttl_s.saturating_mul(500)))
     }
 }
 
@@ -456,17 +469,19 @@ fn upstream_request(
         .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream request: {e}")))
 }
 
+/// Sends a request upstream: its answer's headers within `upstream_timeout`, its body with a
+/// bound on silence ([`Settings::upstream_idle`]).
 async fn send(
     gw: &Gateway,
     request: axum::http::Request<Body>,
-) -> Result<axum::http::Response<hyper::body::Incoming>, GatewayError> {
+) -> Result<axum::http::Response<UpstreamBody>, GatewayError> {
     match tokio::time::timeout(gw.settings.upstream_timeout, gw.client.request(request)).await {
         Err(_) => Err(GatewayError::Timeout(format!(
             "the upstream did not answer within {} s",
             gw.settings.upstream_timeout.as_secs()
         ))),
         Ok(Err(e)) => Err(GatewayError::Unreachable(format!("the upstream is unreachable: {e}"))),
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => Ok(r.map(|body| UpstreamBody::new(body, gw.settings.upstream_idle()))),
     }
 }
 
@@ -746,8 +761,10 @@ async fn forward_and_meter(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let meter = match (kind, is_sse) {
         (Kind::Anthropic, true) => Meter::AnthropicSse(Default::default()),
-        (Kind::OpenAi, true) => Meter::OpenAiSse { stream: Default::default(), strip_usage_chunk, pending: Vec::new() },
-        (_, false) => Meter::Json { kind, body: Vec::new() },
+        (Kind::OpenAi, true) => {
+            Meter::OpenAiSse { stream: Default::default(), strip: strip_usage_chunk.then(Default::default) }
+        }
+        (_, false) => Meter::json(kind),
     };
     if strip_usage_chunk {
         head.headers.remove(axum::http::header::CONTENT_LENGTH);
@@ -947,7 +964,14 @@ async fn refused(
     GatewayError::Refused { message, retry_after_s: (resets_at - now).num_seconds() }
 }
 
-/// Asks the upstream's free `count_tokens` for the request's input; None if it cannot say.
+/// Most bytes of a `count_tokens` answer read (it is `{"input_tokens":N}`).
+const COUNT_TOKENS_BYTES_MAX: usize = 64 * 1024;
+
+/// Longest a `count_tokens` call may take, answer included (at most `upstream_timeout`).
+const COUNT_TOKENS_TIME_MAX: Duration = Duration::from_secs(10);
+
+/// Asks the upstream's free `count_tokens` for the request's input; None if it cannot say, or
+/// not within `COUNT_TOKENS_BYTES_MAX` and `COUNT_TOKENS_TIME_MAX`.
 async fn count_input_tokens(
     gw: &Gateway,
     upstream: &Upstream,
@@ -965,11 +989,16 @@ async fn count_input_tokens(
     let body = serde_json::to_vec(&count).ok()?;
     let uri: Uri = "/v1/messages/count_tokens".parse().ok()?;
     let request = upstream_request(upstream, Method::POST, &uri, headers, body.into(), separate).ok()?;
-    let response = tokio::time::timeout(Duration::from_secs(10), gw.client.request(request)).await.ok()?.ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    let bytes = http_body_util::BodyExt::collect(response.into_body()).await.ok()?.to_bytes();
+    let answer = async {
+        let response = gw.client.request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body = http_body_util::Limited::new(response.into_body(), COUNT_TOKENS_BYTES_MAX);
+        Some(http_body_util::BodyExt::collect(body).await.ok()?.to_bytes())
+    };
+    let limit = COUNT_TOKENS_TIME_MAX.min(gw.settings.upstream_timeout);
+    let bytes = tokio::time::timeout(limit, answer).await.ok()??;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("input_tokens")?.as_u64()
 }
 

@@ -453,10 +453,14 @@ pub fn openai_response_usage(body: &[u8]) -> JsonReport {
     report
 }
 
-/// Splits a byte stream into SSE lines across chunk boundaries.
+/// Splits a byte stream into SSE lines across chunk boundaries. Each byte is looked at once; a
+/// line is kept while waiting for its end only up to [`LINE_BYTES_MAX`]: a longer line is skipped
+/// whole, up to its end (no usage is that big), so the buffer is bounded and the work linear.
 #[derive(Debug, Default)]
 struct Lines {
     partial: Vec<u8>,
+    /// The line being read is longer than [`LINE_BYTES_MAX`]: skip it up to its end.
+    skipping: bool,
 }
 
 /// Longest SSE line kept while waiting for its end; longer lines are skipped (no usage is that big).
@@ -467,7 +471,11 @@ impl Lines {
         let mut rest = chunk;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             let (line, tail) = rest.split_at(i);
-            if self.partial.is_empty() {
+            if self.skipping {
+                self.skipping = false;
+            } else if self.partial.len() + line.len() > LINE_BYTES_MAX {
+                self.partial = Vec::new();
+            } else if self.partial.is_empty() {
                 on_line(trim_cr(line));
             } else {
                 self.partial.extend_from_slice(line);
@@ -476,10 +484,14 @@ impl Lines {
             }
             rest = &tail[1..];
         }
+        if self.skipping {
+            return;
+        }
         if self.partial.len() + rest.len() <= LINE_BYTES_MAX {
             self.partial.extend_from_slice(rest);
         } else {
-            self.partial.clear();
+            self.partial = Vec::new();
+            self.skipping = true;
         }
     }
 }
@@ -599,6 +611,99 @@ pub fn openai_is_usage_chunk(event: &[u8]) -> bool {
     match serde_json::from_slice::<Chunk>(data) {
         Ok(c) => c.usage.is_some_and(|u| !u.is_null()) && c.choices.is_some_and(|c| c.is_empty()),
         Err(_) => false,
+    }
+}
+
+/// Longest SSE event held back to be read whole before it is forwarded. The usage chunk that
+/// [`UsageChunkStrip`] removes is a few hundred bytes; a longer event is not it, and goes through
+/// as it comes.
+pub const SSE_EVENT_BYTES_MAX: usize = 1 << 20;
+
+/// Capacity of [`UsageChunkStrip`]'s buffer kept between events.
+const HELD_CAPACITY_KEPT: usize = 64 * 1024;
+
+/// Removes the usage chunk from an OpenAI SSE stream (when tollgate asked for it on the client's
+/// behalf) and forwards every other byte unchanged, in order.
+///
+/// Events end at a blank line (`\n\n`, `\r\n\r\n` or a mix), found as the bytes arrive: each byte
+/// is looked at once, whatever the chunks (an event's end split across chunks included), so the
+/// work is linear in the stream's size. Only an event's first [`SSE_EVENT_BYTES_MAX`] bytes are
+/// held back; a longer event is not the usage chunk, and is forwarded as it comes.
+#[derive(Debug, Default)]
+pub struct UsageChunkStrip {
+    /// The event being read, held back until its end (at most [`SSE_EVENT_BYTES_MAX`]).
+    held: Vec<u8>,
+    /// The line being read has a character other than `\r`: a `\n` ends the line, not the event.
+    in_line: bool,
+    /// The event being read is longer than the bound: forwarded as it comes, up to its end.
+    passing: bool,
+}
+
+impl UsageChunkStrip {
+    /// Reads a chunk; appends to `out` what the client gets of it.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        // `from`: where the part of the current event in this chunk starts.
+        let (mut from, mut at) = (0, 0);
+        while let Some(i) = chunk[at..].iter().position(|&b| b == b'\n') {
+            let end = at + i;
+            let blank = !self.in_line && chunk[at..end].iter().all(|&b| b == b'\r');
+            at = end + 1;
+            self.in_line = false;
+            if blank {
+                self.event_ends(&chunk[from..at], out);
+                from = at;
+            }
+        }
+        self.in_line |= chunk[at..].iter().any(|&b| b != b'\r');
+        let rest = &chunk[from..];
+        if self.passing {
+            out.extend_from_slice(rest);
+        } else if self.held.len() + rest.len() > SSE_EVENT_BYTES_MAX {
+            out.extend_from_slice(&std::mem::take(&mut self.held));
+            out.extend_from_slice(rest);
+            self.passing = true;
+        } else {
+            self.held.extend_from_slice(rest);
+        }
+    }
+
+    /// The stream ended: the bytes of an event it ended in (without its blank line), unless they
+    /// are the usage chunk.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let held = std::mem::take(&mut self.held);
+        if !openai_is_usage_chunk(&held) {
+            out.extend_from_slice(&held);
+        }
+        self.passing = false;
+        self.in_line = false;
+    }
+
+    /// Bytes held back, waiting for their event's end.
+    pub fn held_bytes(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The current event ends with `tail`: forwarded, unless it is the usage chunk.
+    fn event_ends(&mut self, tail: &[u8], out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.passing) {
+            out.extend_from_slice(tail);
+            return;
+        }
+        let event = if self.held.is_empty() {
+            tail
+        } else {
+            self.held.extend_from_slice(tail);
+            &self.held
+        };
+        if event.len() > SSE_EVENT_BYTES_MAX || !openai_is_usage_chunk(event) {
+            out.extend_from_slice(event);
+        }
+        // Events are small: a buffer grown by a large one is given back.
+        if self.held.capacity() > HELD_CAPACITY_KEPT {
+            self.held = Vec::new();
+        } else {
+            self.held.clear();
+        }
     }
 }
 

@@ -18,11 +18,21 @@
 //!   (`x-mock-delay-ms` before each; `x-mock-cut-after` then counts writes)
 //! - `x-mock-json-chunks: 2` — a JSON answer is sent in this many pieces, `x-mock-delay-ms`
 //!   apart (the first at once, with the headers)
+//! - `x-mock-write-bytes: 1024` — every SSE write is cut into writes of at most this many bytes
+//!   (`x-mock-delay-ms` and `x-mock-cut-after` still count events, or halves of events)
+//! - `x-mock-big-event-bytes: 8388608` — the OpenAI stream carries one more text chunk, an SSE
+//!   event of this many bytes (its `content` padded with `a`), before the final one
+//! - `x-mock-stall-after: 2` — after this many SSE events (or JSON pieces, or, for `count_tokens`,
+//!   its first piece) the body stays open and sends nothing more, ever
+//! - `x-mock-count-tokens-pad-bytes: 67108864` — `count_tokens` answers
+//!   `{"input_tokens":N,"pad":"xx…"}` with this many bytes of padding, made as the client reads
+//!   them; [`MockUpstream::padding_sent`] tells how many bytes were made
 //!
 //! Every request received is kept (method, path and query, headers, body) for assertions.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +54,8 @@ pub struct Received {
 #[derive(Clone, Default)]
 pub struct Mock {
     received: Arc<Mutex<Vec<Received>>>,
+    /// Bytes of `count_tokens` padding made so far (`x-mock-count-tokens-pad-bytes`).
+    padding_sent: Arc<AtomicU64>,
 }
 
 /// A running mock upstream.
@@ -72,6 +84,12 @@ impl MockUpstream {
     pub fn received(&self) -> Vec<Received> {
         self.mock.received.lock().expect("mock log").clone()
     }
+
+    /// Bytes of `count_tokens` padding made so far: hyper makes them only as fast as the client
+    /// reads them (and the socket buffers take them), so a client that stops reading stops it.
+    pub fn padding_sent(&self) -> u64 {
+        self.mock.padding_sent.load(Ordering::Relaxed)
+    }
 }
 
 pub fn router(mock: Mock) -> Router {
@@ -95,6 +113,10 @@ struct Steer {
     output_steps: Vec<u64>,
     json_chunks: Option<usize>,
     split_events: bool,
+    write_bytes: Option<usize>,
+    big_event_bytes: Option<usize>,
+    stall_after: Option<usize>,
+    count_tokens_pad_bytes: Option<u64>,
 }
 
 /// Stands for a usage count in the JSON text until `x-mock-usage-raw` replaces it.
@@ -126,6 +148,10 @@ fn steer(headers: &HeaderMap) -> Steer {
             .unwrap_or_default(),
         json_chunks: header_u64(headers, "x-mock-json-chunks").map(|n| n.max(1) as usize),
         split_events: headers.contains_key("x-mock-split-events"),
+        write_bytes: header_u64(headers, "x-mock-write-bytes").map(|n| n.max(1) as usize),
+        big_event_bytes: header_u64(headers, "x-mock-big-event-bytes").map(|n| n as usize),
+        stall_after: header_u64(headers, "x-mock-stall-after").map(|n| n as usize),
+        count_tokens_pad_bytes: header_u64(headers, "x-mock-count-tokens-pad-bytes"),
     }
 }
 
@@ -179,13 +205,19 @@ fn openai_error(status: u16) -> Response {
     (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
 }
 
-/// An SSE response of `events`, `delay` before each, cut after `cut_after` events if set.
-fn sse(events: Vec<String>, delay: Duration, cut_after: Option<usize>) -> Response {
+/// An SSE response of `events`, `delay` before each, cut after `cut_after` events or stalled
+/// (open, sending nothing) after `stall_after` events if set; each event written in pieces of at
+/// most `write_bytes`.
+fn sse(events: Vec<String>, s: &Steer) -> Response {
+    let (delay, cut_after, stall_after, write_bytes) = (s.delay, s.cut_after, s.stall_after, s.write_bytes);
     let stream = futures_util::stream::unfold((events.into_iter(), 0usize), move |(mut it, n)| async move {
         if cut_after.is_some_and(|c| n >= c) {
             // Let the events before the cut reach the wire first, as a real cut would.
             tokio::time::sleep(Duration::from_millis(20)).await;
             return Some((Err(std::io::Error::other("mock cut the stream")), (it, n)));
+        }
+        if stall_after.is_some_and(|c| n >= c) {
+            std::future::pending::<()>().await;
         }
         let event = it.next()?;
         if !delay.is_zero() {
@@ -193,11 +225,23 @@ fn sse(events: Vec<String>, delay: Duration, cut_after: Option<usize>) -> Respon
         }
         Some((Ok::<Bytes, std::io::Error>(Bytes::from(event)), (it, n + 1)))
     });
+    let stream = futures_util::StreamExt::flat_map(stream, move |event| {
+        let pieces: Vec<Result<Bytes, std::io::Error>> = match (event, write_bytes) {
+            (Ok(bytes), Some(size)) => pieces(bytes, size).into_iter().map(Ok).collect(),
+            (event, _) => vec![event],
+        };
+        futures_util::stream::iter(pieces)
+    });
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .expect("a valid response")
+}
+
+/// `bytes` in pieces of at most `size` bytes (the pieces share its memory).
+fn pieces(bytes: Bytes, size: usize) -> Vec<Bytes> {
+    (0..bytes.len()).step_by(size.max(1)).map(|i| bytes.slice(i..(i + size).min(bytes.len()))).collect()
 }
 
 const TEXT: &str = "Hello from the mock upstream.";
@@ -220,7 +264,7 @@ async fn messages(State(mock): State<Mock>, request: Request) -> Response {
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         let reply = json!({"id":"msg_mock","type":"message","role":"assistant","model":model,
             "content":[{"type":"text","text":TEXT}],"stop_reason":"end_turn","stop_sequence":null,"usage":full_usage});
-        return json_reply(s.text(&reply), s.delay, s.json_chunks).await;
+        return json_reply(s.text(&reply), &s).await;
     }
     let start_usage = json!({"input_tokens": n(input), "cache_creation_input_tokens": n(w5 + w1), "cache_read_input_tokens": n(read),
         "cache_creation": {"ephemeral_5m_input_tokens": n(w5), "ephemeral_1h_input_tokens": n(w1)}, "output_tokens": n(1)});
@@ -265,7 +309,7 @@ async fn messages(State(mock): State<Mock>, request: Request) -> Response {
     if s.split_events {
         events = events.iter().flat_map(|e| split_after_first_line(e)).collect();
     }
-    sse(events, s.delay, s.cut_after)
+    sse(events, &s)
 }
 
 /// An SSE event as two writes: its first line, then the rest.
@@ -276,24 +320,27 @@ fn split_after_first_line(event: &str) -> Vec<String> {
     }
 }
 
-/// A JSON answer: whole after `delay`, or in `chunks` pieces `delay` apart (the first at once).
-async fn json_reply(text: String, delay: Duration, chunks: Option<usize>) -> Response {
-    let Some(chunks) = chunks else {
+/// A JSON answer: whole after `delay`, or in `x-mock-json-chunks` pieces `delay` apart (the first
+/// at once), stalled after `x-mock-stall-after` pieces if set.
+async fn json_reply(text: String, s: &Steer) -> Response {
+    let (delay, stall_after) = (s.delay, s.stall_after);
+    let Some(chunks) = s.json_chunks else {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         return ([("content-type", "application/json")], text).into_response();
     };
     let bytes = Bytes::from(text);
-    let size = bytes.len().div_ceil(chunks).max(1);
-    let pieces: Vec<Bytes> =
-        (0..bytes.len()).step_by(size).map(|i| bytes.slice(i..(i + size).min(bytes.len()))).collect();
-    let stream = futures_util::stream::unfold((pieces.into_iter(), true), move |(mut it, first)| async move {
+    let pieces = pieces(bytes.clone(), bytes.len().div_ceil(chunks).max(1));
+    let stream = futures_util::stream::unfold((pieces.into_iter(), 0usize), move |(mut it, n)| async move {
+        if stall_after.is_some_and(|c| n >= c) {
+            std::future::pending::<()>().await;
+        }
         let piece = it.next()?;
-        if !first && !delay.is_zero() {
+        if n > 0 && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        Some((Ok::<Bytes, std::io::Error>(piece), (it, false)))
+        Some((Ok::<Bytes, std::io::Error>(piece), (it, n + 1)))
     });
     Response::builder()
         .header("content-type", "application/json")
@@ -301,11 +348,46 @@ async fn json_reply(text: String, delay: Duration, chunks: Option<usize>) -> Res
         .expect("a valid response")
 }
 
+/// `{"input_tokens":N}`; with `x-mock-count-tokens-pad-bytes`, padded and made piece by piece as
+/// the client reads it (counted in `padding_sent`); with `x-mock-stall-after`, its first piece
+/// only, then nothing.
 async fn count_tokens(State(mock): State<Mock>, request: Request) -> Response {
     let (headers, body) = record(&mock, request).await;
-    tokio::time::sleep(steer(&headers).delay).await;
+    let s = steer(&headers);
+    tokio::time::sleep(s.delay).await;
     let n = header_u64(&headers, "x-mock-input-tokens").unwrap_or_else(|| body.to_string().len() as u64 / 4);
-    axum::Json(json!({"input_tokens": n})).into_response()
+    if s.count_tokens_pad_bytes.unwrap_or(0) == 0 && s.stall_after.is_none() {
+        return axum::Json(json!({"input_tokens": n})).into_response();
+    }
+    const PIECE: usize = 64 * 1024;
+    let pad = Bytes::from(vec![b'x'; PIECE]);
+    let stall = s.stall_after.is_some();
+    let first = Bytes::from(format!("{{\"input_tokens\":{n},\"pad\":\""));
+    // State: the first piece (until sent), the padding left to make.
+    let state = (Some(first), s.count_tokens_pad_bytes.unwrap_or(0));
+    let stream = futures_util::stream::unfold(state, move |(first, left)| {
+        let (pad, sent) = (pad.clone(), mock.padding_sent.clone());
+        async move {
+            if let Some(first) = first {
+                return Some((Ok::<Bytes, std::io::Error>(first), (None, left)));
+            }
+            if stall {
+                std::future::pending::<()>().await;
+            }
+            if left == 0 {
+                return None;
+            }
+            let piece = pad.slice(..(PIECE as u64).min(left) as usize);
+            let left = left - piece.len() as u64;
+            sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            let piece = if left == 0 { Bytes::from([&piece[..], b"\"}"].concat()) } else { piece };
+            Some((Ok(piece), (None, left)))
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
 }
 
 async fn models(State(mock): State<Mock>, request: Request) -> Response {
@@ -345,11 +427,16 @@ async fn chat_completions(State(mock): State<Mock>, request: Request) -> Result<
         chunk(json!({"role":"assistant","content":""}), Value::Null),
         chunk(json!({"content":"Hello from "}), Value::Null),
         chunk(json!({"content":"the mock upstream."}), Value::Null),
-        chunk(json!({}), json!("stop")),
     ];
+    if let Some(size) = s.big_event_bytes {
+        // Padded so that the whole event (`data: …\n\n`) is `size` bytes.
+        let bare = chunk(json!({"content":""}), Value::Null).len();
+        events.push(chunk(json!({"content":"a".repeat(size.saturating_sub(bare))}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!("stop")));
     if body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true) {
         events.push(format!("data: {}\n\n", json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":0,"model":model,"choices":[],"usage":usage})));
     }
     events.push("data: [DONE]\n\n".to_string());
-    Ok(sse(events, s.delay, s.cut_after))
+    Ok(sse(events, &s))
 }

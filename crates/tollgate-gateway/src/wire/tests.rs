@@ -237,3 +237,55 @@ fn clamp_lowers_max_tokens_and_thinking_budget() {
     assert_eq!(v["max_tokens"], Value::from(4000));
     assert_eq!(v["thinking"]["budget_tokens"], Value::from(3999));
 }
+
+/// A line longer than the bound is skipped whole: the rest of it, in a later chunk, is not read
+/// as a line of its own (it used to be, from wherever the bound cut it).
+#[test]
+fn the_rest_of_a_line_over_the_bound_is_not_read_as_a_line() {
+    let mut s = AnthropicStream::default();
+    s.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+    s.feed(&vec![b'x'; LINE_BYTES_MAX + 1]);
+    s.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":999}}\n\n");
+    assert_eq!(s.reported.usage, usage(25, 0, 0, 0, 1, 0), "the long line's rest was skipped");
+    s.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\n");
+    assert_eq!(s.reported.usage, usage(25, 0, 0, 0, 7, 0), "the next line is read");
+}
+
+/// Events that end in `\n\n`, `\r\n\r\n` or a mix, and one longer than the bound that looks like
+/// the usage chunk: only the real usage chunk is removed, in chunks of any size.
+#[test]
+fn the_usage_chunk_strip_removes_only_the_usage_chunk() {
+    let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}";
+    let padded = format!(
+        "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":10,\"completion_tokens\":2}},\"pad\":\"{}\"}}\n\n",
+        "p".repeat(SSE_EVENT_BYTES_MAX)
+    );
+    let events = [
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n".to_string(),
+        "event: x\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\r\n".to_string(),
+        padded.clone(),
+        format!("{usage}\r\n\n"),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let upstream = events.concat();
+    let client = events.iter().filter(|e| !e.starts_with(usage) || **e == padded).cloned().collect::<String>();
+    for size in [1, 2, 3, 5, 1024, 65_536, upstream.len()] {
+        let (mut strip, mut out) = (UsageChunkStrip::default(), Vec::new());
+        for chunk in upstream.as_bytes().chunks(size) {
+            strip.feed(chunk, &mut out);
+            assert!(strip.held_bytes() <= SSE_EVENT_BYTES_MAX, "chunks of {size}");
+        }
+        strip.finish(&mut out);
+        assert!(out == client.as_bytes(), "chunks of {size}: {} bytes out, {} expected", out.len(), client.len());
+    }
+}
+
+/// A stream that ends without the blank line of its last event still gives the client every byte.
+#[test]
+fn the_usage_chunk_strip_gives_back_an_unfinished_last_event() {
+    let (mut strip, mut out) = (UsageChunkStrip::default(), Vec::new());
+    strip.feed(b"data: {\"choices\":[]}\n\ndata: [DONE]\n", &mut out);
+    assert_eq!(out, b"data: {\"choices\":[]}\n\n");
+    strip.finish(&mut out);
+    assert_eq!(out, b"data: {\"choices\":[]}\n\ndata: [DONE]\n");
+}
