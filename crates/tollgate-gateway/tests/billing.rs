@@ -109,8 +109,10 @@ impl Harness {
     async fn events_after_settles(&self, want: usize) -> Vec<Event> {
         let mut events = Vec::new();
         for _ in 0..200 {
+            // Held first: a settle that lands between the two reads is then in the events.
+            let held = self.held().await;
             events = self.events().await;
-            if self.held().await == Nanos::ZERO && events.len() >= want {
+            if held == Nanos::ZERO && events.len() >= want {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
