@@ -126,7 +126,15 @@ async fn leases_stay_bounded_through_many_small_calls_and_a_kill_9() {
         held_max <= 2 * LEASE_NANOS + worst_case_max,
         "held at most two leases and a call in flight, not {held_max} nano-USD"
     );
+    // Every call's settle has landed (they run after the response ends): only leases are open.
+    for _ in 0..200 {
+        if c.events(TOKEN).await.len() >= 300 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let (charged_before, held_at_kill) = c.programmatic().await;
+    assert_eq!(charged_before, 300 * 600_000, "300 calls of 100 in + 20 out of Sonnet 4.5");
     server.kill();
     let server = Server::with_mock(dir.path(), TOKEN, &mock).await;
     let c = Client::new(&server, TOKEN);
