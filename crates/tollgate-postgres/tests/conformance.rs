@@ -5,7 +5,7 @@
 
 mod common;
 
-tollgate_store::conformance_suite!({
+tollgate_conformance::conformance_suite!({
     let Some(store) = common::fresh_store().await else { return };
     std::future::ready(store)
 });

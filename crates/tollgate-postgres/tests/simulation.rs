@@ -8,8 +8,8 @@ mod common;
 
 use std::sync::Arc;
 
+use tollgate_conformance::simulation::{self, Config};
 use tollgate_store::Store;
-use tollgate_store::simulation::{self, Config};
 
 async fn run_seed(seed: u64) {
     let Some(db) = common::TestDb::create().await else { return };

@@ -13,4 +13,4 @@ async fn fresh() -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&path).expect("open store"))
 }
 
-tollgate_store::conformance_suite!(fresh());
+tollgate_conformance::conformance_suite!(fresh());

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use tollgate_conformance::simulation::{self, Config};
 use tollgate_sqlite::SqliteStore;
 use tollgate_store::Store;
-use tollgate_store::simulation::{self, Config};
 
 async fn run_seed(seed: u64) {
     println!("simulation seed {seed} ({seed:#x}); rerun with {}={seed}", simulation::SEED_ENV);

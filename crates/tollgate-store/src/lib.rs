@@ -1,5 +1,5 @@
-//! The storage boundary of tollgate: the [`Store`] trait, the records it keeps, and (in
-//! [`conformance`]) the test suite every backend must pass.
+//! The storage boundary of tollgate: the [`Store`] trait and the records it keeps. The test
+//! suite every backend must pass is the dev-only `tollgate-conformance` crate.
 //!
 //! Architecture invariant: a backend makes each ledger write atomic *in the store*: the limit
 //! check of a hold happens inside the same transaction (or single-writer step) that records the
@@ -8,11 +8,9 @@
 //! once it is durable (fsync'd). This crate knows no SQL and no wire format.
 
 pub mod alerts;
-pub mod conformance;
 pub mod feed;
 pub mod ownership;
 pub mod report;
-pub mod simulation;
 mod types;
 
 pub use types::*;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use serve::{Client, Server, usd_nanos};
-use tollgate_store::simulation::{Rng, seed_from_env};
+use tollgate_conformance::simulation::{Rng, seed_from_env};
 use tollgate_testkit::MockUpstream;
 
 const TOKEN: &str = "tga_money-simulation-admin-token";

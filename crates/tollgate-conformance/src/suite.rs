@@ -1,4 +1,4 @@
-//! The conformance suite: behaviour every [`Store`](crate::Store) backend must show. A backend's
+//! The conformance suite: behaviour every [`Store`](tollgate_store::Store) backend must show. A backend's
 //! tests invoke [`conformance_suite!`](crate::conformance_suite) with a factory of fresh, empty
 //! stores; each case becomes its own test.
 //!
@@ -18,9 +18,9 @@ use tokio::sync::Barrier;
 use tollgate_core::tier::PPM;
 use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Refusal, Tier, Usage};
 
-use crate::alerts::{AlertKind, AlertQuery, AlertRule, NewAlert, alert_id};
-use crate::report::Dims;
-use crate::{
+use tollgate_store::alerts::{AlertKind, AlertQuery, AlertRule, NewAlert, alert_id};
+use tollgate_store::report::Dims;
+use tollgate_store::{
     Account, AccountUpdate, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome, HoldRequest,
     HoldState, KeyPool, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
     StoreResult,
@@ -33,7 +33,7 @@ pub type Fresh = Arc<dyn Store>;
 /// that yields a fresh, empty `Arc<dyn Store>`:
 ///
 /// ```text
-/// tollgate_store::conformance_suite!(async { fresh_store() });
+/// tollgate_conformance::conformance_suite!(async { fresh_store() });
 /// ```
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
@@ -44,7 +44,7 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let store = $factory.await;
-                $crate::conformance::$case(store).await;
+                $crate::suite::$case(store).await;
             }
         )*
     };
@@ -216,7 +216,7 @@ fn hold_request(account: &str, id: &str, pool: PoolKind, amount: Nanos) -> HoldR
         model: Some(MODEL.to_string()),
         source: Some(SOURCE.to_string()),
         fingerprint: String::new(),
-        made_by: crate::Maker::Admin,
+        made_by: tollgate_store::Maker::Admin,
     })
 }
 
@@ -977,7 +977,7 @@ pub async fn hold_within_limit(store: Fresh) {
         created_at: now(),
         expires_at: later(TTL_S as i64),
         remaining_after: Some(usd(20)),
-        made_by: crate::Maker::Admin,
+        made_by: tollgate_store::Maker::Admin,
     };
     assert_eq!(h, want, "the hold returned");
     assert_eq!(ok(store.hold_by_id("acme", "h-1").await, "hold_by_id"), Some(want), "hold_by_id reads it back");
@@ -994,8 +994,8 @@ pub async fn hold_within_limit(store: Fresh) {
 /// account key cannot end a gateway hold or a sibling key's hold through `ownership`, and the
 /// hold stays open and whole; an event settled at an estimate keeps its `estimated` flag.
 pub async fn hold_keeps_its_maker_and_only_its_maker_ends_it(store: Fresh) {
-    use crate::Maker;
-    use crate::ownership::{self, EndError};
+    use tollgate_store::Maker;
+    use tollgate_store::ownership::{self, EndError};
     standard_account(&store, "acme").await;
     let made =
         |id: &str, by: Maker| with_hold_fingerprint(HoldRequest { made_by: by, ..hold_request("acme", id, P, usd(1)) });
@@ -1895,7 +1895,11 @@ pub async fn keys_create_list_lookup_revoke(store: Fresh) {
     expect_err(store.revoke_key("acme", "nope", later(3)).await, ErrKind::NotFound, "revoke an unknown key");
     assert_eq!(ok(store.key_by_hash(&key_hash("k-1")).await, "key_by_hash"), Some(k1.clone()), "not revoked yet");
     let revoked = ok(store.revoke_key("acme", "k-1", later(3_600)).await, "revoke_key(k-1)");
-    assert_eq!(revoked, crate::Key { revoked_at: Some(later(3_600)), ..k1 }, "revoke_key sets revoked_at only");
+    assert_eq!(
+        revoked,
+        tollgate_store::Key { revoked_at: Some(later(3_600)), ..k1 },
+        "revoke_key sets revoked_at only"
+    );
     assert_eq!(
         ok(store.key_by_hash(&key_hash("k-1")).await, "key_by_hash"),
         Some(revoked.clone()),
@@ -2483,7 +2487,7 @@ mod tests {
     /// Every `pub async fn` case of this module is listed in `conformance_suite!`, and nothing else.
     #[test]
     fn every_case_is_listed_in_the_macro() {
-        let source = include_str!("conformance.rs");
+        let source = include_str!("suite.rs");
         let cases: std::collections::BTreeSet<&str> = source
             .lines()
             .filter_map(|l| l.strip_prefix("pub async fn "))
@@ -2493,7 +2497,7 @@ mod tests {
         let list = &source[start..];
         let list = &list[list.find(';').expect("list start") + 1..list.find(");").expect("list end")];
         let listed: std::collections::BTreeSet<&str> = list.split_whitespace().collect();
-        assert_eq!(listed, cases, "conformance_suite! must list exactly the cases of conformance.rs");
+        assert_eq!(listed, cases, "conformance_suite! must list exactly the cases of suite.rs");
         assert!(cases.len() >= 40, "found only {} cases: the scan is broken", cases.len());
     }
 }

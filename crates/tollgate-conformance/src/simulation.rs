@@ -33,7 +33,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use tokio::sync::{Mutex, RwLock};
 use tollgate_core::{Cycle, Nanos, OnExhausted, PoolKind, PoolPolicy, Refusal, Tier, Usage};
 
-use crate::{
+use tollgate_store::{
     Account, Balance, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState,
     Key, KeyPool, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError, StoreResult,
 };
@@ -1104,9 +1104,9 @@ impl Sim {
         let cycle = a.anchor.cycle_at(now);
         let key = self.pick_key(rng, a);
         let made_by = match (rng.below(10), &key) {
-            (0..=3, _) => crate::Maker::Gateway,
-            (4..=6, Some(k)) => crate::Maker::Key(k.clone()),
-            _ => crate::Maker::Admin,
+            (0..=3, _) => tollgate_store::Maker::Gateway,
+            (4..=6, Some(k)) => tollgate_store::Maker::Key(k.clone()),
+            _ => tollgate_store::Maker::Admin,
         };
         let remaining = a.remaining(pool, &cycle);
         let amount = match (rng.below(100), remaining) {
@@ -1137,8 +1137,8 @@ impl Sim {
     /// not change, and every later read is checked against it). Who may end what is decided
     /// here from SPEC section 3, apart from `ownership`.
     async fn op_intrude(&self, rng: &mut Rng, a: &mut AccountModel, now: DateTime<Utc>, label: &str) {
-        use crate::Maker;
-        use crate::ownership::{self, EndError};
+        use tollgate_store::Maker;
+        use tollgate_store::ownership::{self, EndError};
         if a.open.is_empty() {
             return;
         }
@@ -1553,7 +1553,7 @@ impl Sim {
                     model: None,
                     source: None,
                     fingerprint: String::new(),
-                    made_by: crate::Maker::Admin,
+                    made_by: tollgate_store::Maker::Admin,
                 };
                 request.fingerprint = hold_fingerprint(&request);
                 self.check.reply(&label, Err(ErrKind::NotFound), self.store.hold(request, now).await);
@@ -2147,7 +2147,7 @@ mod races {
             model: Some(MODELS[1].to_string()),
             source: None,
             fingerprint: String::new(),
-            made_by: crate::Maker::Admin,
+            made_by: tollgate_store::Maker::Admin,
         };
         r.fingerprint = hold_fingerprint(&r);
         r
