@@ -14,7 +14,6 @@ usage: lease_churn.py TOLLGATE_BINARY [THREADS] [SECONDS]
 import http.client
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,39 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-MOCK = ROOT / "target" / "debug" / "examples" / "mock"
+from harness import MOCK, api, free_port, mock_config, wait_for
+
 TOKEN = "tga_lease-churn-admin-token"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(port, path="/healthz"):
-    for _ in range(300):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", path)
-            if c.getresponse().status < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"nothing answers on port {port}")
-
-
-def api(port, method, path, body=None, auth=TOKEN):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"authorization": f"Bearer {auth}", "content-type": "application/json"}
-    c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-    r = c.getresponse()
-    data = r.read()
-    if r.status >= 300:
-        raise SystemExit(f"{method} {path}: {r.status} {data[:300]!r}")
-    return json.loads(data) if data and r.getheader("content-type", "").startswith("application/json") else data
 
 
 def nanos(usd):
@@ -85,13 +54,11 @@ def main():
     mock_port, port = free_port(), free_port()
     mock = subprocess.Popen([str(MOCK), str(mock_port)], stdout=subprocess.DEVNULL)
     wait_for(mock_port, "/v1/models")
-    (work / "tollgate.toml").write_text(
-        f'[[upstream]]\nname = "anthropic"\nkind = "anthropic"\nbase_url = "http://127.0.0.1:{mock_port}"\n'
-        'api_key_env = "MOCK_UPSTREAM_KEY"\nmodels = ["claude-*"]\n')
+    (work / "tollgate.toml").write_text(mock_config(mock_port))
     server = start(binary, work, port)
     try:
-        api(port, "POST", "/api/v1/accounts", {"id": "acme", "tier": "max-20x"})
-        secret = api(port, "POST", "/api/v1/accounts/acme/keys", {"pool": "programmatic", "name": "bot"})["key"]
+        api(port, TOKEN, "POST", "/api/v1/accounts", {"id": "acme", "tier": "max-20x"})
+        secret = api(port, TOKEN, "POST", "/api/v1/accounts/acme/keys", {"pool": "programmatic", "name": "bot"})["key"]
         body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1000,
                            "messages": [{"role": "user", "content": "hi"}]})
         stop = time.monotonic() + seconds
@@ -114,22 +81,22 @@ def main():
             w.start()
         held_max = 0
         while any(w.is_alive() for w in workers):
-            b = api(port, "GET", "/api/v1/accounts/acme/balance")
+            b = api(port, TOKEN, "GET", "/api/v1/accounts/acme/balance")
             held_max = max(held_max, nanos(b["pools"]["programmatic"]["held_usd"]))
             time.sleep(0.2)
         calls = sum(counts)
-        metrics = api(port, "GET", "/metrics").decode()
+        metrics = api(port, TOKEN, "GET", "/metrics").decode()
         leases = {o: next((int(float(l.split()[-1])) for l in metrics.splitlines()
                            if l.startswith("tollgate_gateway_leases_total") and f'"{o}"' in l), None)
                   for o in ("taken", "voided")}
         db = sqlite3.connect(f"file:{work / 'tollgate.db'}?mode=ro", uri=True)
         lease_holds = db.execute("SELECT COUNT(*) FROM holds WHERE id LIKE 'lease%'").fetchone()[0]
         db.close()
-        before = api(port, "GET", "/api/v1/accounts/acme/balance")["pools"]["programmatic"]
+        before = api(port, TOKEN, "GET", "/api/v1/accounts/acme/balance")["pools"]["programmatic"]
         server.kill()
         server.wait()
         server = start(binary, work, port)
-        after = api(port, "GET", "/api/v1/accounts/acme/balance")["pools"]["programmatic"]
+        after = api(port, TOKEN, "GET", "/api/v1/accounts/acme/balance")["pools"]["programmatic"]
         charged = lambda p: nanos(p["used_usd"]) + nanos(p["overage_usd"])
         crash = charged(after) - charged(before)
         print(f"{binary}: {threads} clients, {seconds:g} s: {calls} calls ({calls / seconds:.0f}/s); "

@@ -76,6 +76,14 @@ pub struct ServerSection {
     pub hold_ttl_s: u64,
     /// How often the sweeper looks for expired holds.
     pub sweep_interval_s: u64,
+    /// Most client connections open at once; unset: from the open-file limit (docs/gateway.md,
+    /// "Connections").
+    pub connections_max: Option<usize>,
+    /// Time a connection has to send a request's head; it also bounds how long a kept-alive
+    /// connection waits for its next request.
+    pub header_read_timeout_s: u64,
+    /// Time a request has to send its whole body, counted from its head.
+    pub body_read_timeout_s: u64,
 }
 
 impl Default for ServerSection {
@@ -86,6 +94,9 @@ impl Default for ServerSection {
             api_body_size_bytes_max: 4 * 1024 * 1024,
             hold_ttl_s: tollgate_core::ledger::HOLD_TTL_S_DEFAULT,
             sweep_interval_s: 5,
+            connections_max: None,
+            header_read_timeout_s: 10,
+            body_read_timeout_s: 60,
         }
     }
 }
@@ -353,6 +364,7 @@ impl Settings {
                 tollgate_core::ledger::HOLD_TTL_S_MAX
             )));
         }
+        validate_connections(&file.server)?;
         validate_upstreams(&file.upstream)?;
         validate_gateway(&file)?;
         let tiers = tiers(&file.tier)?;
@@ -373,6 +385,20 @@ impl Settings {
         }
         Ok(Settings { listen, store, tiers, prices, unknown_model, file })
     }
+}
+
+fn validate_connections(server: &ServerSection) -> Result<(), ConfigError> {
+    if server.connections_max == Some(0) {
+        return Err(err("server.connections_max = 0 would refuse every client: leave it unset or give at least 1"));
+    }
+    for (name, value) in
+        [("header_read_timeout_s", server.header_read_timeout_s), ("body_read_timeout_s", server.body_read_timeout_s)]
+    {
+        if value == 0 || value > 3600 {
+            return Err(err(format!("server.{name} = {value} must be between 1 and 3600")));
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_file(text: &str) -> Result<File, ConfigError> {

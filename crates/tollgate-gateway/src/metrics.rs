@@ -48,6 +48,13 @@ pub struct LeaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// Why tollgate closed a client connection: `evicted` (at the limit, to make room),
+    /// `refused` (at the limit, every connection busy), `header_timeout`, `body_timeout`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub api: &'static str,
 }
@@ -78,6 +85,8 @@ pub struct Metrics {
     pub upstream_latency: Histograms,
     pub overhead: Histograms,
     pub alert_deliveries: Family<DeliveryLabels, Counter>,
+    pub connections_open: Gauge,
+    pub connections_closed: Family<ConnectionLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +108,8 @@ impl Default for Metrics {
             upstream_latency: Family::new_with_constructor(latency_histogram),
             overhead: Family::new_with_constructor(latency_histogram),
             alert_deliveries: Family::default(),
+            connections_open: Gauge::default(),
+            connections_closed: Family::default(),
         }
     }
 }
@@ -107,6 +118,11 @@ impl Metrics {
     /// How many leases this process took (`taken`) or gave back (`voided`).
     pub fn lease_count(&self, outcome: &'static str) -> u64 {
         self.leases.get_or_create(&LeaseLabels { outcome }).get()
+    }
+
+    /// Counts a client connection tollgate closed for `reason` (see [`ConnectionLabels`]).
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed.get_or_create(&ConnectionLabels { reason }).inc();
     }
 
     /// Counts one alert delivery to the channel named `channel` (a configured name).
@@ -162,6 +178,12 @@ impl Metrics {
             "alert_deliveries",
             "Alert deliveries by channel and outcome (delivered, failed)",
             self.alert_deliveries.clone(),
+        );
+        registry.register("connections_open", "Client connections open", self.connections_open.clone());
+        registry.register(
+            "connections_closed",
+            "Client connections tollgate closed, by reason (evicted, refused, header_timeout, body_timeout)",
+            self.connections_closed.clone(),
         );
         let remaining = Family::<PoolLabels, Gauge>::default();
         let charged = Family::<PoolLabels, Gauge>::default();

@@ -11,6 +11,7 @@ mod auth;
 pub mod dto;
 mod error;
 mod json;
+mod listen;
 pub mod report;
 mod run;
 

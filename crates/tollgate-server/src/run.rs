@@ -127,19 +127,25 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
     let alerting = alert_tasks(&alerter, &clock);
     let ticker = tokio::spawn(publish_feed(store.clone(), feed, alerter, clock.clone()));
     let sweeper = tokio::spawn(sweep(store, clock, Duration::from_secs(settings.file.server.sweep_interval_s.max(1))));
+    let server = &settings.file.server;
+    let limits = crate::listen::Limits {
+        connections_max: server.connections_max.unwrap_or_else(crate::listen::default_connections_max),
+        header_read_timeout: Duration::from_secs(server.header_read_timeout_s),
+        body_read_timeout: Duration::from_secs(server.body_read_timeout_s),
+    };
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
-    tracing::info!(listen = %settings.listen, "tollgate serving");
+    tracing::info!(listen = %settings.listen, connections_max = limits.connections_max, "tollgate serving");
     let app = router(state).merge(tollgate_gateway::routes(gateway.clone()));
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    crate::listen::serve(listener, app, limits, gateway.metrics.clone(), shutdown_signal()).await;
     gateway.close().await;
     sweeper.abort();
     ticker.abort();
     for task in alerting {
         task.abort();
     }
-    result.map_err(|e| format!("server error: {e}"))
+    Ok(())
 }
 
 /// The gateway's settings from the configuration. Without any `[[upstream]]`, tollgate fronts

@@ -22,13 +22,27 @@ impl Server {
     /// Starts `tollgate serve` in `dir` with the admin token `token` and the extra environment
     /// `env`, and waits for /healthz.
     pub async fn start(dir: &Path, token: &str, env: &[(&str, &str)]) -> Server {
+        Server::start_under(&[], dir, token, env).await
+    }
+
+    /// As [`Server::start`], the binary run by the command `wrapper` (e.g. `prlimit --nofile=…
+    /// --`) when it is not empty.
+    pub async fn start_under(wrapper: &[&str], dir: &Path, token: &str, env: &[(&str, &str)]) -> Server {
         let mut last_log = String::new();
         // A free port can be taken between our probe and the server's bind: try a few.
         for attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let log = dir.join(format!("serve-{port}-{attempt}.log"));
             let out = std::fs::File::create(&log).unwrap();
-            let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+            let binary = env!("CARGO_BIN_EXE_tollgate");
+            let mut command = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(binary);
+                    c
+                }
+                None => Command::new(binary),
+            };
             command
                 .arg("serve")
                 .current_dir(dir)
@@ -54,15 +68,31 @@ impl Server {
     /// `tollgate serve` in `dir` on the SQLite database `dir/tollgate.db`, with a `tollgate.toml`
     /// whose Anthropic upstream is `mock`.
     pub async fn with_mock(dir: &Path, token: &str, mock: &MockUpstream) -> Server {
-        let config = format!(
+        Server::with_mock_config(dir, token, mock, "").await
+    }
+
+    /// As [`Server::with_mock`], `config` (TOML) written at the top of its `tollgate.toml`.
+    pub async fn with_mock_config(dir: &Path, token: &str, mock: &MockUpstream, config: &str) -> Server {
+        Server::with_mock_under(&[], dir, token, mock, config).await
+    }
+
+    /// As [`Server::with_mock_config`], run by the command `wrapper` (see [`Server::start_under`]).
+    pub async fn with_mock_under(
+        wrapper: &[&str],
+        dir: &Path,
+        token: &str,
+        mock: &MockUpstream,
+        config: &str,
+    ) -> Server {
+        let upstream = format!(
             "[[upstream]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
              api_key_env = \"MOCK_UPSTREAM_KEY\"\nmodels = [\"claude-*\"]\n",
             mock.base_url()
         );
-        std::fs::write(dir.join("tollgate.toml"), config).unwrap();
+        std::fs::write(dir.join("tollgate.toml"), format!("{config}\n{upstream}")).unwrap();
         let db = dir.join("tollgate.db");
         let env = [("TOLLGATE_DB", db.to_str().unwrap()), ("MOCK_UPSTREAM_KEY", "upstream-secret")];
-        Server::start(dir, token, &env).await
+        Server::start_under(wrapper, dir, token, &env).await
     }
 
     async fn wait_healthy(&mut self) -> bool {

@@ -1,0 +1,146 @@
+//! Issue 13, finding 1: clients that open connections and never finish a request cannot starve
+//! the others. The real `tollgate serve` runs under `prlimit --nofile=256:256` (so its
+//! connection limit, from the file limit, is (256 − 64) / 2 = 96) with the testkit's mock
+//! upstream; an attacker holds 300 sockets that sent half a request head.
+//!
+//! Before the fix the server accepted until it ran out of files, and `/healthz` and the gateway
+//! timed out for every client until the attacker left.
+
+mod serve;
+
+use std::time::Duration;
+
+use serde_json::json;
+use serve::{Client, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate_testkit::MockUpstream;
+
+const TOKEN: &str = "tga_hostile-clients-admin-token";
+const ATTACKERS: usize = 300;
+const CONNECTIONS_MAX: usize = (256 - 64) / 2;
+
+/// Opens a connection and sends half a request head, never the rest.
+async fn half_open(base: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(base.trim_start_matches("http://")).await.unwrap();
+    socket.write_all(b"POST /v1/messages HTTP/1.1\r\nhost: tollgate\r\ncontent-type: app").await.unwrap();
+    socket
+}
+
+/// True when the server has closed `socket` (end of stream or a reset), false when it is open.
+async fn closed_by_server(socket: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(20), socket.read(&mut buf)).await {
+        Err(_) => false,
+        Ok(Ok(n)) => n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+        Ok(Err(_)) => true,
+    }
+}
+
+/// A metric's value from the OpenMetrics text, 0 when absent.
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn half_open_sockets_past_the_file_limit_starve_no_one_and_cut_no_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::start().await;
+    // A long header timeout, so only the connection limit can save the server here.
+    let config = "[server]\nheader_read_timeout_s = 600\n";
+    let prlimit = ["prlimit", "--nofile=256:256", "--"];
+    let server = Server::with_mock_under(&prlimit, dir.path(), TOKEN, &mock, config).await;
+    let c = Client::new(&server, TOKEN);
+    c.admin(reqwest::Method::POST, "/api/v1/accounts", Some(json!({"id": "acme", "tier": "team-standard"}))).await;
+    let (_, key) = c.key("ci-bot", None).await;
+
+    // A stream in progress: about seven events, 400 ms apart.
+    let streaming = json!({"model": "claude-haiku-4-5", "max_tokens": 1000, "stream": true,
+                           "messages": [{"role": "user", "content": "hi"}]});
+    let stream = c.message(&key, streaming).header("x-mock-delay-ms", "400").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+
+    let mut attackers = Vec::with_capacity(ATTACKERS);
+    for _ in 0..ATTACKERS {
+        attackers.push(half_open(&server.base).await);
+    }
+
+    // Everyone else is still served, at once.
+    let quick = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let health = quick.get(format!("{}/healthz", server.base)).send().await.expect("/healthz answers");
+    assert_eq!(health.status(), 200);
+    let call = json!({"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    let r = quick
+        .post(format!("{}/v1/messages", server.base))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&call)
+        .send()
+        .await
+        .expect("a gateway call answers");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    // The stream that was in progress is not cut to make room.
+    let body = stream.text().await.expect("the stream runs to its end");
+    assert!(body.contains("message_stop"), "the stream was cut: {body}");
+
+    // The attacker's oldest sockets were closed to make room; at most the limit stay open.
+    let mut open = 0;
+    for socket in &mut attackers {
+        if !closed_by_server(socket).await {
+            open += 1;
+        }
+    }
+    assert!(open <= CONNECTIONS_MAX, "{open} half-open sockets still open; the limit is {CONNECTIONS_MAX}");
+    assert!(open > 0, "the newest half-open sockets wait within the limit and the header timeout");
+
+    let metrics = c.http.get(format!("{}/metrics", server.base)).bearer_auth(TOKEN).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    let evicted = metric(&text, "tollgate_connections_closed_total{reason=\"evicted\"}");
+    assert!(evicted >= (ATTACKERS - CONNECTIONS_MAX) as f64, "evicted {evicted}:\n{text}");
+    assert!(!server.log_text().contains("panicked"), "{}", server.log_text());
+}
+
+#[tokio::test]
+async fn a_request_head_or_body_that_does_not_arrive_in_time_ends_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::start().await;
+    let config = "[server]\nheader_read_timeout_s = 1\nbody_read_timeout_s = 1\n";
+    let server = Server::with_mock_config(dir.path(), TOKEN, &mock, config).await;
+    let c = Client::new(&server, TOKEN);
+    c.admin(reqwest::Method::POST, "/api/v1/accounts", Some(json!({"id": "acme", "tier": "team-standard"}))).await;
+    let (_, key) = c.key("ci-bot", None).await;
+
+    // Half a head: closed after the header timeout.
+    let mut head = half_open(&server.base).await;
+    // An idle keep-alive connection after one request: closed by the same clock.
+    let mut idle = TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: tollgate\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // A whole head, then a body that never comes: answered with an error after the body timeout.
+    let mut slow = TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    let head_only = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: tollgate\r\nx-api-key: {key}\r\nanthropic-version: 2023-06-01\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\""
+    );
+    slow.write_all(head_only.as_bytes()).await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(closed_by_server(&mut head).await, "a half-sent head outlived the header timeout");
+    assert!(closed_by_server(&mut idle).await, "an idle connection outlived the header timeout");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "a slow body held its connection: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 4"), "a slow body is answered with a client error: {answer}");
+
+    let metrics = c.http.get(format!("{}/metrics", server.base)).bearer_auth(TOKEN).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(metric(&text, "tollgate_connections_closed_total{reason=\"header_timeout\"}") >= 2.0, "{text}");
+    assert!(metric(&text, "tollgate_connections_closed_total{reason=\"body_timeout\"}") >= 1.0, "{text}");
+    // Nothing was held for the call whose body never came.
+    let (charged, held) = c.settled().await;
+    assert_eq!((charged, held), (0, 0));
+}
