@@ -8,6 +8,7 @@
 //! once it is durable (fsync'd). This crate knows no SQL and no wire format.
 
 pub mod alerts;
+pub mod audit;
 pub mod feed;
 pub mod ownership;
 pub mod report;

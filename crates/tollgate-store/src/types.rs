@@ -401,22 +401,3 @@ pub struct Audit {
     /// (charges above their holds), naming account, pool, cycle, the total and the events.
     pub warnings: Vec<String>,
 }
-
-impl Audit {
-    /// The warning for a pool cycle whose events were charged `total` above their holds, over
-    /// `events` events: the same sentence from every backend.
-    pub fn overshoot_warning(
-        account: &str,
-        pool: &str,
-        cycle_start: DateTime<Utc>,
-        total: Nanos,
-        events: u64,
-    ) -> String {
-        let (were, holds) = if events == 1 { ("event was", "its hold") } else { ("events were", "their holds") };
-        format!(
-            "account {account} pool {pool} cycle {}: {events} {were} charged {} above {holds} (overshoot)",
-            cycle_start.to_rfc3339(),
-            total.to_dollars()
-        )
-    }
-}
