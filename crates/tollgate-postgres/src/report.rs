@@ -69,7 +69,7 @@ const ROLL: &str = "INSERT INTO rollups AS r
         timed = r.timed + EXCLUDED.timed";
 
 /// What a reader reads: the rollups and, as rollups of one call each, the events after
-/// `rolled_seq` (`$3`), with the columns `Dims::select_sql` needs.
+/// `rolled_seq` (`$3`), with the columns [`select`] needs.
 const ROLLUPS_AND_TAIL: &str = "(SELECT account, cycle_start_us, pool, hour_us, model, source, key_id, labels, calls,
         input_tokens, cache_creation_5m_input_tokens, cache_creation_1h_input_tokens, cache_read_input_tokens,
         output_tokens, web_search_requests, cost, charged, latency_ms_sum, timed
@@ -179,6 +179,37 @@ impl Roller {
     }
 }
 
+/// The rollups of account `$1` and cycle `$2` summed over the dimensions `dims` leaves out (they
+/// come back as the cycle's start, `''` or `{}`). Columns: pool, hour_us, model, source, key_id,
+/// labels, then the sums in `Rollup`'s order.
+fn select(dims: Dims) -> String {
+    let keep = |on: bool, column: &'static str, blank: &'static str| if on { column } else { blank };
+    let sums = [
+        "calls",
+        "input_tokens",
+        "cache_creation_5m_input_tokens",
+        "cache_creation_1h_input_tokens",
+        "cache_read_input_tokens",
+        "output_tokens",
+        "web_search_requests",
+        "cost",
+        "charged",
+        "latency_ms_sum",
+        "timed",
+    ]
+    .map(|c| format!("CAST(SUM({c}) AS BIGINT)"))
+    .join(", ");
+    format!(
+        "SELECT pool, {}, {}, {}, {}, {}, {sums}
+         FROM {ROLLUPS_AND_TAIL} WHERE account = $1 AND cycle_start_us = $2 GROUP BY 1, 2, 3, 4, 5, 6",
+        keep(dims.hour, "hour_us", "CAST($2 AS BIGINT)"),
+        keep(dims.model, "model", "''"),
+        keep(dims.source, "source", "''"),
+        keep(dims.key, "key_id", "''"),
+        keep(dims.labels, "labels", "'{}'"),
+    )
+}
+
 #[async_trait]
 impl ReportStore for PgStore {
     async fn rollups(&self, account: &str, cycle_start: DateTime<Utc>, dims: Dims) -> StoreResult<Vec<Rollup>> {
@@ -187,7 +218,7 @@ impl ReportStore for PgStore {
                 // Read first, in the same snapshot: with it as a parameter the plan reads the
                 // events after it by their seq (a short range), not the account's events.
                 let rolled: i64 = query_one(&tx, "SELECT rolled_seq FROM rollup_progress", &[]).await?.try_get(0)?;
-                let sql = dims.select_sql(ROLLUPS_AND_TAIL, "$1", "$2", true);
+                let sql = select(dims);
                 let found = query(&tx, &sql, &[&account, &us(cycle_start), &rolled]).await?;
                 found
                     .iter()

@@ -49,45 +49,10 @@ impl Dims {
     pub const ALL: Dims = Dims { hour: true, model: true, source: true, key: true, labels: true };
     /// None: one row per pool.
     pub const NONE: Dims = Dims { hour: false, model: false, source: false, key: false, labels: false };
-
-    /// The query of these dimensions over `from` (the table `rollups`, or a subquery with its
-    /// columns), for both backends: `account` and `cycle_start` name its two parameters (`$1`,
-    /// `?1`…). Columns: pool, hour_us, model, source,
-    /// key_id, labels, then the sums in `Rollup`'s order. With `group` false the rows come back
-    /// one per stored rollup, the unneeded dimensions already blank, for the caller to sum
-    /// ([`Dims::sum`]).
-    pub fn select_sql(&self, from: &str, account: &str, cycle_start: &str, group: bool) -> String {
-        let keep = |on: bool, column: &str, blank: &str| if on { column.to_string() } else { blank.to_string() };
-        let sums = [
-            "calls",
-            "input_tokens",
-            "cache_creation_5m_input_tokens",
-            "cache_creation_1h_input_tokens",
-            "cache_read_input_tokens",
-            "output_tokens",
-            "web_search_requests",
-            "cost",
-            "charged",
-            "latency_ms_sum",
-            "timed",
-        ]
-        .map(|c| if group { format!("CAST(SUM({c}) AS BIGINT)") } else { c.to_string() })
-        .join(", ");
-        let group_by = if group { "GROUP BY 1, 2, 3, 4, 5, 6" } else { "" };
-        format!(
-            "SELECT pool, {}, {}, {}, {}, {}, {sums}
-             FROM {from} WHERE account = {account} AND cycle_start_us = {cycle_start} {group_by}",
-            keep(self.hour, "hour_us", &format!("CAST({cycle_start} AS BIGINT)")),
-            keep(self.model, "model", "''"),
-            keep(self.source, "source", "''"),
-            keep(self.key, "key_id", "''"),
-            keep(self.labels, "labels", "'{}'"),
-        )
-    }
 }
 
 impl Dims {
-    /// Sums rollups whose dimensions were blanked (`select_sql` without grouping) into one per
+    /// Sums rollups whose dimensions were blanked (read without grouping) into one per
     /// distinct key, in a hash table.
     pub fn sum(rows: impl IntoIterator<Item = Rollup>) -> Vec<Rollup> {
         type Key = (PoolKind, DateTime<Utc>, String, String, String, String);
