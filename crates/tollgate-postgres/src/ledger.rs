@@ -663,32 +663,7 @@ pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> R
     lock_event_order(tx, &accounts).await?;
     let mut events = Vec::with_capacity(holds.len());
     for hold in holds {
-        let event = NewEvent {
-            id: hold.id.clone(),
-            account: hold.account.clone(),
-            pool: hold.pool,
-            model: hold.model.clone().unwrap_or_else(|| "unknown".to_string()),
-            usage: Default::default(),
-            cost: hold.amount,
-            service_tier: None,
-            inference_geo: None,
-            speed: None,
-            source: hold.source.clone(),
-            key: hold.key.clone(),
-            labels: Default::default(),
-            timestamp: hold.created_at,
-            latency_ms: None,
-            ttft_ms: None,
-            partial: false,
-            estimated: false,
-            fingerprint: format!("unsettled:{}", hold.id),
-        };
-        // An event that already took the hold's id is kept; this one is named after the hold.
-        let event = if rows::load_event(tx, &hold.account, &hold.id).await?.is_some() {
-            NewEvent { id: format!("{}#unsettled", hold.id), ..event }
-        } else {
-            event
-        };
+        let event = hold.unsettled_event(rows::load_event(tx, &hold.account, &hold.id).await?.is_some());
         events.push(settle_hold(tx, &hold, event, true, now).await?);
     }
     Ok(events)

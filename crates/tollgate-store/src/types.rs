@@ -276,6 +276,34 @@ pub struct Hold {
     pub made_by: Maker,
 }
 
+impl Hold {
+    /// The event that settles this hold at its held amount when it expires, or when a restart
+    /// finds it open (`unsettled`): named after the hold, or `<id>#unsettled` when `id_taken`
+    /// (an event already has the hold's id, and is kept).
+    pub fn unsettled_event(&self, id_taken: bool) -> NewEvent {
+        NewEvent {
+            id: if id_taken { format!("{}#unsettled", self.id) } else { self.id.clone() },
+            account: self.account.clone(),
+            pool: self.pool,
+            model: self.model.clone().unwrap_or_else(|| "unknown".to_string()),
+            usage: Usage::default(),
+            cost: self.amount,
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: self.source.clone(),
+            key: self.key.clone(),
+            labels: BTreeMap::default(),
+            timestamp: self.created_at,
+            latency_ms: None,
+            ttft_ms: None,
+            partial: false,
+            estimated: false,
+            fingerprint: format!("unsettled:{}", self.id),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldOutcome {
     Held(Hold),
