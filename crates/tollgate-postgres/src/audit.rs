@@ -14,7 +14,27 @@ pub async fn audit(tx: &Transaction<'_>) -> Result<Audit> {
 }
 
 async fn rows(tx: &Transaction<'_>) -> Result<AuditRows> {
-    let mut rows = AuditRows::default();
+    let count = |row: tokio_postgres::Row| -> Result<u64> { Ok(row.try_get::<_, i64>(0)? as u64) };
+    Ok(AuditRows {
+        pools: pool_sums(tx).await?,
+        keys: key_sums(tx).await?,
+        events: count(query_one(tx, "SELECT COUNT(*) FROM events", &[]).await?)?,
+        holds_open: count(query_one(tx, "SELECT COUNT(*) FROM holds WHERE state = 'open'", &[]).await?)?,
+        charged_twice: count(
+            query_one(
+                tx,
+                "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
+                  JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND NOT h.lease
+                  GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1) AS charged_twice",
+                &[],
+            )
+            .await?,
+        )?,
+    })
+}
+
+async fn pool_sums(tx: &Transaction<'_>) -> Result<Vec<PoolSums>> {
+    let mut sums = Vec::new();
     let pools = query(
         tx,
         "WITH e AS (
@@ -47,7 +67,7 @@ async fn rows(tx: &Transaction<'_>) -> Result<AuditRows> {
             None => None,
         };
         let n = |i: usize| -> Result<Nanos> { Ok(Nanos(r.try_get(i)?)) };
-        rows.pools.push(PoolSums {
+        sums.push(PoolSums {
             account: r.try_get(0)?,
             cycle_start: time(r.try_get(2)?),
             policy,
@@ -65,19 +85,11 @@ async fn rows(tx: &Transaction<'_>) -> Result<AuditRows> {
             pool,
         });
     }
-    let count = |row: tokio_postgres::Row| -> Result<u64> { Ok(row.try_get::<_, i64>(0)? as u64) };
-    rows.events = count(query_one(tx, "SELECT COUNT(*) FROM events", &[]).await?)?;
-    rows.holds_open = count(query_one(tx, "SELECT COUNT(*) FROM holds WHERE state = 'open'", &[]).await?)?;
-    rows.charged_twice = count(
-        query_one(
-            tx,
-            "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
-              JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND NOT h.lease
-              GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1) AS charged_twice",
-            &[],
-        )
-        .await?,
-    )?;
+    Ok(sums)
+}
+
+async fn key_sums(tx: &Transaction<'_>) -> Result<Vec<KeySums>> {
+    let mut sums = Vec::new();
     let keys = query(
         tx,
         "SELECT k.key_id, k.cycle_start_us, k.charged, k.held,
@@ -91,7 +103,7 @@ async fn rows(tx: &Transaction<'_>) -> Result<AuditRows> {
     .await?;
     for r in &keys {
         let n = |i: usize| -> Result<Nanos> { Ok(Nanos(r.try_get(i)?)) };
-        rows.keys.push(KeySums {
+        sums.push(KeySums {
             key: r.try_get(0)?,
             cycle_start: time(r.try_get(1)?),
             charged: n(2)?,
@@ -100,5 +112,5 @@ async fn rows(tx: &Transaction<'_>) -> Result<AuditRows> {
             open_holds: n(5)?,
         });
     }
-    Ok(rows)
+    Ok(sums)
 }

@@ -13,7 +13,24 @@ pub fn audit(conn: &Connection) -> StoreResult<Audit> {
 }
 
 fn rows(conn: &Connection) -> StoreResult<AuditRows> {
-    let mut rows = AuditRows::default();
+    let count = |sql: &str| -> StoreResult<u64> {
+        conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(backend)
+    };
+    Ok(AuditRows {
+        pools: pool_sums(conn)?,
+        keys: key_sums(conn)?,
+        events: count("SELECT COUNT(*) FROM events")?,
+        holds_open: count("SELECT COUNT(*) FROM holds WHERE state = 'open'")?,
+        charged_twice: count(
+            "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
+              JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND h.lease = 0
+              GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1)",
+        )?,
+    })
+}
+
+fn pool_sums(conn: &Connection) -> StoreResult<Vec<PoolSums>> {
+    let mut pools = Vec::new();
     let mut s = conn
         .prepare(
             "SELECT p.account, p.pool, p.cycle_start_us, p.grants, p.used, p.overage, p.held,
@@ -47,7 +64,7 @@ fn rows(conn: &Connection) -> StoreResult<AuditRows> {
             None => None,
         };
         let n = |i: usize| -> StoreResult<Nanos> { r.get::<_, i64>(i).map(Nanos).map_err(backend) };
-        rows.pools.push(PoolSums {
+        pools.push(PoolSums {
             cycle_start: time(r.get(2).map_err(backend)?),
             policy,
             grants: n(3)?,
@@ -65,16 +82,11 @@ fn rows(conn: &Connection) -> StoreResult<AuditRows> {
             pool,
         });
     }
-    let count = |sql: &str| -> StoreResult<u64> {
-        conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(backend)
-    };
-    rows.events = count("SELECT COUNT(*) FROM events")?;
-    rows.holds_open = count("SELECT COUNT(*) FROM holds WHERE state = 'open'")?;
-    rows.charged_twice = count(
-        "SELECT COUNT(*) FROM (SELECT e.hold_id FROM events e
-          JOIN holds h ON h.account = e.account AND h.id = e.hold_id AND h.lease = 0
-          GROUP BY e.account, e.hold_id HAVING COUNT(*) > 1)",
-    )?;
+    Ok(pools)
+}
+
+fn key_sums(conn: &Connection) -> StoreResult<Vec<KeySums>> {
+    let mut sums = Vec::new();
     let mut keys = conn
         .prepare(
             "SELECT k.key_id, k.cycle_start_us, k.charged, k.held,
@@ -88,7 +100,7 @@ fn rows(conn: &Connection) -> StoreResult<AuditRows> {
     let mut q = keys.query([]).map_err(backend)?;
     while let Some(r) = q.next().map_err(backend)? {
         let n = |i: usize| -> StoreResult<Nanos> { r.get::<_, i64>(i).map(Nanos).map_err(backend) };
-        rows.keys.push(KeySums {
+        sums.push(KeySums {
             key: r.get(0).map_err(backend)?,
             cycle_start: time(r.get(1).map_err(backend)?),
             charged: n(2)?,
@@ -97,5 +109,5 @@ fn rows(conn: &Connection) -> StoreResult<AuditRows> {
             open_holds: n(5)?,
         });
     }
-    Ok(rows)
+    Ok(sums)
 }

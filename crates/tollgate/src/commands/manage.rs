@@ -467,103 +467,109 @@ pub async fn report(c: &Client, account: Option<String>, cycle: &str, by: Option
                 print_json(&json!({ "reports": reports }));
             }
         }
-        "csv" => {
-            let mut out = csv::Writer::from_writer(Vec::new());
-            let header = [
-                "account",
-                "cycle_start",
-                "cycle_end",
-                "row",
-                "key",
-                "calls",
-                "total_usd",
-                "grant_usd",
-                "used_usd",
-                "overage_usd",
-                "input_tokens",
-                "cache_creation_5m_input_tokens",
-                "cache_creation_1h_input_tokens",
-                "cache_read_input_tokens",
-                "output_tokens",
-            ];
-            out.write_record(header).map_err(|e| usage(e.to_string()))?;
-            for r in &reports {
-                let base = [s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end")];
-                let mut rows: Vec<(String, String, &Value)> = Vec::new();
-                for pool in ["interactive", "programmatic"] {
-                    rows.push(("pool".into(), pool.into(), &r["pools"][pool]));
-                }
-                for g in r["groups"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                    rows.push(("group".into(), s(g, "key"), g));
-                }
-                for (kind, key, v) in rows {
-                    let t = &v["tokens"];
-                    let record = [
-                        base[0].clone(),
-                        base[1].clone(),
-                        base[2].clone(),
-                        kind,
-                        key,
-                        s(v, "calls"),
-                        s(v, "total_usd"),
-                        s(v, "grant_usd"),
-                        s(v, "used_usd"),
-                        s(v, "overage_usd"),
-                        s(t, "input_tokens"),
-                        s(t, "cache_creation_5m_input_tokens"),
-                        s(t, "cache_creation_1h_input_tokens"),
-                        s(t, "cache_read_input_tokens"),
-                        s(t, "output_tokens"),
-                    ];
-                    out.write_record(record.iter().map(|c| crate::table::csv_cell(c)))
-                        .map_err(|e| usage(e.to_string()))?;
-                }
-            }
-            let bytes = out.into_inner().map_err(|e| (crate::commands::Failure::Internal, e.to_string()))?;
-            crate::commands::write_out(format_args!("{}", String::from_utf8_lossy(&bytes)));
-        }
-        _ => {
-            for r in &reports {
-                let i = &r["pools"]["interactive"];
-                let p = &r["pools"]["programmatic"];
-                outln!("{}  cycle {} → {}", s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end"));
-                let overage = |v: &Value| v["overage_usd"].as_str().unwrap_or("0").to_string();
-                let rows = vec![
-                    vec![
-                        "interactive use".into(),
-                        format!("${}", s(i, "total_usd")),
-                        s(i, "calls"),
-                        format!("${} of ${}", s(i, "used_usd"), s(i, "grant_usd")),
-                    ],
-                    vec![
-                        "programmatic calls".into(),
-                        format!("${}", s(p, "total_usd")),
-                        s(p, "calls"),
-                        format!("${} of ${}", s(p, "used_usd"), s(p, "grant_usd")),
-                    ],
-                    vec!["overages".into(), format!("${} + ${}", overage(i), overage(p)), "".into(), "".into()],
-                    vec!["total".into(), format!("${}", s(r, "total_usd")), "".into(), "".into()],
-                ];
-                outln!("{}", table::render(&["", "charged", "calls", "grant used"], &rows));
-                if let Some(groups) = r["groups"].as_array() {
-                    let rows: Vec<Vec<String>> = groups
-                        .iter()
-                        .map(|g| {
-                            vec![
-                                s(g, "key"),
-                                format!("${}", s(g, "total_usd")),
-                                s(g, "calls"),
-                                s(&g["tokens"], "input_tokens"),
-                                s(&g["tokens"], "output_tokens"),
-                            ]
-                        })
-                        .collect();
-                    outln!("{}", table::render(&[by.unwrap_or("group"), "charged", "calls", "input", "output"], &rows));
-                }
-            }
-        }
+        "csv" => report_csv(&reports)?,
+        _ => report_table(&reports, by),
     }
     Ok(())
+}
+
+/// The reports as CSV rows: each pool, then each group, of each account.
+fn report_csv(reports: &[Value]) -> Outcome<()> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    let header = [
+        "account",
+        "cycle_start",
+        "cycle_end",
+        "row",
+        "key",
+        "calls",
+        "total_usd",
+        "grant_usd",
+        "used_usd",
+        "overage_usd",
+        "input_tokens",
+        "cache_creation_5m_input_tokens",
+        "cache_creation_1h_input_tokens",
+        "cache_read_input_tokens",
+        "output_tokens",
+    ];
+    out.write_record(header).map_err(|e| usage(e.to_string()))?;
+    for r in reports {
+        let base = [s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end")];
+        let mut rows: Vec<(String, String, &Value)> = Vec::new();
+        for pool in ["interactive", "programmatic"] {
+            rows.push(("pool".into(), pool.into(), &r["pools"][pool]));
+        }
+        for g in r["groups"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            rows.push(("group".into(), s(g, "key"), g));
+        }
+        for (kind, key, v) in rows {
+            let t = &v["tokens"];
+            let record = [
+                base[0].clone(),
+                base[1].clone(),
+                base[2].clone(),
+                kind,
+                key,
+                s(v, "calls"),
+                s(v, "total_usd"),
+                s(v, "grant_usd"),
+                s(v, "used_usd"),
+                s(v, "overage_usd"),
+                s(t, "input_tokens"),
+                s(t, "cache_creation_5m_input_tokens"),
+                s(t, "cache_creation_1h_input_tokens"),
+                s(t, "cache_read_input_tokens"),
+                s(t, "output_tokens"),
+            ];
+            out.write_record(record.iter().map(|c| crate::table::csv_cell(c))).map_err(|e| usage(e.to_string()))?;
+        }
+    }
+    let bytes = out.into_inner().map_err(|e| (crate::commands::Failure::Internal, e.to_string()))?;
+    crate::commands::write_out(format_args!("{}", String::from_utf8_lossy(&bytes)));
+    Ok(())
+}
+
+/// The reports as tables: the breakdown of SPEC section 7, then the groups when asked for.
+fn report_table(reports: &[Value], by: Option<&str>) {
+    for r in reports {
+        let i = &r["pools"]["interactive"];
+        let p = &r["pools"]["programmatic"];
+        outln!("{}  cycle {} → {}", s(r, "account"), s(&r["cycle"], "start"), s(&r["cycle"], "end"));
+        let overage = |v: &Value| v["overage_usd"].as_str().unwrap_or("0").to_string();
+        let rows = vec![
+            vec![
+                "interactive use".into(),
+                format!("${}", s(i, "total_usd")),
+                s(i, "calls"),
+                format!("${} of ${}", s(i, "used_usd"), s(i, "grant_usd")),
+            ],
+            vec![
+                "programmatic calls".into(),
+                format!("${}", s(p, "total_usd")),
+                s(p, "calls"),
+                format!("${} of ${}", s(p, "used_usd"), s(p, "grant_usd")),
+            ],
+            vec!["overages".into(), format!("${} + ${}", overage(i), overage(p)), "".into(), "".into()],
+            vec!["total".into(), format!("${}", s(r, "total_usd")), "".into(), "".into()],
+        ];
+        outln!("{}", table::render(&["", "charged", "calls", "grant used"], &rows));
+        if let Some(groups) = r["groups"].as_array() {
+            let rows: Vec<Vec<String>> = groups
+                .iter()
+                .map(|g| {
+                    vec![
+                        s(g, "key"),
+                        format!("${}", s(g, "total_usd")),
+                        s(g, "calls"),
+                        s(&g["tokens"], "input_tokens"),
+                        s(&g["tokens"], "output_tokens"),
+                    ]
+                })
+                .collect();
+            outln!("{}", table::render(&[by.unwrap_or("group"), "charged", "calls", "input", "output"], &rows));
+        }
+    }
 }
 
 pub async fn forecast(c: &Client, account: Option<String>, json: bool) -> Outcome<()> {
