@@ -60,10 +60,11 @@ use tollgate_store::{
     Account, Event, Hold, HoldOutcome, HoldRequest, HoldState, SettleRequest, StoreError, StoreResult,
 };
 
-use crate::events::{self, NewRow};
+use crate::events;
 use crate::ledger::{EVENT_ORDER_LOCK, EVENT_ORDER_LOCKS, KeyTotals, PoolTotals};
 use crate::rows::{self, us};
 use crate::{ATTEMPTS_MAX, Error, Result, describe};
+use tollgate_store::ChargedEvent;
 
 /// Most writes in one transaction.
 const BATCH_JOBS_MAX: usize = 512;
@@ -541,7 +542,7 @@ struct State {
     key_tids: HashMap<KeyId, Tid>,
     // What the batch writes.
     new_holds: Vec<(Hold, String)>,
-    new_events: Vec<NewRow>,
+    new_events: Vec<ChargedEvent>,
     /// The events this batch inserts: (account, event id) → place in `new_events`.
     new_event_ids: HashMap<(String, String), usize>,
     changed_holds: BTreeSet<(String, String)>,
@@ -1095,7 +1096,7 @@ fn charge(
 
 /// Applies a decided charge and adds its event (`event_key` its (account, id)) to the batch's
 /// new events; returns the event's place among them.
-fn record(s: &mut State, charge: Charge, event_key: (String, String), row: NewRow) -> usize {
+fn record(s: &mut State, charge: Charge, event_key: (String, String), row: ChargedEvent) -> usize {
     let (pool_id, totals) = charge.pool;
     s.pools.insert(pool_id.clone(), totals);
     s.changed_pools.insert(pool_id);
@@ -1166,7 +1167,7 @@ fn decide_settle(s: &mut State, r: &SettleRequest, now: DateTime<Utc>) -> StoreR
         return Err(event_id_taken(&event.id));
     }
     // No refusal after this point: the changes.
-    let i = record(s, charge, event_key, NewRow::of_hold(event, &hold, settlement, now));
+    let i = record(s, charge, event_key, ChargedEvent::of_hold(event, &hold, settlement, now));
     let entry = s.holds.get_mut(&key).expect("the hold read above");
     entry.hold.state = HoldState::Settled;
     entry.event = Some(EventRef::New(i));
@@ -1221,7 +1222,7 @@ fn charge_part(
         .map_err(|refusal| StoreError::Invalid(format!("amount out of range ({})", refusal.code())))?;
     let charge = charge(s, &hold, (pool_id, totals), settlement.split, release)?;
     // No refusal after this point: the changes.
-    let i = record(s, charge, event_key, NewRow::of_hold(event, &hold, settlement, now));
+    let i = record(s, charge, event_key, ChargedEvent::of_hold(event, &hold, settlement, now));
     let entry = s.holds.get_mut(&key).expect("the hold read above");
     entry.hold.amount = Nanos(entry.hold.amount.0 - release.0);
     entry.parted = true;

@@ -3,70 +3,12 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tollgate_core::{Nanos, ledger};
-use tollgate_store::{Event, Hold, NewEvent};
+use tollgate_store::ChargedEvent;
 
 use crate::Result;
 use crate::rows::{self, us};
-
-/// An event to insert, with what the ledger decided for it.
-pub struct NewRow {
-    pub event: NewEvent,
-    pub cycle_start: DateTime<Utc>,
-    pub split: ledger::Split,
-    pub overshoot: Nanos,
-    pub hold_id: Option<String>,
-    pub recorded: DateTime<Utc>,
-}
-
-impl NewRow {
-    /// An event charged against a hold (whole or in part), as `settlement` decided.
-    pub fn of_hold(event: NewEvent, hold: &Hold, settlement: ledger::Settlement, recorded: DateTime<Utc>) -> NewRow {
-        NewRow {
-            event,
-            cycle_start: hold.cycle_start,
-            split: settlement.split,
-            overshoot: settlement.overshoot,
-            hold_id: Some(hold.id.clone()),
-            recorded,
-        }
-    }
-
-    /// The event as stored, once its insert gave it `seq`.
-    pub fn event(&self, seq: i64) -> Event {
-        let e = &self.event;
-        Event {
-            seq,
-            id: e.id.clone(),
-            account: e.account.clone(),
-            pool: e.pool,
-            model: e.model.clone(),
-            usage: e.usage,
-            cost: e.cost,
-            grant_part: self.split.grant,
-            overage_part: self.split.overage,
-            overshoot: self.overshoot,
-            service_tier: e.service_tier.clone(),
-            inference_geo: e.inference_geo.clone(),
-            speed: e.speed.clone(),
-            source: e.source.clone(),
-            key: e.key.clone(),
-            labels: e.labels.clone(),
-            timestamp: e.timestamp,
-            cycle_start: self.cycle_start,
-            hold_id: self.hold_id.clone(),
-            latency_ms: e.latency_ms,
-            ttft_ms: e.ttft_ms,
-            partial: e.partial,
-            estimated: e.estimated,
-            unsettled: false,
-            recorded_at: self.recorded,
-        }
-    }
-}
 
 /// How many parameters [`insert_sql`] takes.
 pub const PARAMS: usize = 29;
@@ -96,7 +38,7 @@ pub fn insert_sql(first: usize) -> String {
 
 /// The seq of each of `rows`, in order, from the rows of their insert's `RETURNING account, id,
 /// seq` (which come back in no promised order).
-pub fn seqs(rows: &[NewRow], returned: &[Row]) -> Result<Vec<i64>> {
+pub fn seqs(rows: &[ChargedEvent], returned: &[Row]) -> Result<Vec<i64>> {
     let index: HashMap<(&str, &str), usize> =
         rows.iter().enumerate().map(|(n, r)| ((r.event.account.as_str(), r.event.id.as_str()), n)).collect();
     let mut seqs = vec![0i64; rows.len()];
@@ -142,10 +84,10 @@ pub struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    pub fn new(rows: &'a [NewRow]) -> Columns<'a> {
-        let text = |f: fn(&'a NewRow) -> &'a str| rows.iter().map(f).collect::<Vec<_>>();
-        let opt = |f: fn(&'a NewRow) -> Option<&'a str>| rows.iter().map(f).collect::<Vec<_>>();
-        let int = |f: fn(&NewRow) -> i64| rows.iter().map(f).collect::<Vec<_>>();
+    pub fn new(rows: &'a [ChargedEvent]) -> Columns<'a> {
+        let text = |f: fn(&'a ChargedEvent) -> &'a str| rows.iter().map(f).collect::<Vec<_>>();
+        let opt = |f: fn(&'a ChargedEvent) -> Option<&'a str>| rows.iter().map(f).collect::<Vec<_>>();
+        let int = |f: fn(&ChargedEvent) -> i64| rows.iter().map(f).collect::<Vec<_>>();
         Columns {
             account: text(|r| &r.event.account),
             id: text(|r| &r.event.id),

@@ -24,9 +24,10 @@ use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
 use tollgate_store::{Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, StoreError};
 
-use crate::events::{self, NewRow};
+use crate::events;
 use crate::rows::{self, execute, query, query_one, query_opt, us};
 use crate::{Error, Result};
+use tollgate_store::ChargedEvent;
 
 /// A pool's running totals in one cycle: its `pool_cycles` row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -317,9 +318,10 @@ async fn charge_hold(
         add_to_key(tx, key, hold.cycle_start, totals, KeyTotals { charged: split.total(), held: release }).await?;
     }
     lock_event_order(tx, &[&hold.account]).await?;
-    insert_event(tx, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
+    let id = event.id.clone();
+    insert_event(tx, &ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) })
         .await?
-        .ok_or_else(|| event_id_taken(&event.id))
+        .ok_or_else(|| event_id_taken(&id))
 }
 
 fn overflow(refusal: tollgate_core::Refusal) -> Error {
@@ -328,19 +330,11 @@ fn overflow(refusal: tollgate_core::Refusal) -> Error {
 
 /// Inserts an event; None when its id is taken (by a committed event, or by one whose
 /// transaction committed while this insert waited for it).
-#[allow(clippy::too_many_arguments)]
-async fn insert_event(
-    tx: &Transaction<'_>,
-    e: &NewEvent,
-    cycle_start: DateTime<Utc>,
-    split: ledger::Split,
-    overshoot: Nanos,
-    hold_id: Option<&str>,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> Result<Option<Event>> {
+async fn insert_event(tx: &Transaction<'_>, row: &ChargedEvent) -> Result<Option<Event>> {
+    let ChargedEvent { event: e, cycle_start, split, overshoot, hold_id, unsettled, recorded: now } = row;
+    let (cycle_start, now) = (*cycle_start, *now);
     let labels = rows::labels_to_text(&e.labels);
-    let row = query_opt(
+    let inserted = query_opt(
         tx,
         "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
              cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
@@ -383,10 +377,8 @@ async fn insert_event(
         ],
     )
     .await?;
-    let Some(row) = row else { return Ok(None) };
-    let stored =
-        NewRow { event: e.clone(), cycle_start, split, overshoot, hold_id: hold_id.map(str::to_string), recorded: now };
-    Ok(Some(Event { unsettled, ..stored.event(row.try_get(0)?) }))
+    let Some(inserted) = inserted else { return Ok(None) };
+    Ok(Some(row.event(inserted.try_get(0)?)))
 }
 
 /// Adds a top-up to the pool's cycle that contains `now`.
@@ -515,7 +507,7 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
 
     // Each new event in order, charged on the running totals.
     let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
-    let mut new_rows: Vec<NewRow> = Vec::with_capacity(new.len());
+    let mut new_rows: Vec<ChargedEvent> = Vec::with_capacity(new.len());
     for (e, _, cycle) in &new {
         let (pool, _) =
             pool_state.get_mut(&(e.account.as_str(), e.pool.as_str(), us(cycle.start))).expect("locked above");
@@ -528,15 +520,7 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             let (totals, _) = key_state.get_mut(&(key.as_str(), us(cycle.start))).expect("locked above");
             totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
         }
-        let row = NewRow {
-            event: (*e).clone(),
-            cycle_start: cycle.start,
-            split,
-            overshoot: Nanos::ZERO,
-            hold_id: None,
-            recorded: now,
-        };
-        new_rows.push(row);
+        new_rows.push(ChargedEvent::direct((*e).clone(), cycle.start, split, now));
     }
     if let Some(e) = refused {
         return Err(e.into());

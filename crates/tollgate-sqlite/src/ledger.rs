@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
 use tollgate_store::{
-    Account, Event, EventOutcome, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest,
-    StoreError, StoreResult,
+    Account, ChargedEvent, Event, EventOutcome, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent,
+    SettleRequest, StoreError, StoreResult,
 };
 
 use crate::rows::{self, backend, us};
@@ -314,24 +314,17 @@ fn charge_hold(
     if let Some(key) = &hold.key {
         add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-release.0))?;
     }
-    insert_event(db, &event, hold.cycle_start, split, settlement.overshoot, Some(&hold.id), unsettled, now)
+    insert_event(db, &ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) })
 }
 
 fn overflow(refusal: tollgate_core::Refusal) -> StoreError {
     StoreError::Invalid(format!("amount out of range ({})", refusal.code()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn insert_event(
-    db: &Db,
-    e: &NewEvent,
-    cycle_start: DateTime<Utc>,
-    split: ledger::Split,
-    overshoot: Nanos,
-    hold_id: Option<&str>,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> StoreResult<Event> {
+/// Inserts `row` and adds it to its hour's rollup.
+fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<Event> {
+    let ChargedEvent { event: e, cycle_start, split, overshoot, hold_id, unsettled, recorded: now } = row;
+    let (cycle_start, now) = (*cycle_start, *now);
     let conn: &Connection = db;
     let labels = rows::labels_to_text(&e.labels);
     let event_id = &e.id;
@@ -413,33 +406,7 @@ fn insert_event(
             i64::from(e.latency_ms.is_some()),
         ],
     );
-    Ok(Event {
-        seq: conn.last_insert_rowid(),
-        id: e.id.clone(),
-        account: e.account.clone(),
-        pool: e.pool,
-        model: e.model.clone(),
-        usage: e.usage,
-        cost: e.cost,
-        grant_part: split.grant,
-        overage_part: split.overage,
-        overshoot,
-        service_tier: e.service_tier.clone(),
-        inference_geo: e.inference_geo.clone(),
-        speed: e.speed.clone(),
-        source: e.source.clone(),
-        key: e.key.clone(),
-        labels: e.labels.clone(),
-        timestamp: e.timestamp,
-        cycle_start,
-        hold_id: hold_id.map(str::to_string),
-        latency_ms: e.latency_ms,
-        ttft_ms: e.ttft_ms,
-        partial: e.partial,
-        estimated: e.estimated,
-        unsettled,
-        recorded_at: now,
-    })
+    Ok(row.event(conn.last_insert_rowid()))
 }
 
 pub fn void(db: &Db, account: &str, hold_id: &str) -> StoreResult<Hold> {
@@ -503,7 +470,7 @@ pub fn record_event(db: &Db, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<Ev
     if let Some(key) = &e.key {
         add_to_key(db, key, cycle.start, split.total(), Nanos::ZERO)?;
     }
-    insert_event(db, e, cycle.start, split, Nanos::ZERO, None, false, now).map(EventOutcome::Recorded)
+    insert_event(db, &ChargedEvent::direct(e.clone(), cycle.start, split, now)).map(EventOutcome::Recorded)
 }
 
 /// Settles open holds at their held amount, flagged `unsettled`: those expired by `now`, or all.

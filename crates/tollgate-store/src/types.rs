@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use tollgate_core::{Cycle, Nanos, PoolKind, PoolPolicy, Refusal, Usage};
+use tollgate_core::{Cycle, Nanos, PoolKind, PoolPolicy, Refusal, Usage, ledger};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Account {
@@ -300,6 +300,82 @@ impl Hold {
             partial: false,
             estimated: false,
             fingerprint: format!("unsettled:{}", self.id),
+        }
+    }
+}
+
+/// An event to write, with what the ledger decided for it: both backends insert these and
+/// answer with [`ChargedEvent::event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargedEvent {
+    pub event: NewEvent,
+    pub cycle_start: DateTime<Utc>,
+    pub split: ledger::Split,
+    pub overshoot: Nanos,
+    pub hold_id: Option<String>,
+    /// Settled at its held amount when its hold expired (or was found open at a restart).
+    pub unsettled: bool,
+    pub recorded: DateTime<Utc>,
+}
+
+impl ChargedEvent {
+    /// An event recorded on its own (not against a hold): charged `split`, no overshoot.
+    pub fn direct(
+        event: NewEvent,
+        cycle_start: DateTime<Utc>,
+        split: ledger::Split,
+        recorded: DateTime<Utc>,
+    ) -> ChargedEvent {
+        ChargedEvent { event, cycle_start, split, overshoot: Nanos::ZERO, hold_id: None, unsettled: false, recorded }
+    }
+
+    /// An event charged against a hold (whole or in part), as `settlement` decided.
+    pub fn of_hold(
+        event: NewEvent,
+        hold: &Hold,
+        settlement: ledger::Settlement,
+        recorded: DateTime<Utc>,
+    ) -> ChargedEvent {
+        ChargedEvent {
+            event,
+            cycle_start: hold.cycle_start,
+            split: settlement.split,
+            overshoot: settlement.overshoot,
+            hold_id: Some(hold.id.clone()),
+            unsettled: false,
+            recorded,
+        }
+    }
+
+    /// The event as stored, once its insert gave it `seq`.
+    pub fn event(&self, seq: i64) -> Event {
+        let e = &self.event;
+        Event {
+            seq,
+            id: e.id.clone(),
+            account: e.account.clone(),
+            pool: e.pool,
+            model: e.model.clone(),
+            usage: e.usage,
+            cost: e.cost,
+            grant_part: self.split.grant,
+            overage_part: self.split.overage,
+            overshoot: self.overshoot,
+            service_tier: e.service_tier.clone(),
+            inference_geo: e.inference_geo.clone(),
+            speed: e.speed.clone(),
+            source: e.source.clone(),
+            key: e.key.clone(),
+            labels: e.labels.clone(),
+            timestamp: e.timestamp,
+            cycle_start: self.cycle_start,
+            hold_id: self.hold_id.clone(),
+            latency_ms: e.latency_ms,
+            ttft_ms: e.ttft_ms,
+            partial: e.partial,
+            estimated: e.estimated,
+            unsettled: self.unsettled,
+            recorded_at: self.recorded,
         }
     }
 }
