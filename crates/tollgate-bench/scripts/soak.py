@@ -2,8 +2,9 @@
 """A soak of `tollgate serve`: mixed load for a long time, resident memory and open files sampled.
 
 Starts the testkit's mock upstream (target/debug/examples/mock) and the given tollgate binary on a
-fresh SQLite database (or TOLLGATE_DB, e.g. a PostgreSQL URL), with a Max 20x account, two
-programmatic keys and one interactive key. Then, for SECONDS:
+fresh SQLite database (or TOLLGATE_DB, e.g. a PostgreSQL URL), with a Max 20x account topped up
+by $1,000,000 per pool (so nothing is refused for credit), two programmatic keys and one
+interactive key. Then, for SECONDS:
 
 - GATEWAY threads post small Haiku and Sonnet calls, one in four streaming, some cut by the
   upstream (`x-mock-cut-after`), some answered 529, some dropped by the client mid-stream;
@@ -73,6 +74,9 @@ def main():
     try:
         wait_for(port)
         api(port, TOKEN, "POST", "/api/v1/accounts", {"id": "acme", "tier": "max-20x"})
+        # Credit enough that the pools never run out: the load stays calls that are served.
+        for pool in ("interactive", "programmatic"):
+            api(port, TOKEN, "POST", "/api/v1/accounts/acme/grants", {"pool": pool, "amount_usd": "1000000"})
         keys = [api(port, TOKEN, "POST", "/api/v1/accounts/acme/keys", {"pool": pool, "name": name})["key"]
                 for pool, name in [("programmatic", "ci-bot"), ("programmatic", "nightly"), ("interactive", "alice")]]
 
