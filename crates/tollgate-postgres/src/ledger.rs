@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{Account, Event, EventOutcome, Grant, GrantKind, Hold, HoldState, NewEvent, NewGrant, StoreError};
+use tollgate_store::{Account, Event, EventOutcome, Grant, Hold, HoldState, NewEvent, NewGrant, StoreError};
 
 use crate::events;
 use crate::rows::{self, execute, query, query_one, query_opt, us};
@@ -96,7 +96,7 @@ pub async fn pool_cycle(tx: &Transaction<'_>, account: &Account, pool: PoolKind,
             )
             .await?;
             if created == 1 {
-                insert_grant(tx, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start).await?;
+                insert_grant(tx, &Grant::from_tier(&account.id, pool, grant, cycle)).await?;
             }
             lock_pool(tx, &account.id, pool, start).await?.ok_or_else(|| {
                 StoreError::Backend(format!("pool {} {} has no row for its cycle", account.id, pool.as_str()))
@@ -112,22 +112,22 @@ pub async fn pool_cycle(tx: &Transaction<'_>, account: &Account, pool: PoolKind,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn insert_grant(
-    tx: &Transaction<'_>,
-    account: &str,
-    pool: PoolKind,
-    kind: GrantKind,
-    amount: Nanos,
-    cycle: &Cycle,
-    note: Option<&str>,
-    created: DateTime<Utc>,
-) -> Result<i64> {
+/// Inserts `g` (its id aside); the id it was given.
+pub async fn insert_grant(tx: &Transaction<'_>, g: &Grant) -> Result<i64> {
     let row = query_one(
         tx,
         "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-        &[&account, &pool.as_str(), &kind.as_str(), &amount.0, &us(cycle.start), &us(cycle.end), &note, &us(created)],
+        &[
+            &g.account,
+            &g.pool.as_str(),
+            &g.kind.as_str(),
+            &g.amount.0,
+            &us(g.cycle_start),
+            &us(g.expires_at),
+            &g.note,
+            &us(g.created_at),
+        ],
     )
     .await?;
     Ok(row.try_get(0)?)
@@ -389,20 +389,11 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
     let account = rows::require_account(tx, &g.account).await?;
     let cycle = account.cycle_anchor().cycle_at(now);
     let pool = pool_cycle(tx, &account, g.pool, &cycle).await?;
-    let id = insert_grant(tx, &g.account, g.pool, GrantKind::TopUp, g.amount, &cycle, g.note.as_deref(), now).await?;
+    let grant = Grant::top_up(g, &cycle, now);
+    let id = insert_grant(tx, &grant).await?;
     let top_up = PoolTotals { grants: g.amount, ..PoolTotals::default() };
     add_to_pool(tx, &g.account, g.pool, cycle.start, pool.totals, top_up).await?;
-    Ok(Grant {
-        id,
-        account: g.account.clone(),
-        pool: g.pool,
-        kind: GrantKind::TopUp,
-        amount: g.amount,
-        cycle_start: cycle.start,
-        expires_at: cycle.end,
-        note: g.note.clone(),
-        created_at: now,
-    })
+    Ok(Grant { id, ..grant })
 }
 
 /// Records a batch of events, all or nothing (the caller's transaction), with a few round trips

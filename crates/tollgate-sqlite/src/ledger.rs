@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::ledger::{self, PoolScope, Replay};
 use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
 use tollgate_store::{
-    Account, ChargedEvent, Event, EventOutcome, GrantKind, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent,
+    Account, ChargedEvent, Event, EventOutcome, Grant, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent,
     SettleRequest, StoreError, StoreResult,
 };
 
@@ -35,7 +35,7 @@ pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> 
         Some(totals) => totals,
         None => {
             let totals = db.create_pool(&id, us(cycle.end), grant)?;
-            insert_grant(db, &account.id, pool, GrantKind::Tier, grant, cycle, None, cycle.start)?;
+            insert_grant(db, &Grant::from_tier(&account.id, pool, grant, cycle))?;
             totals
         }
     };
@@ -47,31 +47,22 @@ pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> 
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn insert_grant(
-    conn: &Connection,
-    account: &str,
-    pool: PoolKind,
-    kind: GrantKind,
-    amount: Nanos,
-    cycle: &Cycle,
-    note: Option<&str>,
-    created: DateTime<Utc>,
-) -> StoreResult<i64> {
+/// Inserts `g` (its id aside); the id it was given.
+pub fn insert_grant(conn: &Connection, g: &Grant) -> StoreResult<i64> {
     conn.prepare_cached(
         "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut s| {
         s.execute(params![
-            account,
-            pool.as_str(),
-            kind.as_str(),
-            amount.0,
-            us(cycle.start),
-            us(cycle.end),
-            note,
-            us(created)
+            g.account,
+            g.pool.as_str(),
+            g.kind.as_str(),
+            g.amount.0,
+            us(g.cycle_start),
+            us(g.expires_at),
+            g.note,
+            us(g.created_at)
         ])
     })
     .map_err(backend)?;

@@ -418,29 +418,11 @@ impl Store for SqliteStore {
             let account = rows::require_account(conn, &g.account)?;
             let cycle = account.cycle_anchor().cycle_at(now);
             ledger::pool_cycle(conn, &account, g.pool, &cycle)?;
-            let id = ledger::insert_grant(
-                conn,
-                &g.account,
-                g.pool,
-                GrantKind::TopUp,
-                g.amount,
-                &cycle,
-                g.note.as_deref(),
-                now,
-            )?;
+            let grant = Grant::top_up(&g, &cycle, now);
+            let id = ledger::insert_grant(conn, &grant)?;
             let top_up = PoolTotals { grants: g.amount, ..PoolTotals::default() };
             conn.add_to_pool(&(g.account.clone(), g.pool, us(cycle.start)), top_up)?;
-            Ok(Grant {
-                id,
-                account: g.account,
-                pool: g.pool,
-                kind: GrantKind::TopUp,
-                amount: g.amount,
-                cycle_start: cycle.start,
-                expires_at: cycle.end,
-                note: g.note,
-                created_at: now,
-            })
+            Ok(Grant { id, ..grant })
         })
         .await
     }

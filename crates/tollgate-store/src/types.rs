@@ -83,6 +83,38 @@ pub struct Grant {
     pub created_at: DateTime<Utc>,
 }
 
+impl Grant {
+    /// A cycle's grant from its tier, made when the cycle starts; its id is the store's to give.
+    pub fn from_tier(account: &str, pool: PoolKind, amount: Nanos, cycle: &Cycle) -> Grant {
+        Grant {
+            id: 0,
+            account: account.to_string(),
+            pool,
+            kind: GrantKind::Tier,
+            amount,
+            cycle_start: cycle.start,
+            expires_at: cycle.end,
+            note: None,
+            created_at: cycle.start,
+        }
+    }
+
+    /// A top-up `g` of the cycle `cycle`, made at `now`; its id is the store's to give.
+    pub fn top_up(g: &NewGrant, cycle: &Cycle, now: DateTime<Utc>) -> Grant {
+        Grant {
+            id: 0,
+            account: g.account.clone(),
+            pool: g.pool,
+            kind: GrantKind::TopUp,
+            amount: g.amount,
+            cycle_start: cycle.start,
+            expires_at: cycle.end,
+            note: g.note.clone(),
+            created_at: now,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewGrant {
     pub account: String,
