@@ -88,9 +88,10 @@ impl Error {
     fn retryable(&self) -> bool {
         match self {
             Error::Retry => true,
-            // A connection lost in the middle (killed, reset) is made anew for the next attempt:
-            // a write whose COMMIT did land is then replayed by its idempotency id.
-            Error::Pg(e) if e.is_closed() => true,
+            // A connection lost in the middle (killed, reset, its server shutting down) is made
+            // anew for the next attempt, which fails at once if the server is away: a write
+            // whose COMMIT did land is then replayed by its idempotency id.
+            Error::Pg(e) if server_away(e) => true,
             Error::Pg(e) => e
                 .code()
                 .is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE),
