@@ -301,6 +301,13 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
             // give it back, so that it is not left to expire at its whole amount.
             crate::proxy::void_unknown_hold(&gw, account, id);
         }
+        // A hold whose first answer was lost with its connection comes back `Replayed` when the
+        // store runs it again: it is the lease all the same (before, it was left open until it
+        // expired, charged whole as `unsettled`).
+        let held = held.map(|outcome| match outcome {
+            HoldOutcome::Replayed(h) => HoldOutcome::Held(h),
+            other => other,
+        });
         if let Ok(HoldOutcome::Held(_)) = &held {
             gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "taken" }).inc();
         }

@@ -101,7 +101,7 @@ async fn assert_nothing_lost(c: &Client, seen: &load::Seen, db_url: &str, server
     );
     assert!(wrong.is_empty(), "{} acknowledged writes missing or wrong:\n{}", wrong.len(), wrong.join("\n"));
     assert!(seen.holds_abandoned.is_empty(), "holds the load gave up on: {:?}", seen.holds_abandoned);
-    assert_eq!((held, open), (0, 0), "no hold is left open");
+    assert_eq!((held, open), (0, 0), "no hold is left open; the server's log:\n{}", server.log_text());
     assert_eq!(code, Some(0), "tollgate check:\n{report}");
 }
 
@@ -163,10 +163,14 @@ struct Cluster {
 impl Cluster {
     fn bin_dir() -> PathBuf {
         let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).collect()
+            })
             .unwrap_or_default();
         found.sort();
-        found.pop().expect("the PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb) are needed: apt-get install postgresql")
+        found.pop().expect(
+            "the PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb) are needed: apt-get install postgresql",
+        )
     }
 
     /// Runs a PostgreSQL program as the `postgres` user (initdb and the server refuse root).
@@ -202,9 +206,16 @@ impl Cluster {
     }
 
     fn start(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=60", self.port, self.dir.path().display());
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=60",
+            self.port,
+            self.dir.path().display()
+        );
         let log = self.dir.path().join("server.log");
-        self.run("pg_ctl", &["start", "-w", "-t", "30", "-D", &self.data(), "-l", log.to_str().unwrap(), "-o", &options]);
+        self.run(
+            "pg_ctl",
+            &["start", "-w", "-t", "30", "-D", &self.data(), "-l", log.to_str().unwrap(), "-o", &options],
+        );
     }
 
     /// `mode`: `fast` (a clean shutdown that ends every session) or `immediate` (a crash:
@@ -256,14 +267,20 @@ async fn a_postgresql_restart_under_load_answers_503_then_recovers() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         cluster.start();
         down += stopped.elapsed();
-        eprintln!("stopped ({mode}) and started again in {:?}; {acked_before} writes acknowledged before", stopped.elapsed());
+        eprintln!(
+            "stopped ({mode}) and started again in {:?}; {acked_before} writes acknowledged before",
+            stopped.elapsed()
+        );
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let seen = load.stop().await;
     report(&format!("PostgreSQL stopped (fast, then immediate) and started twice, down {down:?} in all"), &seen);
     let back = service_comes_back(&c, &secret).await;
     eprintln!("  service answered again {back:?} after the load stopped");
-    assert!(seen.calls.unavailable + seen.events.unavailable + seen.holds.unavailable > 0, "503s while PostgreSQL was down");
+    assert!(
+        seen.calls.unavailable + seen.events.unavailable + seen.holds.unavailable > 0,
+        "503s while PostgreSQL was down"
+    );
     assert!(seen.calls_acked.len() > 20 && seen.events_acked.len() > 20, "the load ran: {seen:?}");
     assert_nothing_lost(&c, &seen, &db, &server).await;
     drop(server);

@@ -142,7 +142,8 @@ impl Load {
                     let sent = tokio::time::timeout(ANSWER_WITHIN, async {
                         let r = request.send().await.map_err(|e| format!("{e}"))?;
                         let status = r.status().as_u16();
-                        let id = r.headers().get("x-tollgate-request-id").and_then(|v| v.to_str().ok()).map(String::from);
+                        let id =
+                            r.headers().get("x-tollgate-request-id").and_then(|v| v.to_str().ok()).map(String::from);
                         let body = r.text().await.map_err(|e| format!("status {status}, body cut: {e}"))?;
                         Ok::<_, String>((status, id, body))
                     })
