@@ -131,7 +131,7 @@ impl Load {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let stream = (w as u64 + n) % 2 == 0;
+                    let stream = (w as u64 + n).is_multiple_of(2);
                     let request = http
                         .post(format!("{base}/v1/messages"))
                         .header("x-api-key", &secret)
