@@ -12,7 +12,8 @@
 //!
 //! In both: every answer is 2xx or a clear 503 (never a 500, another status, a cut or a hang),
 //! service comes back by itself, every acknowledged write is in the ledger at its exact cost,
-//! no hold is left open, and `tollgate check` passes.
+//! no hold is left open, and `tollgate check` passes. While the restarted server is down,
+//! `/readyz` answers 503.
 //!
 //! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate --test
 //! fault_postgres`; without the variable the first test says it did not run, and passes.
@@ -264,6 +265,8 @@ async fn a_postgresql_restart_under_load_answers_503_then_recovers() {
         let acked_before = load.acked();
         let stopped = Instant::now();
         cluster.stop(mode);
+        let ready = c.http.get(format!("{}/readyz", c.base)).send().await.unwrap().status().as_u16();
+        assert_eq!(ready, 503, "/readyz while PostgreSQL is down");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         cluster.start();
         down += stopped.elapsed();
@@ -277,6 +280,8 @@ async fn a_postgresql_restart_under_load_answers_503_then_recovers() {
     report(&format!("PostgreSQL stopped (fast, then immediate) and started twice, down {down:?} in all"), &seen);
     let back = service_comes_back(&c, &secret).await;
     eprintln!("  service answered again {back:?} after the load stopped");
+    let ready = c.http.get(format!("{}/readyz", c.base)).send().await.unwrap().status().as_u16();
+    assert_eq!(ready, 200, "/readyz once PostgreSQL is back");
     assert!(
         seen.calls.unavailable + seen.events.unavailable + seen.holds.unavailable > 0,
         "503s while PostgreSQL was down"
