@@ -359,7 +359,7 @@ fn kind_of(e: &StoreError) -> Option<ErrKind> {
         StoreError::NotFound(_) => Some(ErrKind::NotFound),
         StoreError::Conflict(_) => Some(ErrKind::Conflict),
         StoreError::Invalid(_) => Some(ErrKind::Invalid),
-        StoreError::Backend(_) => None,
+        StoreError::Backend(_) | StoreError::Unavailable(_) => None,
     }
 }
 

@@ -322,7 +322,7 @@ fn err_kind(e: &StoreError) -> Option<ErrKind> {
         StoreError::NotFound(_) => Some(ErrKind::NotFound),
         StoreError::Conflict(_) => Some(ErrKind::Conflict),
         StoreError::Invalid(_) => Some(ErrKind::Invalid),
-        StoreError::Backend(_) => None,
+        StoreError::Backend(_) | StoreError::Unavailable(_) => None,
     }
 }
 

@@ -20,9 +20,15 @@ pub enum GatewayError {
     Unreachable(String),
     /// 504: the upstream did not answer in time.
     Timeout(String),
-    /// 500: tollgate's own failure (the store).
+    /// 500: tollgate's own failure.
     Internal(String),
+    /// 503: the ledger's store is away for a while (restarting, connection lost, disk full); the
+    /// call was not forwarded and nothing was charged. Retrying is safe.
+    Unavailable(String),
 }
+
+/// The `retry-after` of a 503: a store that is restarting is usually back within seconds.
+const STORE_RETRY_AFTER_S: &str = "1";
 
 impl GatewayError {
     fn status(&self) -> StatusCode {
@@ -34,6 +40,7 @@ impl GatewayError {
             GatewayError::Unreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -44,7 +51,8 @@ impl GatewayError {
             | GatewayError::TooLarge(m)
             | GatewayError::Unreachable(m)
             | GatewayError::Timeout(m)
-            | GatewayError::Internal(m) => m,
+            | GatewayError::Internal(m)
+            | GatewayError::Unavailable(m) => m,
             GatewayError::Refused { message, .. } => message,
         }
     }
@@ -61,7 +69,9 @@ impl GatewayError {
                     GatewayError::TooLarge(_) => "request_too_large",
                     GatewayError::Refused { .. } => "billing_error",
                     GatewayError::Timeout(_) => "timeout_error",
-                    GatewayError::Unreachable(_) | GatewayError::Internal(_) => "api_error",
+                    GatewayError::Unreachable(_) | GatewayError::Internal(_) | GatewayError::Unavailable(_) => {
+                        "api_error"
+                    }
                 };
                 serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
             }
@@ -72,12 +82,17 @@ impl GatewayError {
                     GatewayError::TooLarge(_) => ("invalid_request_error", "request_too_large"),
                     GatewayError::Refused { .. } => ("insufficient_quota", "insufficient_quota"),
                     GatewayError::Timeout(_) => ("server_error", "timeout"),
-                    GatewayError::Unreachable(_) | GatewayError::Internal(_) => ("server_error", "server_error"),
+                    GatewayError::Unreachable(_) | GatewayError::Internal(_) | GatewayError::Unavailable(_) => {
+                        ("server_error", "server_error")
+                    }
                 };
                 serde_json::json!({"error": {"type": kind, "code": code, "message": message, "param": null}})
             }
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let GatewayError::Unavailable(_) = self {
+            response.headers_mut().insert("retry-after", HeaderValue::from_static(STORE_RETRY_AFTER_S));
+        }
         if let GatewayError::Refused { retry_after_s, .. } = self {
             let headers = response.headers_mut();
             headers.insert("x-should-retry", HeaderValue::from_static("false"));

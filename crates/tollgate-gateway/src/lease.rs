@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tollgate_core::{Nanos, PoolKind};
-use tollgate_store::{HoldOutcome, HoldRequest, Key};
+use tollgate_store::{HoldOutcome, HoldRequest, Key, StoreError};
 
 use crate::proxy::Gateway;
 
@@ -294,7 +294,20 @@ pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Na
             fingerprint: String::new(),
             made_by: tollgate_store::Maker::Gateway,
         };
+        let (account, id) = (request.account.clone(), request.id.clone());
         let held = gw.store.hold(request, gw.now()).await;
+        if let Err(StoreError::Unavailable(_)) = &held {
+            // Whether the lease was taken is not known (a lost connection can hide a commit):
+            // give it back, so that it is not left to expire at its whole amount.
+            crate::proxy::void_unknown_hold(&gw, account, id);
+        }
+        // A hold whose first answer was lost with its connection comes back `Replayed` when the
+        // store runs it again: it is the lease all the same (before, it was left open until it
+        // expired, charged whole as `unsettled`).
+        let held = held.map(|outcome| match outcome {
+            HoldOutcome::Replayed(h) => HoldOutcome::Held(h),
+            other => other,
+        });
         if let Ok(HoldOutcome::Held(_)) = &held {
             gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "taken" }).inc();
         }
@@ -376,7 +389,9 @@ pub async fn close(gw: &Gateway) {
 
 async fn void(gw: &Gateway, account: &str, id: &str) {
     gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "voided" }).inc();
-    if let Err(e) = gw.store.void(account, id, gw.now()).await {
+    let now = gw.now();
+    if let Err(e) = crate::meter::until_stored(gw.settings.hold_ttl_s, "void", || gw.store.void(account, id, now)).await
+    {
         tracing::error!(error = %e, lease = %id, "could not void a lease; the sweeper will expire it");
     }
 }

@@ -17,7 +17,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tollgate_core::price::{Allowances, PriceError};
 use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, RequestBound, Usage};
-use tollgate_store::{NewEvent, SettleRequest};
+use tollgate_store::{NewEvent, SettleRequest, StoreError, StoreResult};
 
 use crate::lease::{Part, Scope};
 use crate::metrics::{CallLabels, ModelLabels};
@@ -33,6 +33,34 @@ const JSON_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Longest the gateway reads on from the upstream after the client left, for the usage the
 /// upstream has (nearly) sent: `message_start`, or the rest of a JSON answer.
 const READ_ON_MAX: Duration = Duration::from_secs(10);
+
+/// Longest pause between two tries of a write the store was unavailable for.
+const STORE_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Runs a write that ends a hold (settle, settle of a part, void) again while the store is
+/// unavailable (restarting, its connection lost, its disk full), for up to the hold's time to
+/// live: a served call's charge is not lost, nor its hold left to expire at its held amount,
+/// because the store was away for a moment. These writes are idempotent (the hold's and the
+/// event's ids), so one whose outcome was unknown is safely made again. Past the bound, the hold
+/// is left to the sweeper.
+pub(crate) async fn until_stored<T, F, W>(hold_ttl_s: u64, what: &str, mut write: F) -> StoreResult<T>
+where
+    F: FnMut() -> W,
+    W: std::future::Future<Output = StoreResult<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(hold_ttl_s);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Err(StoreError::Unavailable(m)) if Instant::now() + pause < deadline => {
+                tracing::warn!(error = %m, what, "the store is unavailable; the write will be tried again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(STORE_RETRY_PAUSE_MAX);
+            }
+            result => return result,
+        }
+    }
+}
 
 /// How the response is read for usage.
 pub enum Meter {
@@ -257,7 +285,10 @@ impl Finish {
             return;
         }
         let now = self.gateway.now();
-        if let Err(e) = self.gateway.store.void(&self.account, &self.hold_id, now).await {
+        let (store, account, hold_id) = (&self.gateway.store, &self.account, &self.hold_id);
+        if let Err(e) =
+            until_stored(self.gateway.settings.hold_ttl_s, "void", || store.void(account, hold_id, now)).await
+        {
             tracing::error!(error = %e, hold = %self.hold_id, "void failed; the sweeper will expire the hold");
         }
     }
@@ -314,10 +345,16 @@ impl Finish {
             fingerprint: self.call_id.clone(),
         };
         let request = SettleRequest { account: self.account.clone(), hold_id: self.hold_id.clone(), event };
+        let store = &self.gateway.store;
         let settled = match &self.lease {
-            None => self.gateway.store.settle(request, now).await,
+            None => {
+                until_stored(self.gateway.settings.hold_ttl_s, "settle", || store.settle(request.clone(), now)).await
+            }
             Some((scope, part)) => {
-                let settled = self.gateway.store.settle_part(request, part.amount, now).await;
+                let settled = until_stored(self.gateway.settings.hold_ttl_s, "settle", || {
+                    store.settle_part(request.clone(), part.amount, now)
+                })
+                .await;
                 match settled {
                     Ok(_) => crate::lease::done(&self.gateway, scope, part, true).await,
                     Err(_) => self.gateway.leases.abandon(scope, part),

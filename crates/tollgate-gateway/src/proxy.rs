@@ -232,6 +232,13 @@ struct PoolTerms {
 }
 
 fn internal(e: StoreError) -> GatewayError {
+    if let StoreError::Unavailable(m) = e {
+        tracing::warn!(error = %m, "the store is unavailable during a gateway call");
+        return GatewayError::Unavailable(
+            "tollgate's ledger is unavailable for now; the call was not forwarded and nothing was charged: retry in a moment"
+                .into(),
+        );
+    }
     tracing::error!(error = %e, "store failed during a gateway call");
     GatewayError::Internal("tollgate could not reach its ledger; the call was not forwarded".into())
 }
@@ -921,10 +928,31 @@ async fn hold(
         fingerprint: String::new(),
         made_by: tollgate_store::Maker::Gateway,
     };
-    match gw.store.hold(request, gw.now()).await.map_err(internal)? {
+    let held = gw.store.hold(request, gw.now()).await;
+    if let Err(StoreError::Unavailable(_)) = &held {
+        // The client hears 503 and is not charged: a hold that did land (a lost connection can
+        // hide a commit) is voided once the store is back.
+        void_unknown_hold(gw, key.account.clone(), id.to_string());
+    }
+    match held.map_err(internal)? {
         HoldOutcome::Held(h) | HoldOutcome::Replayed(h) => Ok(Ok((h.id, h.remaining_after))),
         HoldOutcome::Refused { refusal, resets_at } => Ok(Err((refusal, resets_at))),
     }
+}
+
+/// Voids, in the background and once the store is back, a hold whose write failed with the
+/// store unavailable: it may have landed all the same. A hold that did not is not found.
+pub(crate) fn void_unknown_hold(gw: &Gateway, account: String, id: String) {
+    let (store, now, ttl_s) = (gw.store.clone(), gw.now(), gw.settings.hold_ttl_s);
+    tokio::spawn(async move {
+        match crate::meter::until_stored(ttl_s, "void", || store.void(&account, &id, now)).await {
+            Ok(_) => tracing::warn!(hold = %id, "a hold written while the store was unavailable was voided"),
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::error!(error = %e, hold = %id, "could not void a hold of unknown outcome; the sweeper will expire it")
+            }
+        }
+    });
 }
 
 async fn refused(

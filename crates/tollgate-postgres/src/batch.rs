@@ -329,10 +329,10 @@ struct Statements {
 
 impl Conn {
     async fn connect(config: &tokio_postgres::Config) -> StoreResult<Conn> {
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| StoreError::Backend(format!("cannot connect: {}", describe(&e))))?;
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| match crate::pg_error(&e) {
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!("cannot connect: {m}")),
+            _ => StoreError::Backend(format!("cannot connect: {}", describe(&e))),
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "a writer's PostgreSQL connection ended");
@@ -406,7 +406,12 @@ impl Conn {
             })
         }
         .await
-        .map_err(|e| StoreError::Backend(format!("cannot prepare the writer's statements: {}", describe(&e))))?;
+        .map_err(|e| match crate::pg_error(&e) {
+            StoreError::Unavailable(m) => {
+                StoreError::Unavailable(format!("cannot prepare the writer's statements: {m}"))
+            }
+            _ => StoreError::Backend(format!("cannot prepare the writer's statements: {}", describe(&e))),
+        })?;
         Ok(Conn { client, st })
     }
 }

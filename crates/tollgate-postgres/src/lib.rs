@@ -88,6 +88,10 @@ impl Error {
     fn retryable(&self) -> bool {
         match self {
             Error::Retry => true,
+            // A connection lost in the middle (killed, reset, its server shutting down) is made
+            // anew for the next attempt, which fails at once if the server is away: a write
+            // whose COMMIT did land is then replayed by its idempotency id.
+            Error::Pg(e) if server_away(e) => true,
             Error::Pg(e) => e
                 .code()
                 .is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE),
@@ -100,7 +104,7 @@ impl From<Error> for StoreError {
     fn from(e: Error) -> StoreError {
         match e {
             Error::Store(e) => e,
-            Error::Pg(e) => StoreError::Backend(describe(&e)),
+            Error::Pg(e) => pg_error(&e),
             Error::Retry => StoreError::Backend("a write kept colliding with concurrent writes; retry".into()),
         }
     }
@@ -117,9 +121,37 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether `e` says the server is away rather than that a statement failed: the connection is
+/// lost or cannot be made (closed, refused, reset), or the server is shutting down, starting up,
+/// or out of a resource (disk, memory, connections). The same write later may succeed.
+pub(crate) fn server_away(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let code = code.code();
+            // 08: connection exception; 53: insufficient resources; 57P01-03: admin shutdown,
+            // crash shutdown, cannot connect now; 58: system error (I/O).
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code.starts_with("58")
+        }
+        // No answer from the server: the socket failed (refused, reset, broken pipe, timed out).
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}
+
+/// A PostgreSQL error as the store's: `Unavailable` when the server is away ([`server_away`]).
+pub(crate) fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+    if server_away(e) { StoreError::Unavailable(describe(e)) } else { StoreError::Backend(describe(e)) }
+}
+
 fn pool_error(e: PoolError) -> StoreError {
     match e {
-        PoolError::Backend(e) => StoreError::Backend(format!("cannot connect: {}", describe(&e))),
+        PoolError::Backend(e) => match pg_error(&e) {
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!("cannot connect: {m}")),
+            other => StoreError::Backend(format!("cannot connect: {other}")),
+        },
+        PoolError::Timeout(_) => StoreError::Unavailable(format!("cannot get a PostgreSQL connection in time: {e}")),
         e => StoreError::Backend(format!("cannot get a PostgreSQL connection: {e}")),
     }
 }
@@ -300,6 +332,11 @@ fn parse_url(url: &str) -> StoreResult<tokio_postgres::Config> {
         url.parse().map_err(|e| StoreError::Invalid(format!("PostgreSQL url: {}", describe(&e))))?;
     if config.get_application_name().is_none() {
         config.application_name("tollgate");
+    }
+    // A server that does not answer is unavailable, not a wait without end (the url's
+    // `connect_timeout` wins).
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(5));
     }
     Ok(config)
 }

@@ -30,6 +30,9 @@ pub enum ApiError {
     Refused { code: &'static str, message: String, retry_after_s: u64, details: Value },
     /// 500: ours; logged, not shown.
     Internal(String),
+    /// 503: the store is away for a while (restarting, connection lost, disk full); logged, not
+    /// shown. Retrying later is safe: every write has an idempotency id.
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -45,6 +48,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(m) => ApiError::BadRequest(m),
             StoreError::Backend(m) => ApiError::Internal(m),
+            StoreError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }
@@ -99,6 +103,11 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %m, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".to_string(), None)
             }
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "the store is unavailable");
+                let message = "the ledger's store is unavailable for now; retry the same request in a moment";
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message.to_string(), None)
+            }
         };
         let mut error = json!({"code": code, "message": message});
         let mut response = match extra {
@@ -113,9 +122,15 @@ impl IntoResponse for ApiError {
             }
             None => (status, axum::Json(json!({"error": error}))).into_response(),
         };
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(STORE_RETRY_AFTER_S));
+        }
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
 }
+
+/// The `retry-after` of a 503: a store that is restarting is usually back within seconds.
+const STORE_RETRY_AFTER_S: u64 = 1;
 
 pub type ApiResult<T> = Result<T, ApiError>;

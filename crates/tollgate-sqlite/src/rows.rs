@@ -16,8 +16,15 @@ pub fn time(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).expect("stored times are in range")
 }
 
+/// An SQLite error as the store's: `Unavailable` when the disk refuses (full, or an I/O error),
+/// which a later write may get past once there is room; `Backend` otherwise.
 pub fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
 }
 
 pub fn corrupt(what: &str, value: &str) -> rusqlite::Error {

@@ -467,7 +467,9 @@ pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal:
             replies.push(reply);
         }
         let outcome = if torn {
-            Err(StoreError::Backend("a write failed halfway, so its whole batch was rolled back; retry".into()))
+            // Ledger writes return every refusal before their first change, so one that failed
+            // after a change met the disk (full, or an I/O error): the store is unavailable.
+            Err(StoreError::Unavailable("a write failed halfway, so its whole batch was rolled back; retry".into()))
         } else {
             db.flush().and_then(|()| exec_cached(conn, "COMMIT").map_err(backend))
         };

@@ -67,7 +67,9 @@ use chrono::{DateTime, Utc};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 
 /// Errors of the store. `Invalid`, `NotFound` and `Conflict` are the caller's to fix; `Backend`
-/// is ours (disk, database, corruption).
+/// is ours (corruption, a bug); `Unavailable` is the store being away for a while (its database
+/// server restarting or its connection lost, its disk full): the write did not happen or its
+/// outcome is unknown, and the same write later (every write has an idempotency id) is safe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
@@ -78,6 +80,8 @@ pub enum StoreError {
     Invalid(String),
     #[error("storage error: {0}")]
     Backend(String),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -24,6 +24,11 @@
 //!   event of this many bytes (its `content` padded with `a`), before the final one
 //! - `x-mock-stall-after: 2` — after this many SSE events (or JSON pieces, or, for `count_tokens`,
 //!   its first piece) the body stays open and sends nothing more, ever
+//! - `x-mock-hang: 1` — never answer, not even the headers (the connection stays open)
+//! - `x-mock-trickle-ms: 5` — wait this long before each write of an SSE body (with
+//!   `x-mock-write-bytes: 1`, a byte at a time)
+//! - `x-mock-error-after: 3` — the Anthropic stream sends this many events, then an `error`
+//!   event (`overloaded_error`, as the API sends when it fails mid-stream), and ends
 //! - `x-mock-count-tokens-pad-bytes: 67108864` — `count_tokens` answers
 //!   `{"input_tokens":N,"pad":"xx…"}` with this many bytes of padding, made as the client reads
 //!   them; [`MockUpstream::padding_sent`] tells how many bytes were made
@@ -117,6 +122,9 @@ struct Steer {
     big_event_bytes: Option<usize>,
     stall_after: Option<usize>,
     count_tokens_pad_bytes: Option<u64>,
+    hang: bool,
+    trickle: Duration,
+    error_after: Option<usize>,
 }
 
 /// Stands for a usage count in the JSON text until `x-mock-usage-raw` replaces it.
@@ -152,6 +160,9 @@ fn steer(headers: &HeaderMap) -> Steer {
         big_event_bytes: header_u64(headers, "x-mock-big-event-bytes").map(|n| n as usize),
         stall_after: header_u64(headers, "x-mock-stall-after").map(|n| n as usize),
         count_tokens_pad_bytes: header_u64(headers, "x-mock-count-tokens-pad-bytes"),
+        hang: headers.contains_key("x-mock-hang"),
+        trickle: Duration::from_millis(header_u64(headers, "x-mock-trickle-ms").unwrap_or(0)),
+        error_after: header_u64(headers, "x-mock-error-after").map(|n| n as usize),
     }
 }
 
@@ -209,7 +220,8 @@ fn openai_error(status: u16) -> Response {
 /// (open, sending nothing) after `stall_after` events if set; each event written in pieces of at
 /// most `write_bytes`.
 fn sse(events: Vec<String>, s: &Steer) -> Response {
-    let (delay, cut_after, stall_after, write_bytes) = (s.delay, s.cut_after, s.stall_after, s.write_bytes);
+    let (delay, cut_after, stall_after, write_bytes, trickle) =
+        (s.delay, s.cut_after, s.stall_after, s.write_bytes, s.trickle);
     let stream = futures_util::stream::unfold((events.into_iter(), 0usize), move |(mut it, n)| async move {
         if cut_after.is_some_and(|c| n >= c) {
             // Let the events before the cut reach the wire first, as a real cut would.
@@ -232,6 +244,12 @@ fn sse(events: Vec<String>, s: &Steer) -> Response {
         };
         futures_util::stream::iter(pieces)
     });
+    let stream = futures_util::StreamExt::then(stream, move |piece| async move {
+        if !trickle.is_zero() {
+            tokio::time::sleep(trickle).await;
+        }
+        piece
+    });
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -249,6 +267,9 @@ const TEXT: &str = "Hello from the mock upstream.";
 async fn messages(State(mock): State<Mock>, request: Request) -> Response {
     let (headers, body) = record(&mock, request).await;
     let s = steer(&headers);
+    if s.hang {
+        std::future::pending::<()>().await;
+    }
     if let Some(status) = s.status {
         tokio::time::sleep(s.delay).await;
         return anthropic_error(status);
@@ -306,6 +327,10 @@ async fn messages(State(mock): State<Mock>, request: Request) -> Response {
         ),
         event("message_stop", json!({"type":"message_stop"})),
     ]);
+    if let Some(n) = s.error_after {
+        events.truncate(n);
+        events.push(event("error", json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}})));
+    }
     if s.split_events {
         events = events.iter().flat_map(|e| split_after_first_line(e)).collect();
     }

@@ -255,7 +255,9 @@ async fn check_postgres(url: &str, shown: &str) -> Outcome<tollgate_store::Audit
     let store = tollgate_postgres::PgStore::open_read_only(url).await.map_err(|e| match e {
         StoreError::NotFound(_) => usage(format!("{shown}: the PostgreSQL database does not exist")),
         StoreError::Invalid(m) | StoreError::Conflict(m) => usage(format!("{shown}: {m}")),
-        StoreError::Backend(m) => usage(format!("{shown}: cannot open the PostgreSQL database: {m}")),
+        StoreError::Backend(m) | StoreError::Unavailable(m) => {
+            usage(format!("{shown}: cannot open the PostgreSQL database: {m}"))
+        }
     })?;
     store.audit().await.map_err(|e| (Failure::Internal, format!("cannot check {shown}: {e}")))
 }

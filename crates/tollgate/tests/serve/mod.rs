@@ -95,6 +95,19 @@ impl Server {
         Server::start_under(wrapper, dir, token, &env).await
     }
 
+    /// `tollgate serve` in `dir` on the database `db` (a SQLite path or a PostgreSQL url), with
+    /// a `tollgate.toml` of `server_section` (TOML, may be empty) and an Anthropic upstream `mock`.
+    pub async fn with_mock_on(dir: &Path, token: &str, mock: &MockUpstream, db: &str, server_section: &str) -> Server {
+        let config = format!(
+            "{server_section}\n[[upstream]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+             api_key_env = \"MOCK_UPSTREAM_KEY\"\nmodels = [\"claude-*\"]\n",
+            mock.base_url()
+        );
+        std::fs::write(dir.join("tollgate.toml"), config).unwrap();
+        let env = [("TOLLGATE_DB", db), ("MOCK_UPSTREAM_KEY", "upstream-secret")];
+        Server::start(dir, token, &env).await
+    }
+
     async fn wait_healthy(&mut self) -> bool {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
