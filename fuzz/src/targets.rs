@@ -14,8 +14,11 @@ use tollgate_core::{Modifiers, PriceTable, RequestBound, Usage};
 use tollgate_gateway::wire::{self, AnthropicStream, OpenAiStream, RequestFacts, UsageChunkStrip};
 use tollgate_server::{Caller, EventRules};
 
+/// A target: takes any bytes; panics when something that must hold does not.
+pub type Target = fn(&[u8]);
+
 /// Every target by name: the name is its corpus directory and the fuzzer's argument.
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("anthropic_sse", anthropic_sse),
     ("openai_sse", openai_sse),
     ("json_usage", json_usage),
@@ -48,7 +51,10 @@ pub fn anthropic_sse(data: &[u8]) {
     });
     for s in rest {
         assert_eq!(s.reported, whole.reported);
-        assert_eq!((s.started, s.stopped, &s.error, s.text_bytes), (whole.started, whole.stopped, &whole.error, whole.text_bytes));
+        assert_eq!(
+            (s.started, s.stopped, &s.error, s.text_bytes),
+            (whole.started, whole.stopped, &whole.error, whole.text_bytes)
+        );
     }
     assert!(whole.reported.usage.validate().is_ok(), "{:?}", whole.reported.usage);
 }
@@ -144,11 +150,8 @@ fn worst_case_covers(facts: &RequestFacts, body_bytes: u64, fallback: &str) {
     let input_tokens = (bound.web_search_max_uses + bound.web_fetch_max_uses) * allow.input_tokens_per_tool_use
         + bound.unbounded_inputs * allow.input_tokens_per_unbounded_input
         + body_bytes;
-    let at_bound = Usage {
-        output_tokens: bound.max_tokens,
-        web_search_requests: bound.web_search_max_uses,
-        ..Usage::default()
-    };
+    let at_bound =
+        Usage { output_tokens: bound.max_tokens, web_search_requests: bound.web_search_max_uses, ..Usage::default() };
     for usage in [
         Usage { input_tokens, ..at_bound },
         Usage { cache_creation_5m_input_tokens: input_tokens, ..at_bound },
@@ -257,7 +260,8 @@ pub fn events(data: &[u8]) {
         assert_eq!((&e.account, e.key.as_deref()), (&"acme".to_string(), Some("key_1")));
         assert_eq!((&e.id, e.cost, &e.fingerprint), (&a.id, a.cost, &a.fingerprint));
         assert!(!e.model.is_empty() && e.model.len() <= 200 && !e.model.chars().any(char::is_control));
-        let safe_id = |id: &str| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@/-".contains(&b));
+        let safe_id =
+            |id: &str| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@/-".contains(&b));
         assert!(!e.id.is_empty() && safe_id(&e.id), "{:?}", e.id);
         assert!(e.labels.len() <= 32);
         assert!(e.usage.validate().is_ok() && !e.cost.is_negative(), "{:?} {:?}", e.usage, e.cost);
