@@ -46,7 +46,8 @@ timeout_ms=2000
 
 stat() { sed -n "s/^$1 *: *//p" "$2"; }
 
-summary=out/summary.txt
+# One summary per set of targets, so runs of different targets can share the machine.
+summary="out/summary-$(IFS=-; echo "${targets[*]}").txt"
 mkdir -p out
 printf '%-14s %8s %12s %10s %8s %8s %7s\n' target seconds executions execs/s corpus crashes hangs | tee "$summary"
 for t in "${targets[@]}"; do
