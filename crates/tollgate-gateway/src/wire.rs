@@ -194,6 +194,9 @@ pub fn openai_request(body: &[u8]) -> Result<RequestFacts, BadRequest> {
             m.as_u64().ok_or_else(|| BadRequest("max_completion_tokens: must be a positive whole number".into()))?,
         ),
     };
+    if v.get("stream_options").is_some_and(|o| !o.is_null() && !o.is_object()) {
+        return Err(BadRequest("stream_options: must be an object, such as {\"include_usage\": true}".into()));
+    }
     let mut facts = RequestFacts {
         model: model.to_string(),
         max_tokens,
@@ -215,7 +218,11 @@ pub fn openai_rewrite(body: &[u8], include_usage: bool, max_tokens: Option<u64>)
     let mut v = parse_json(body)?;
     let obj = v.as_object_mut().ok_or_else(|| BadRequest("the request body must be a JSON object".into()))?;
     if include_usage {
-        let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+        let options = obj.entry("stream_options").or_insert(Value::Null);
+        // A null `stream_options` is as good as none: it gets an object too.
+        if options.is_null() {
+            *options = Value::Object(Default::default());
+        }
         if let Some(o) = options.as_object_mut() {
             o.insert("include_usage".into(), Value::Bool(true));
         }

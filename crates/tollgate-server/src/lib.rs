@@ -22,8 +22,8 @@ use tollgate_config::UnknownModel;
 use tollgate_core::PriceTable;
 use tollgate_store::Store;
 
-pub use api::router;
-pub use auth::{AdminToken, hash_secret};
+pub use api::{EventRules, router, validate_events};
+pub use auth::{AdminToken, Caller, hash_secret};
 pub use error::ApiError;
 pub use run::{ADMIN_TOKEN_FILE, ServeOptions, serve};
 

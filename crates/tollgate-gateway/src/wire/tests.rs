@@ -212,6 +212,20 @@ fn openai_request_and_rewrite() {
     assert_eq!((v["max_tokens"].as_u64(), v.get("max_completion_tokens")), (Some(4), None));
 }
 
+/// Found by the fuzz target `request_bound`: a streaming request with `"stream_options": null`
+/// was forwarded without asking for usage (the rewrite set nothing in a null), so its stream
+/// reported none and the call was billed at an estimate. A `stream_options` that is not an
+/// object is the caller's to fix.
+#[test]
+fn a_null_stream_options_still_asks_for_usage() {
+    let body = br#"{"model":"gpt-5","stream":true,"stream_options":null,"messages":[]}"#;
+    assert!(!openai_request(body).unwrap().include_usage);
+    let rewritten = openai_rewrite(body, true, None).unwrap();
+    assert!(openai_request(&rewritten).unwrap().include_usage);
+    let bad = br#"{"model":"gpt-5","stream":true,"stream_options":"yes","messages":[]}"#;
+    assert!(openai_request(bad).unwrap_err().0.contains("stream_options"));
+}
+
 #[test]
 fn openai_usage_counts_cached_tokens_once() {
     let body =

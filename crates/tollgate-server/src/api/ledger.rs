@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tollgate_config::{UnknownModel, UsdInput};
 use tollgate_core::ledger::{self, HOLD_TTL_S_MAX};
-use tollgate_core::{Modifiers, Nanos, Refusal, Usage};
+use tollgate_core::{Modifiers, Nanos, PriceTable, Refusal, Usage};
 use tollgate_store::ownership::{self, Denied, EndError};
 use tollgate_store::{EventOutcome, EventQuery, HoldOutcome, HoldRequest, Maker, NewEvent, SettleRequest};
 
@@ -57,14 +57,15 @@ fn modifiers(service_tier: Option<&str>, inference_geo: Option<&str>, speed: Opt
 /// The list-price cost of a usage: priced by tollgate when the model has a price, else the
 /// given `cost_usd`, else as the configured stand-in model, else refused.
 fn price(
-    s: &AppState,
+    prices: &PriceTable,
+    unknown_model: &UnknownModel,
     model: &str,
     usage: &Usage,
     m: &Modifiers,
     at: DateTime<Utc>,
     cost_usd: Option<&UsdInput>,
 ) -> ApiResult<Nanos> {
-    match s.prices.price_at(model, at.date_naive()) {
+    match prices.price_at(model, at.date_naive()) {
         Ok(entry) => {
             if cost_usd.is_some() {
                 return Err(ApiError::bad(format!(
@@ -73,10 +74,9 @@ fn price(
             }
             entry.cost(usage, m).map_err(|e| ApiError::bad(e.to_string()))
         }
-        Err(unknown) => match (cost_usd, &s.unknown_model) {
+        Err(unknown) => match (cost_usd, unknown_model) {
             (Some(c), _) => parse_usd(c, "cost_usd"),
-            (None, UnknownModel::PriceAs(stand_in)) => s
-                .prices
+            (None, UnknownModel::PriceAs(stand_in)) => prices
                 .price_at(stand_in, at.date_naive())
                 .and_then(|e| e.cost(usage, m))
                 .map_err(|e| ApiError::bad(e.to_string())),
@@ -95,13 +95,13 @@ fn check_model(model: &str) -> ApiResult<()> {
 }
 
 /// Validates a posted event and turns it into a record for the store.
-fn new_event(s: &AppState, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
+fn new_event(rules: &EventRules, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
     caller.require_account(&e.account)?;
     check_id(&e.id, "event id")?;
     let pool = parse_pool(&e.pool)?;
     check_model(&e.model)?;
     let usage = e.usage.usage()?;
-    let now = s.now();
+    let now = rules.now;
     let timestamp = match &e.timestamp {
         Some(t) => parse_time(t, "timestamp")?,
         None => now,
@@ -123,7 +123,7 @@ fn new_event(s: &AppState, caller: &Caller, e: EventIn) -> ApiResult<NewEvent> {
     let labels = e.labels.clone().unwrap_or_default();
     check_labels(&labels)?;
     let m = modifiers(e.service_tier.as_deref(), e.inference_geo.as_deref(), e.speed.as_deref())?;
-    let cost = price(s, &e.model, &usage, &m, timestamp, e.cost_usd.as_ref())?;
+    let cost = price(rules.prices, rules.unknown_model, &e.model, &usage, &m, timestamp, e.cost_usd.as_ref())?;
     Ok(NewEvent {
         fingerprint: fingerprint(&e),
         id: e.id,
@@ -209,8 +209,18 @@ fn outcome_json(o: &EventOutcome, caller: &Caller) -> Value {
     json!({"status": status, "event": event_json(o.event(), caller)})
 }
 
-/// POST one event, or `{"events": […]}`: all validated first, then recorded all or nothing.
-pub async fn post_events(State(s): State<AppState>, caller: Caller, Json(body): Json<Value>) -> ApiResult<Response> {
+/// What checking a posted event needs besides the event: prices, the rule for models without
+/// one, and the server's time.
+pub struct EventRules<'a> {
+    pub prices: &'a PriceTable,
+    pub unknown_model: &'a UnknownModel,
+    pub now: DateTime<Utc>,
+}
+
+/// A `POST /events` body, one event or `{"events": […]}`, checked whole into the records to
+/// store (all or none), and whether it was a batch. It touches no store, so the fuzz target
+/// `events` and its corpus replay call it as the route does.
+pub fn validate_events(body: Value, caller: &Caller, rules: &EventRules) -> ApiResult<(Vec<NewEvent>, bool)> {
     let batch = match &body {
         Value::Object(m) if m.contains_key("events") => {
             if m.len() != 1 {
@@ -237,11 +247,18 @@ pub async fn post_events(State(s): State<AppState>, caller: Caller, Json(body): 
     let mut events = Vec::with_capacity(inputs.len());
     for (i, e) in inputs.into_iter().enumerate() {
         let id = e.id.clone();
-        events.push(new_event(&s, &caller, e).map_err(|err| match err {
+        events.push(new_event(rules, caller, e).map_err(|err| match err {
             ApiError::BadRequest(m) if batch => ApiError::BadRequest(format!("events[{i}] (id {id:?}): {m}")),
             other => other,
         })?);
     }
+    Ok((events, batch))
+}
+
+/// POST one event, or `{"events": […]}`: all validated first, then recorded all or nothing.
+pub async fn post_events(State(s): State<AppState>, caller: Caller, Json(body): Json<Value>) -> ApiResult<Response> {
+    let rules = EventRules { prices: &s.prices, unknown_model: &s.unknown_model, now: s.now() };
+    let (events, batch) = validate_events(body, &caller, &rules)?;
     let outcomes = s.store.record_events(events, s.now()).await?;
     for outcome in &outcomes {
         if let EventOutcome::Recorded(e) = outcome {
@@ -337,7 +354,7 @@ pub async fn create_hold(
         (None, Some(e)) => {
             let usage = e.usage.usage()?;
             let m = modifiers(e.service_tier.as_deref(), e.inference_geo.as_deref(), e.speed.as_deref())?;
-            price(&s, &e.model, &usage, &m, now, None)?
+            price(&s.prices, &s.unknown_model, &e.model, &usage, &m, now, None)?
         }
         _ => return Err(ApiError::bad("give exactly one of amount_usd or estimate {model, usage}")),
     };
@@ -482,7 +499,7 @@ pub async fn settle_hold(
     let (model, usage, cost) = match (&body.usage, model) {
         (Some(u), Some(model)) => {
             let usage = u.usage()?;
-            let cost = price(&s, &model, &usage, &m, timestamp, body.cost_usd.as_ref())?;
+            let cost = price(&s.prices, &s.unknown_model, &model, &usage, &m, timestamp, body.cost_usd.as_ref())?;
             (model, usage, cost)
         }
         (Some(_), None) => return Err(ApiError::bad("settling with usage needs the model (in the hold or here)")),

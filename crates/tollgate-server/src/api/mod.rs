@@ -9,6 +9,8 @@ mod planning;
 mod reports;
 mod stream;
 
+pub use ledger::{EventRules, validate_events};
+
 use std::time::Instant;
 
 use axum::Router;
