@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tollgate_core::{PoolKind, Usage};
-use tollgate_store::Store;
+use tollgate_store::{Store, StoreError};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
@@ -147,7 +147,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of every metric, with the pools' gauges read from the store now.
-    pub async fn render(&self, store: &dyn Store, now: chrono::DateTime<chrono::Utc>) -> Result<String, String> {
+    pub async fn render(&self, store: &dyn Store, now: chrono::DateTime<chrono::Utc>) -> Result<String, StoreError> {
         let mut registry = Registry::with_prefix("tollgate");
         registry.register("gateway_calls", "Gateway calls by pool, model and how they ended", self.calls.clone());
         registry.register("gateway_tokens", "Tokens billed through the gateway, by type", self.tokens.clone());
@@ -189,8 +189,8 @@ impl Metrics {
         let charged = Family::<PoolLabels, Gauge>::default();
         let held = Family::<PoolLabels, Gauge>::default();
         let used_ratio = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
-        for account in store.accounts().await.map_err(|e| e.to_string())? {
-            let balance = store.balance(&account.id, now).await.map_err(|e| e.to_string())?;
+        for account in store.accounts().await? {
+            let balance = store.balance(&account.id, now).await?;
             for p in balance.pools {
                 let labels = PoolLabels { account: account.id.clone(), pool: p.pool.as_str() };
                 let spent = p.used.saturating_add(p.overage);
@@ -210,7 +210,8 @@ impl Metrics {
         registry.register("pool_remaining_nano_usd", "Limit − charged − held, in nano-USD (limited pools)", remaining);
         registry.register("pool_used_ratio", "Charged / limit this cycle (limited pools)", used_ratio);
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| e.to_string())?;
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .map_err(|e| StoreError::Backend(format!("encoding the metrics: {e}")))?;
         Ok(out)
     }
 }

@@ -278,9 +278,17 @@ async fn metrics(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response
             ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
                 .into_response()
         }
+        // The store away answers 503 with retry-after, as every other route does.
+        Err(StoreError::Unavailable(m)) => {
+            tracing::warn!(error = %m, "cannot render metrics: the store is unavailable");
+            GatewayError::Unavailable(
+                "metrics are unavailable: tollgate's ledger cannot be read for now; retry in a moment".into(),
+            )
+            .into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot render metrics");
-            (StatusCode::INTERNAL_SERVER_ERROR, "metrics are unavailable: the ledger cannot be read").into_response()
+            GatewayError::Internal("metrics are unavailable: tollgate's ledger cannot be read".into()).into_response()
         }
     }
 }

@@ -267,6 +267,9 @@ async fn a_postgresql_restart_under_load_answers_503_then_recovers() {
         cluster.stop(mode);
         let ready = c.http.get(format!("{}/readyz", c.base)).send().await.unwrap().status().as_u16();
         assert_eq!(ready, 503, "/readyz while PostgreSQL is down");
+        let metrics = c.http.get(format!("{}/metrics", c.base)).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(metrics.status().as_u16(), 503, "/metrics while PostgreSQL is down");
+        assert!(metrics.headers().contains_key("retry-after"), "/metrics says when to try again");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         cluster.start();
         down += stopped.elapsed();
