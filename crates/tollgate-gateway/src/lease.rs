@@ -1,4 +1,4 @@
-//! Leases: budget held durably in chunks, so that a call's hold does not wait for a disk write
+//! ScopeLeases: budget held durably in chunks, so that a call's hold does not wait for a disk write
 //! of its own (SPEC section 3: holds are durable before the call is forwarded; here the lease is).
 //!
 //! A lease is an ordinary store hold of `lease_usd`, made for one (account, pool, key). A call
@@ -9,7 +9,7 @@
 //!
 //! Exactness is unchanged: the store counts a lease as held, so charged + held never passes a
 //! `block` limit. What changes is a crash: a lease left open is expired like any hold, charged its
-//! held amount (its unused part too) and flagged `unsettled` for reconciliation. Leases are only
+//! held amount (its unused part too) and flagged `unsettled` for reconciliation. ScopeLeases are only
 //! taken while the pool has at least `LEASES_MAX_SHARE` leases' worth left, so the last credit of
 //! a pool is always held call by call; an idle lease is voided after `IDLE`, and all of them when
 //! the gateway closes.
@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tollgate_core::{Nanos, PoolKind};
-use tollgate_store::{HoldOutcome, HoldRequest, Key, StoreError};
+use tollgate_store::{HoldOutcome, HoldRequest, Key, Store, StoreError};
 
-use crate::proxy::Gateway;
+use crate::Clock;
+use crate::metrics::{LeaseLabels, Metrics};
+use crate::retry::{until_stored, void_unknown_hold};
 
 /// A lease unused for this long is voided.
 const IDLE: Duration = Duration::from_secs(2);
@@ -37,7 +39,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After a lease was refused or not taken, wait this long before asking again.
 const BACKOFF: Duration = Duration::from_secs(1);
 /// Most leases open at once per (account, pool, key), counting one being taken: the one in use
-/// and the next (SPEC section 3, "Leases stay bounded"). What a crash can charge as `unsettled`
+/// and the next (SPEC section 3, "ScopeLeases stay bounded"). What a crash can charge as `unsettled`
 /// for work not in flight is at most this many × `lease_usd` per key and pool.
 pub const LEASES_PER_SCOPE_MAX: usize = 2;
 
@@ -62,7 +64,7 @@ struct Lease {
 }
 
 #[derive(Debug, Default)]
-struct Leases {
+struct ScopeLeases {
     open: Vec<Lease>,
     /// A lease is being taken (at most one at a time per scope).
     taking: bool,
@@ -87,7 +89,7 @@ pub struct Part {
 /// The gateway's leases, per (account, pool, key).
 #[derive(Debug, Default)]
 pub struct LeaseBook {
-    scopes: Mutex<HashMap<Scope, Leases>>,
+    scopes: Mutex<HashMap<Scope, ScopeLeases>>,
     ticking: AtomicBool,
     /// The gateway is stopping: a lease that arrives now is voided at once.
     closed: AtomicBool,
@@ -98,7 +100,7 @@ pub fn scope(key: &Key, pool: PoolKind) -> Scope {
 }
 
 impl LeaseBook {
-    /// Takes `amount` from an open lease of the scope, if one has that much unused. Leases are
+    /// Takes `amount` from an open lease of the scope, if one has that much unused. ScopeLeases are
     /// used oldest first; a lease too low for the call (under a quarter left) is retired: it
     /// takes no new call and is voided, giving its rest back, once its last call is done. So at
     /// most one lease is in use and one is next.
@@ -243,7 +245,7 @@ impl LeaseBook {
         self.scopes.lock().expect("leases").values().any(|l| l.taking || !l.open.is_empty())
     }
 
-    /// Leases to void (idle, or draining with no call left) and leases to extend (half their
+    /// ScopeLeases to void (idle, or draining with no call left) and leases to extend (half their
     /// time to live gone), as (account, lease id) pairs.
     fn tick(&self, ttl: Duration, closing: bool) -> (Vec<LeaseRef>, Vec<LeaseRef>) {
         let mut scopes = self.scopes.lock().expect("leases");
@@ -264,161 +266,181 @@ impl LeaseBook {
     }
 }
 
-/// Asks for a lease for the scope in the background, unless one is being taken or was refused
-/// lately. `remaining` is the pool's remaining after the call's own hold (None: unlimited).
-pub fn top_up(gw: &Arc<Gateway>, key: &Key, pool: PoolKind, remaining: Option<Nanos>) {
-    let size = gw.settings.lease;
-    if size.0 <= 0 || gw.leases.closed.load(Ordering::Relaxed) {
-        return;
-    }
-    let scope = scope(key, pool);
-    if remaining.is_some_and(|r| r.0 / LEASES_MAX_SHARE < size.0) {
-        gw.leases.taken(&scope, None, remaining);
-        return;
-    }
-    if !gw.leases.should_take(&scope) {
-        return;
-    }
-    start_ticking(gw);
-    let (gw, key_id) = (gw.clone(), key.id.clone());
-    tokio::spawn(async move {
-        let request = HoldRequest {
-            account: scope.account.clone(),
-            id: format!("lease_{}", crate::proxy::request_id()),
-            pool,
-            key: Some(key_id),
-            amount: size,
-            ttl_s: gw.settings.hold_ttl_s,
-            model: None,
-            source: Some("lease".into()),
-            fingerprint: String::new(),
-            made_by: tollgate_store::Maker::Gateway,
-        };
-        let (account, id) = (request.account.clone(), request.id.clone());
-        let held = gw.store.hold(request, gw.now()).await;
-        if let Err(StoreError::Unavailable(_)) = &held {
-            // Whether the lease was taken is not known (a lost connection can hide a commit):
-            // give it back, so that it is not left to expire at its whole amount.
-            crate::proxy::void_unknown_hold(&gw, account, id);
-        }
-        // A hold whose first answer was lost with its connection comes back `Replayed` when the
-        // store runs it again: it is the lease all the same (before, it was left open until it
-        // expired, charged whole as `unsettled`).
-        let held = held.map(|outcome| match outcome {
-            HoldOutcome::Replayed(h) => HoldOutcome::Held(h),
-            other => other,
-        });
-        if let Ok(HoldOutcome::Held(_)) = &held {
-            gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "taken" }).inc();
-        }
-        let (lease, remaining) = match held {
-            Ok(HoldOutcome::Held(h)) if gw.leases.closed.load(Ordering::Relaxed) => {
-                void(&gw, &scope.account, &h.id).await;
-                (None, remaining)
-            }
-            Ok(HoldOutcome::Held(h)) if h.remaining_after.is_none_or(|r| r.0 / LEASES_MAX_SHARE >= size.0) => {
-                let now = Instant::now();
-                let lease = Lease { id: h.id, free: size, calls: 0, used: now, extended: now, draining: false };
-                (Some(lease), h.remaining_after)
-            }
-            Ok(HoldOutcome::Held(h)) => {
-                // The pool is near its end: give the lease back at once.
-                void(&gw, &scope.account, &h.id).await;
-                (None, h.remaining_after.map(|r| r.saturating_add(size)))
-            }
-            Ok(_) => (None, remaining),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not take a lease; calls are held one by one");
-                (None, remaining)
-            }
-        };
-        if let Some(late) = gw.leases.taken(&scope, lease, remaining) {
-            void(&gw, &scope.account, &late.id).await;
-        }
-    });
+/// The gateway's leases, and what taking, extending and giving them back needs.
+pub struct Leases {
+    pub book: LeaseBook,
+    store: Arc<dyn Store>,
+    clock: Clock,
+    metrics: Metrics,
+    /// `lease_usd`; zero: every call is held on its own.
+    size: Nanos,
+    ttl_s: u64,
 }
 
-/// A call took a part of a lease that is running low: takes the next one in the background.
-pub fn next(gw: &Arc<Gateway>, key: &Key, pool: PoolKind) {
-    let remaining = gw.leases.last_remaining(&scope(key, pool));
-    top_up(gw, key, pool, remaining);
-}
-
-/// A call did not fit: gives the unused leases on its pool back, waiting (up to `DRAIN_WAIT`)
-/// for the calls still on them to end, since each busy lease is voided with its last call.
-/// Returns whether any credit was given back (then the call is worth holding again).
-pub async fn give_back(gw: &Gateway, key: &Key, pool: PoolKind) -> bool {
-    let idle = gw.leases.drain(&key.account, pool);
-    for id in &idle {
-        void(gw, &key.account, id).await;
+impl Leases {
+    pub fn new(store: Arc<dyn Store>, clock: Clock, metrics: Metrics, size: Nanos, ttl_s: u64) -> Leases {
+        Leases { book: LeaseBook::default(), store, clock, metrics, size, ttl_s }
     }
-    let mut waited = false;
-    let deadline = Instant::now() + DRAIN_WAIT;
-    while gw.leases.draining(&key.account, pool) && Instant::now() < deadline {
-        waited = true;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    waited || !idle.is_empty()
-}
 
-/// A call's part is done (see [`LeaseBook::done`]); voids the lease if it was draining and this
-/// was its last call.
-pub async fn done(gw: &Gateway, scope: &Scope, part: &Part, charged: bool) {
-    if let Some(id) = gw.leases.done(scope, part, charged) {
-        void(gw, &scope.account, &id).await;
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.clock)()
     }
-}
 
-/// Voids every lease once its calls are done (waiting up to `CLOSE_WAIT` for the settles of the
-/// last calls); the gateway calls it when it stops. A lease still busy after that is left to
-/// expire.
-pub async fn close(gw: &Gateway) {
-    gw.leases.closed.store(true, Ordering::Relaxed);
-    let deadline = Instant::now() + CLOSE_WAIT;
-    loop {
-        let (idle, _) = gw.leases.tick(Duration::from_secs(gw.settings.hold_ttl_s), true);
-        for (account, id) in idle {
-            void(gw, &account, &id).await;
-        }
-        if !gw.leases.any() || Instant::now() >= deadline {
+    /// Asks for a lease for the scope in the background, unless one is being taken or was refused
+    /// lately. `remaining` is the pool's remaining after the call's own hold (None: unlimited).
+    pub fn top_up(self: &Arc<Self>, key: &Key, pool: PoolKind, remaining: Option<Nanos>) {
+        let size = self.size;
+        if size.0 <= 0 || self.book.closed.load(Ordering::Relaxed) {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn void(gw: &Gateway, account: &str, id: &str) {
-    gw.metrics.leases.get_or_create(&crate::metrics::LeaseLabels { outcome: "voided" }).inc();
-    let now = gw.now();
-    if let Err(e) = crate::meter::until_stored(gw.settings.hold_ttl_s, "void", || gw.store.void(account, id, now)).await
-    {
-        tracing::error!(error = %e, lease = %id, "could not void a lease; the sweeper will expire it");
-    }
-}
-
-/// Starts, once, the task that voids idle leases and extends busy ones.
-fn start_ticking(gw: &Arc<Gateway>) {
-    if gw.leases.ticking.swap(true, Ordering::Relaxed) {
-        return;
-    }
-    let weak = Arc::downgrade(gw);
-    // Often enough to extend a lease before it expires, however short the time to live.
-    let period = TICK.min(Duration::from_secs(gw.settings.hold_ttl_s.max(1)) / 4);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(period);
-        loop {
-            every.tick().await;
-            let Some(gw) = weak.upgrade() else { return };
-            let ttl = Duration::from_secs(gw.settings.hold_ttl_s);
-            let (idle, busy) = gw.leases.tick(ttl, false);
-            for (account, id) in idle {
-                void(&gw, &account, &id).await;
+        let scope = scope(key, pool);
+        if remaining.is_some_and(|r| r.0 / LEASES_MAX_SHARE < size.0) {
+            self.book.taken(&scope, None, remaining);
+            return;
+        }
+        if !self.book.should_take(&scope) {
+            return;
+        }
+        self.start_ticking();
+        let (this, key_id) = (self.clone(), key.id.clone());
+        tokio::spawn(async move {
+            let request = HoldRequest {
+                account: scope.account.clone(),
+                id: format!("lease_{}", crate::id::request_id()),
+                pool,
+                key: Some(key_id),
+                amount: size,
+                ttl_s: this.ttl_s,
+                model: None,
+                source: Some("lease".into()),
+                fingerprint: String::new(),
+                made_by: tollgate_store::Maker::Gateway,
+            };
+            let (account, id) = (request.account.clone(), request.id.clone());
+            let held = this.store.hold(request, this.now()).await;
+            if let Err(StoreError::Unavailable(_)) = &held {
+                // Whether the lease was taken is not known (a lost connection can hide a commit):
+                // give it back, so that it is not left to expire at its whole amount.
+                void_unknown_hold(this.store.clone(), this.now(), this.ttl_s, account, id);
             }
-            for (account, id) in busy {
-                if let Err(e) = gw.store.extend_hold(&account, &id, gw.settings.hold_ttl_s, gw.now()).await {
-                    tracing::warn!(error = %e, lease = %id, "could not extend a lease");
+            // A hold whose first answer was lost with its connection comes back `Replayed` when the
+            // store runs it again: it is the lease all the same (before, it was left open until it
+            // expired, charged whole as `unsettled`).
+            let held = held.map(|outcome| match outcome {
+                HoldOutcome::Replayed(h) => HoldOutcome::Held(h),
+                other => other,
+            });
+            if let Ok(HoldOutcome::Held(_)) = &held {
+                this.metrics.leases.get_or_create(&LeaseLabels { outcome: "taken" }).inc();
+            }
+            let (lease, remaining) = match held {
+                Ok(HoldOutcome::Held(h)) if this.book.closed.load(Ordering::Relaxed) => {
+                    this.void(&scope.account, &h.id).await;
+                    (None, remaining)
+                }
+                Ok(HoldOutcome::Held(h)) if h.remaining_after.is_none_or(|r| r.0 / LEASES_MAX_SHARE >= size.0) => {
+                    let now = Instant::now();
+                    let lease = Lease { id: h.id, free: size, calls: 0, used: now, extended: now, draining: false };
+                    (Some(lease), h.remaining_after)
+                }
+                Ok(HoldOutcome::Held(h)) => {
+                    // The pool is near its end: give the lease back at once.
+                    this.void(&scope.account, &h.id).await;
+                    (None, h.remaining_after.map(|r| r.saturating_add(size)))
+                }
+                Ok(_) => (None, remaining),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take a lease; calls are held one by one");
+                    (None, remaining)
+                }
+            };
+            if let Some(late) = this.book.taken(&scope, lease, remaining) {
+                this.void(&scope.account, &late.id).await;
+            }
+        });
+    }
+
+    /// A call took a part of a lease that is running low: takes the next one in the background.
+    pub fn next(self: &Arc<Self>, key: &Key, pool: PoolKind) {
+        let remaining = self.book.last_remaining(&scope(key, pool));
+        self.top_up(key, pool, remaining);
+    }
+
+    /// A call did not fit: gives the unused leases on its pool back, waiting (up to `DRAIN_WAIT`)
+    /// for the calls still on them to end, since each busy lease is voided with its last call.
+    /// Returns whether any credit was given back (then the call is worth holding again).
+    pub async fn give_back(&self, key: &Key, pool: PoolKind) -> bool {
+        let idle = self.book.drain(&key.account, pool);
+        for id in &idle {
+            self.void(&key.account, id).await;
+        }
+        let mut waited = false;
+        let deadline = Instant::now() + DRAIN_WAIT;
+        while self.book.draining(&key.account, pool) && Instant::now() < deadline {
+            waited = true;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        waited || !idle.is_empty()
+    }
+
+    /// A call's part is done (see [`LeaseBook::done`]); voids the lease if it was draining and this
+    /// was its last call.
+    pub async fn done(&self, scope: &Scope, part: &Part, charged: bool) {
+        if let Some(id) = self.book.done(scope, part, charged) {
+            self.void(&scope.account, &id).await;
+        }
+    }
+
+    /// Voids every lease once its calls are done (waiting up to `CLOSE_WAIT` for the settles of the
+    /// last calls); the gateway calls it when it stops. A lease still busy after that is left to
+    /// expire.
+    pub async fn close(&self) {
+        self.book.closed.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + CLOSE_WAIT;
+        loop {
+            let (idle, _) = self.book.tick(Duration::from_secs(self.ttl_s), true);
+            for (account, id) in idle {
+                self.void(&account, &id).await;
+            }
+            if !self.book.any() || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn void(&self, account: &str, id: &str) {
+        self.metrics.leases.get_or_create(&LeaseLabels { outcome: "voided" }).inc();
+        let now = self.now();
+        if let Err(e) = until_stored(self.ttl_s, "void", || self.store.void(account, id, now)).await {
+            tracing::error!(error = %e, lease = %id, "could not void a lease; the sweeper will expire it");
+        }
+    }
+
+    /// Starts, once, the task that voids idle leases and extends busy ones.
+    fn start_ticking(self: &Arc<Self>) {
+        if self.book.ticking.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        // Often enough to extend a lease before it expires, however short the time to live.
+        let period = TICK.min(Duration::from_secs(self.ttl_s.max(1)) / 4);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            loop {
+                every.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                let ttl = Duration::from_secs(this.ttl_s);
+                let (idle, busy) = this.book.tick(ttl, false);
+                for (account, id) in idle {
+                    this.void(&account, &id).await;
+                }
+                for (account, id) in busy {
+                    if let Err(e) = this.store.extend_hold(&account, &id, this.ttl_s, this.now()).await {
+                        tracing::warn!(error = %e, lease = %id, "could not extend a lease");
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }

@@ -5,14 +5,21 @@
 //! the ledger's decisions come from `tollgate-core` and its writes go through `tollgate-store`.
 
 mod error;
+mod id;
 mod lease;
 mod meter;
 pub mod metrics;
 mod proxy;
+mod retry;
+mod state;
 pub mod upstream;
 pub mod wire;
 
 pub use error::GatewayError;
-pub use proxy::{Clock, Gateway, LEASE_DEFAULT, PoolRule, Settings, UNBOUNDED_TOOL_ALLOWANCE_DEFAULT, routes};
+pub use proxy::routes;
+pub use state::{Gateway, LEASE_DEFAULT, PoolRule, Settings, UNBOUNDED_TOOL_ALLOWANCE_DEFAULT};
+
+/// The clock, injected so tests control time.
+pub type Clock = std::sync::Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 pub use tollgate_core::price::SERVER_TOOL_MAX_USES_DEFAULT;
 pub use upstream::{Auth, Kind, Upstream};

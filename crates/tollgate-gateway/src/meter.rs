@@ -17,11 +17,12 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tollgate_core::price::{Allowances, PriceError};
 use tollgate_core::{Modifiers, Nanos, PoolKind, PriceEntry, RequestBound, Usage};
-use tollgate_store::{NewEvent, SettleRequest, StoreError, StoreResult};
+use tollgate_store::{NewEvent, SettleRequest};
 
 use crate::lease::{Part, Scope};
 use crate::metrics::{CallLabels, ModelLabels};
-use crate::proxy::Gateway;
+use crate::retry::until_stored;
+use crate::state::Gateway;
 use crate::upstream::Kind;
 use crate::upstream::{BodyError, UpstreamBody};
 use crate::wire::{self, AnthropicStream, OpenAiStream, Reported, UsageChunkStrip};
@@ -33,34 +34,6 @@ const JSON_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Longest the gateway reads on from the upstream after the client left, for the usage the
 /// upstream has (nearly) sent: `message_start`, or the rest of a JSON answer.
 const READ_ON_MAX: Duration = Duration::from_secs(10);
-
-/// Longest pause between two tries of a write the store was unavailable for.
-const STORE_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
-
-/// Runs a write that ends a hold (settle, settle of a part, void) again while the store is
-/// unavailable (restarting, its connection lost, its disk full), for up to the hold's time to
-/// live: a served call's charge is not lost, nor its hold left to expire at its held amount,
-/// because the store was away for a moment. These writes are idempotent (the hold's and the
-/// event's ids), so one whose outcome was unknown is safely made again. Past the bound, the hold
-/// is left to the sweeper.
-pub(crate) async fn until_stored<T, F, W>(hold_ttl_s: u64, what: &str, mut write: F) -> StoreResult<T>
-where
-    F: FnMut() -> W,
-    W: std::future::Future<Output = StoreResult<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(hold_ttl_s);
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match write().await {
-            Err(StoreError::Unavailable(m)) if Instant::now() + pause < deadline => {
-                tracing::warn!(error = %m, what, "the store is unavailable; the write will be tried again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(STORE_RETRY_PAUSE_MAX);
-            }
-            result => return result,
-        }
-    }
-}
 
 /// How the response is read for usage.
 pub enum Meter {
@@ -281,7 +254,7 @@ impl Finish {
         self.count(outcome);
         if let Some((scope, part)) = &self.lease {
             // The part goes back to the lease, unused: nothing to write.
-            crate::lease::done(&self.gateway, scope, part, false).await;
+            self.gateway.leases.done(scope, part, false).await;
             return;
         }
         let now = self.gateway.now();
@@ -312,7 +285,7 @@ impl Finish {
                 self.count("unpriced");
                 tracing::error!(error = %e, hold = %self.hold_id, "cannot price the usage; the hold is kept until it expires");
                 if let Some((scope, part)) = &self.lease {
-                    self.gateway.leases.abandon(scope, part);
+                    self.gateway.leases.book.abandon(scope, part);
                 }
                 return;
             }
@@ -356,8 +329,8 @@ impl Finish {
                 })
                 .await;
                 match settled {
-                    Ok(_) => crate::lease::done(&self.gateway, scope, part, true).await,
-                    Err(_) => self.gateway.leases.abandon(scope, part),
+                    Ok(_) => self.gateway.leases.done(scope, part, true).await,
+                    Err(_) => self.gateway.leases.book.abandon(scope, part),
                 }
                 settled
             }

@@ -2,8 +2,7 @@
 //! upstream and price → classify the pool → hold the worst case (fitting the call first if it
 //! does not fit) → forward → meter the response on the side → settle or void.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,233 +14,18 @@ use axum::routing::{get, head, post};
 use chrono::{DateTime, Utc};
 use tollgate_core::classify::{self, Decider};
 use tollgate_core::ledger::hold_amount;
-use tollgate_core::price::{Allowances, SERVER_TOOL_MAX_USES_DEFAULT};
-use tollgate_core::{Modifiers, Nanos, OnExhausted, PoolKind, PriceEntry, PriceTable, Refusal, RequestBound};
-use tollgate_store::feed::Feed;
-use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, Store, StoreError, hash_secret};
+use tollgate_core::price::Allowances;
+use tollgate_core::{Modifiers, Nanos, OnExhausted, PoolKind, PriceEntry, Refusal, RequestBound};
+use tollgate_store::{HoldOutcome, HoldRequest, Key, KeyPool, StoreError, hash_secret};
 
 use crate::error::GatewayError;
+use crate::id::request_id;
 use crate::meter::{Finish, Meter, MeteredBody};
-use crate::metrics::{KindLabels, Metrics, RefusalLabels};
-use crate::upstream::{Auth, HttpClient, Kind, Upstream, UpstreamBody};
+use crate::metrics::{KindLabels, RefusalLabels};
+use crate::retry::void_unknown_hold;
+use crate::state::{Gateway, UNBOUNDED_TOOL_ALLOWANCE_DEFAULT, internal};
+use crate::upstream::{Auth, Kind, Upstream, UpstreamBody};
 use crate::wire::{self, RequestFacts};
-
-/// The clock, injected so tests control time.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// What the gateway is told by configuration.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub upstreams: Vec<Upstream>,
-    /// The pool of calls no rule classifies.
-    pub default_pool: PoolKind,
-    /// Price unknown models as this model; None: refuse them.
-    pub unknown_model_as: Option<String>,
-    pub hold_ttl_s: u64,
-    /// The size of a lease (`lease.rs`); zero holds every call on its own.
-    pub lease: Nanos,
-    pub body_size_bytes_max: usize,
-    /// "Make the call fit" never lowers `max_tokens` below this.
-    pub min_output_tokens: u64,
-    /// Time allowed until the upstream's response headers arrive (then 504), and the longest
-    /// silence of an upstream's body (capped at half `hold_ttl_s`, [`Settings::upstream_idle`]),
-    /// after which it ends as a cut.
-    pub upstream_timeout: Duration,
-    /// Input allowances for what a request body does not bound (per server-tool use, per
-    /// document or image by URL or file id); its `unbounded_tools` is set per call from
-    /// `unbounded_tool_allowance`.
-    pub allowances: Allowances,
-    /// The `max_uses` given to web search and web fetch tools that have none, so their cost is
-    /// bounded.
-    pub server_tool_max_uses: u64,
-    /// Held once for a call with tools the gateway cannot bound (the MCP connector, code
-    /// execution, container uploads). None: such calls are refused on `block` pools and held at
-    /// [`UNBOUNDED_TOOL_ALLOWANCE_DEFAULT`] on `payg` and `alert` pools.
-    pub unbounded_tool_allowance: Option<Nanos>,
-    /// How long a key or a pool's policy and multiplier are trusted before they are read again.
-    pub cache_ttl: Duration,
-    /// Configured pool rules on headers, in order.
-    pub rules: Vec<PoolRule>,
-    /// Send Claude Code's warning headers once a pool passes 75 % of its limit.
-    pub claude_code_warnings: bool,
-    /// SHA-256 (hex) of the token `GET /metrics` requires as `Authorization: Bearer`; None: open.
-    pub metrics_token_digest: Option<String>,
-}
-
-/// A configured pool rule: calls whose `header` matches the glob `value` go to `pool`.
-#[derive(Clone, Debug)]
-pub struct PoolRule {
-    pub name: String,
-    pub header: HeaderName,
-    pub value: String,
-    pub pool: PoolKind,
-}
-
-/// The default lease: $1, so calls whose worst case is a few cents skip the disk write of their
-/// own hold, while Claude Code's large `max_tokens` calls are held one by one.
-pub const LEASE_DEFAULT: Nanos = Nanos(1_000_000_000);
-
-/// What a call with tools the gateway cannot bound is held with on a `payg` or `alert` pool when
-/// no allowance is configured: $1.
-pub const UNBOUNDED_TOOL_ALLOWANCE_DEFAULT: Nanos = Nanos(1_000_000_000);
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            upstreams: Vec::new(),
-            default_pool: PoolKind::Programmatic,
-            unknown_model_as: None,
-            hold_ttl_s: tollgate_core::ledger::HOLD_TTL_S_DEFAULT,
-            lease: LEASE_DEFAULT,
-            body_size_bytes_max: 32 * 1024 * 1024,
-            min_output_tokens: 1_024,
-            upstream_timeout: Duration::from_secs(600),
-            allowances: Allowances::default(),
-            server_tool_max_uses: SERVER_TOOL_MAX_USES_DEFAULT,
-            unbounded_tool_allowance: None,
-            cache_ttl: Duration::from_secs(5),
-            rules: Vec::new(),
-            claude_code_warnings: false,
-            metrics_token_digest: None,
-        }
-    }
-}
-
-impl Settings {
-    /// The longest an upstream's body may send nothing before it ends as a cut:
-    /// `upstream_timeout`, and at most half `hold_ttl_s`: a running stream's hold lives more
-    /// than that past its last frame (the meter extends it past half its time to live), so a
-    /// silent call ends, and is settled, by the time its hold could first expire (to within the
-    /// moment between that frame and the gateway's next wait).
-    pub fn upstream_idle(&self) -> Duration {
-        self.upstream_timeout.min(Duration::from_millis(self.hold_ttl_s.saturating_mul(500)))
-    }
-}
-
-pub struct Gateway {
-    pub store: Arc<dyn Store>,
-    pub prices: Arc<PriceTable>,
-    pub clock: Clock,
-    pub settings: Settings,
-    pub metrics: Metrics,
-    /// Where settled and refused calls are tallied for the live stream.
-    pub feed: Arc<Feed>,
-    pub(crate) leases: crate::lease::LeaseBook,
-    client: HttpClient,
-    keys: Mutex<HashMap<String, (Key, Instant)>>,
-    pool_terms: Mutex<HashMap<(String, PoolKind), (PoolTerms, Instant)>>,
-}
-
-impl Gateway {
-    pub fn new(store: Arc<dyn Store>, prices: Arc<PriceTable>, clock: Clock, settings: Settings) -> Gateway {
-        Gateway {
-            store,
-            prices,
-            clock,
-            client: crate::upstream::http_client(Duration::from_secs(10)),
-            settings,
-            metrics: Metrics::default(),
-            feed: Arc::default(),
-            leases: Default::default(),
-            keys: Mutex::default(),
-            pool_terms: Mutex::default(),
-        }
-    }
-
-    /// How many leases this gateway has open, ready for calls.
-    pub fn leases_open(&self) -> usize {
-        self.leases.open()
-    }
-
-    /// Voids the leases no call is using; call it when the gateway stops.
-    pub async fn close(&self) {
-        crate::lease::close(self).await;
-    }
-
-    /// Shares the server's live feed instead of a private one.
-    pub fn with_feed(mut self, feed: Arc<Feed>) -> Gateway {
-        self.feed = feed;
-        self
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.clock)()
-    }
-
-    /// The key of a secret, from a short-lived cache (a revocation takes effect within `cache_ttl`).
-    async fn key(&self, secret: &str) -> Result<Key, GatewayError> {
-        let digest = hash_secret(secret);
-        let cached = self
-            .keys
-            .lock()
-            .expect("key cache")
-            .get(&digest)
-            .filter(|(_, at)| at.elapsed() < self.settings.cache_ttl)
-            .map(|(k, _)| k.clone());
-        let key = match cached {
-            Some(k) => k,
-            None => {
-                let key = self.store.key_by_hash(&digest).await.map_err(internal)?.ok_or_else(|| {
-                    GatewayError::Unauthenticated("unknown tollgate key: send a key made with `tollgate key create` in x-api-key or Authorization: Bearer".into())
-                })?;
-                self.keys.lock().expect("key cache").insert(digest, (key.clone(), Instant::now()));
-                key
-            }
-        };
-        if key.revoked_at.is_some() {
-            return Err(GatewayError::Unauthenticated(format!("tollgate key {} is revoked", key.id)));
-        }
-        Ok(key)
-    }
-
-    /// What a call's hold depends on in its pool: the policy's `on_exhausted`, and the multiplier
-    /// the hold is raised by — the PAYG multiplier of the account's tier (overage is charged at
-    /// list × it) when the policy allows overage, else 1 (a `block` pool never goes past its
-    /// grants, so its calls are charged at list price).
-    async fn pool_terms(&self, account: &str, pool: PoolKind) -> Result<PoolTerms, GatewayError> {
-        let cache_key = (account.to_string(), pool);
-        if let Some((t, at)) = self.pool_terms.lock().expect("pool terms cache").get(&cache_key)
-            && at.elapsed() < self.settings.cache_ttl
-        {
-            return Ok(*t);
-        }
-        let a = self
-            .store
-            .account(account)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| internal(StoreError::NotFound(account.into())))?;
-        let policy = self.store.policy(account, pool).await.map_err(internal)?;
-        let multiplier_ppm = if policy.allows_overage() {
-            let tier = self.store.tiers().await.map_err(internal)?.into_iter().find(|t| t.id == a.tier);
-            tier.map(|t| t.payg_multiplier_ppm).unwrap_or(tollgate_core::tier::PPM)
-        } else {
-            tollgate_core::tier::PPM
-        };
-        let terms = PoolTerms { on_exhausted: policy.on_exhausted, multiplier_ppm };
-        self.pool_terms.lock().expect("pool terms cache").insert(cache_key, (terms, Instant::now()));
-        Ok(terms)
-    }
-}
-
-/// A pool's policy as far as a call's hold needs it.
-#[derive(Clone, Copy, Debug)]
-struct PoolTerms {
-    on_exhausted: OnExhausted,
-    multiplier_ppm: u64,
-}
-
-fn internal(e: StoreError) -> GatewayError {
-    if let StoreError::Unavailable(m) = e {
-        tracing::warn!(error = %m, "the store is unavailable during a gateway call");
-        return GatewayError::Unavailable(
-            "tollgate's ledger is unavailable for now; the call was not forwarded and nothing was charged: retry in a moment"
-                .into(),
-        );
-    }
-    tracing::error!(error = %e, "store failed during a gateway call");
-    GatewayError::Internal("tollgate could not reach its ledger; the call was not forwarded".into())
-}
 
 /// The gateway's routes, to merge into the server's router.
 pub fn routes(gateway: Arc<Gateway>) -> Router {
@@ -498,17 +282,6 @@ async fn send(
         Ok(Err(e)) => Err(GatewayError::Unreachable(format!("the upstream is unreachable: {e}"))),
         Ok(Ok(r)) => Ok(r.map(|body| UpstreamBody::new(body, gw.settings.upstream_idle()))),
     }
-}
-
-/// A random id for a call: its hold id, event id and `x-tollgate-request-id`.
-/// A new request id: the time in microseconds (hex), then 8 random bytes. Ids made later sort
-/// later, so the store's index on event and hold ids grows at its end instead of at a random
-/// page per call (one page written per batch, not one per call).
-pub(crate) fn request_id() -> String {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the OS random source works");
-    let micros = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    format!("tgr_{micros:014x}{}", hex::encode(bytes))
 }
 
 fn classify(gw: &Gateway, key: &Key, headers: &HeaderMap) -> Result<(PoolKind, Decider), GatewayError> {
@@ -802,7 +575,7 @@ async fn warn_claude_code(gw: &Gateway, account: &str, pool: PoolKind, headers: 
     let Some(p) = balance.pools.iter().find(|p| p.pool == pool) else { return };
     let Some(limit) = p.limit.filter(|l| l.0 > 0) else { return };
     // The unused part of this gateway's leases is held, not spent.
-    let held = p.held.0 - gw.leases.unused(account, pool).0;
+    let held = p.held.0 - gw.leases.book.unused(account, pool).0;
     let spent = i128::from(p.used.0) + i128::from(p.overage.0) + i128::from(held);
     // Utilization in hundredths, from integers: 0.75 ≤ spent / limit.
     let hundredths = (spent * 100 / i128::from(limit.0)).clamp(0, 100);
@@ -839,11 +612,11 @@ async fn admit(
     let input_max = body.len() as u64;
     let overflow = || GatewayError::BadRequest("the request's worst case overflows the ledger".into());
     let amount = terms.amount(input_max, wanted).ok_or_else(overflow)?;
-    if let Some(part) = gw.leases.take(key, pool, amount, gw.settings.lease) {
+    if let Some(part) = gw.leases.book.take(key, pool, amount, gw.settings.lease) {
         if part.low {
-            crate::lease::next(gw, key, pool);
+            gw.leases.next(key, pool);
         }
-        let remaining_after = gw.leases.remaining(&crate::lease::scope(key, pool));
+        let remaining_after = gw.leases.book.remaining(&crate::lease::scope(key, pool));
         let hold_id = part.lease_id.clone();
         return Ok(Admitted {
             hold_id,
@@ -856,12 +629,12 @@ async fn admit(
         });
     }
     let mut refusal = hold(gw, key, pool, source, model, amount, id).await?;
-    if refusal.is_err() && crate::lease::give_back(gw, key, pool).await {
+    if refusal.is_err() && gw.leases.give_back(key, pool).await {
         refusal = hold(gw, key, pool, source, model, amount, id).await?;
     }
     let refusal = match refusal {
         Ok(h) => {
-            crate::lease::top_up(gw, key, pool, h.1);
+            gw.leases.top_up(key, pool, h.1);
             return Ok(Admitted {
                 hold_id: h.0,
                 part: None,
@@ -940,27 +713,12 @@ async fn hold(
     if let Err(StoreError::Unavailable(_)) = &held {
         // The client hears 503 and is not charged: a hold that did land (a lost connection can
         // hide a commit) is voided once the store is back.
-        void_unknown_hold(gw, key.account.clone(), id.to_string());
+        void_unknown_hold(gw.store.clone(), gw.now(), gw.settings.hold_ttl_s, key.account.clone(), id.to_string());
     }
     match held.map_err(internal)? {
         HoldOutcome::Held(h) | HoldOutcome::Replayed(h) => Ok(Ok((h.id, h.remaining_after))),
         HoldOutcome::Refused { refusal, resets_at } => Ok(Err((refusal, resets_at))),
     }
-}
-
-/// Voids, in the background and once the store is back, a hold whose write failed with the
-/// store unavailable: it may have landed all the same. A hold that did not is not found.
-pub(crate) fn void_unknown_hold(gw: &Gateway, account: String, id: String) {
-    let (store, now, ttl_s) = (gw.store.clone(), gw.now(), gw.settings.hold_ttl_s);
-    tokio::spawn(async move {
-        match crate::meter::until_stored(ttl_s, "void", || store.void(&account, &id, now)).await {
-            Ok(_) => tracing::warn!(hold = %id, "a hold written while the store was unavailable was voided"),
-            Err(StoreError::NotFound(_)) => {}
-            Err(e) => {
-                tracing::error!(error = %e, hold = %id, "could not void a hold of unknown outcome; the sweeper will expire it")
-            }
-        }
-    });
 }
 
 async fn refused(
