@@ -98,7 +98,9 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
             && through_store < events
         {
             let bulk = Instant::now();
-            bulk_load(url, &account_id, &models, &sources, through_store, events, start, span_s, now).await?;
+            let series =
+                Series { account: &account_id, models: &models, sources: &sources, start, span_s, events, now };
+            bulk_load(url, &series, through_store).await?;
             let s = bulk.elapsed().as_secs_f64();
             println!("reports ({backend}): bulk-loaded {} more events in {s:.0} s", events - through_store);
         }
@@ -151,20 +153,22 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
     Ok(())
 }
 
-/// Writes events `from..to` of the same series with SQL, a million per statement, and adds their
-/// charges to the pools' totals, as `record_events` would have.
-#[allow(clippy::too_many_arguments)]
-async fn bulk_load(
-    url: &str,
-    account: &str,
-    models: &[&str],
-    sources: &[&str],
-    from: u64,
-    to: u64,
+/// The benchmark's events: `e0` … `e{events - 1}` of one account, spread evenly over `span_s`
+/// seconds from `start`, recorded at `now`.
+struct Series<'a> {
+    account: &'a str,
+    models: &'a [&'a str],
+    sources: &'a [&'a str],
     start: chrono::DateTime<Utc>,
     span_s: u64,
+    events: u64,
     now: chrono::DateTime<Utc>,
-) -> Result<(), String> {
+}
+
+/// Writes the events from `from` to the end of `series` with SQL, a million per statement, and
+/// adds their charges to the pools' totals, as `record_events` would have.
+async fn bulk_load(url: &str, series: &Series<'_>, from: u64) -> Result<(), String> {
+    let Series { account, models, sources, start, span_s, events: to, now } = *series;
     let (mut client, connection) =
         tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);

@@ -103,7 +103,7 @@ mod tests {
     fn toml_floats_are_refused_with_advice() {
         #[derive(Deserialize, Debug)]
         struct T {
-            #[allow(dead_code)]
+            #[allow(dead_code, reason = "read only through the Deserialize it derives")]
             a: UsdInput,
         }
         let e = toml::from_str::<T>("a = 0.1").unwrap_err().to_string();

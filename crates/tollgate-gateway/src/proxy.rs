@@ -465,9 +465,19 @@ async fn metered_call(
     let id = request_id();
     let source = decider.source();
     let hold_terms = HoldTerms { entry: &entry, facts: &facts, allow, ppm: terms.multiplier_ppm };
-    let admitted =
-        admit(&gw, kind, &upstream, &parts.headers, &key, pool, &source, &model, &hold_terms, body, &id, separate)
-            .await?;
+    let call = Call {
+        gw: &gw,
+        kind,
+        upstream: &upstream,
+        headers: &parts.headers,
+        key: &key,
+        pool,
+        source: &source,
+        model: &model,
+        id: &id,
+        separate,
+    };
+    let admitted = admit(&call, &hold_terms, body).await?;
 
     let finish = Finish {
         gateway: gw.clone(),
@@ -591,23 +601,28 @@ async fn warn_claude_code(gw: &Gateway, account: &str, pool: PoolKind, headers: 
     headers.insert("anthropic-ratelimit-unified-reset", HeaderValue::from(balance.cycle.end.timestamp()));
 }
 
+/// A gateway call once it is authenticated, read, priced and classified: what admitting it
+/// (holding its worst case, fitting it, refusing it) needs to know.
+struct Call<'a> {
+    gw: &'a Arc<Gateway>,
+    kind: Kind,
+    upstream: &'a Upstream,
+    headers: &'a HeaderMap,
+    key: &'a Key,
+    pool: PoolKind,
+    /// Where the call comes from, as the pool rules named it.
+    source: &'a str,
+    model: &'a str,
+    /// The call's request id, and its hold's id when it is held on its own.
+    id: &'a str,
+    /// The tollgate key came in a header of its own (the upstream's key is the caller's).
+    separate: bool,
+}
+
 /// Holds the call's worst case; when it does not fit, first fits the call by lowering its
 /// output bound (SPEC section 3), and refuses only what cannot fit even then.
-#[allow(clippy::too_many_arguments)]
-async fn admit(
-    gw: &Arc<Gateway>,
-    kind: Kind,
-    upstream: &Upstream,
-    headers: &HeaderMap,
-    key: &Key,
-    pool: PoolKind,
-    source: &str,
-    model: &str,
-    terms: &HoldTerms<'_>,
-    body: bytes::Bytes,
-    id: &str,
-    separate: bool,
-) -> Result<Admitted, GatewayError> {
+async fn admit(call: &Call<'_>, terms: &HoldTerms<'_>, body: bytes::Bytes) -> Result<Admitted, GatewayError> {
+    let Call { gw, kind, upstream, headers, key, pool, separate, .. } = *call;
     let wanted = terms.facts.max_tokens.unwrap_or(0);
     let input_max = body.len() as u64;
     let overflow = || GatewayError::BadRequest("the request's worst case overflows the ledger".into());
@@ -628,9 +643,9 @@ async fn admit(
             body,
         });
     }
-    let mut refusal = hold(gw, key, pool, source, model, amount, id).await?;
+    let mut refusal = hold(call, amount).await?;
     if refusal.is_err() && gw.leases.give_back(key, pool).await {
-        refusal = hold(gw, key, pool, source, model, amount, id).await?;
+        refusal = hold(call, amount).await?;
     }
     let refusal = match refusal {
         Ok(h) => {
@@ -651,7 +666,7 @@ async fn admit(
         (Refusal::PoolExhausted { remaining, .. }, resets) | (Refusal::KeyCapReached { remaining, .. }, resets) => {
             (remaining, resets)
         }
-        (other, resets) => return Err(refused(gw, key, pool, other, amount, resets).await),
+        (other, resets) => return Err(refused(call, other, amount, resets).await),
     };
     // Fit the call: a tighter input bound from count_tokens (Anthropic), then the output bound.
     let input_bound = match kind {
@@ -664,7 +679,7 @@ async fn admit(
     .min(input_max);
     let fitted = terms.affordable_output(input_bound, wanted, room);
     if wanted == 0 || fitted < gw.settings.min_output_tokens.min(wanted) {
-        return Err(refused(gw, key, pool, refusal.0, amount, resets_at).await);
+        return Err(refused(call, refusal.0, amount, resets_at).await);
     }
     let amount = terms.amount(input_bound, fitted).ok_or_else(overflow)?;
     let clamped_body = match kind {
@@ -672,7 +687,7 @@ async fn admit(
         Kind::OpenAi => wire::openai_rewrite(&body, false, Some(fitted)),
     }
     .map_err(|e| GatewayError::BadRequest(e.0))?;
-    match hold(gw, key, pool, source, model, amount, id).await? {
+    match hold(call, amount).await? {
         Ok(h) => Ok(Admitted {
             hold_id: h.0,
             part: None,
@@ -682,21 +697,14 @@ async fn admit(
             clamped_to: Some(fitted),
             body: bytes::Bytes::from(clamped_body),
         }),
-        Err((r, resets)) => Err(refused(gw, key, pool, r, amount, resets).await),
+        Err((r, resets)) => Err(refused(call, r, amount, resets).await),
     }
 }
 
 type HoldResult = Result<(String, Option<Nanos>), (Refusal, DateTime<Utc>)>;
 
-async fn hold(
-    gw: &Gateway,
-    key: &Key,
-    pool: PoolKind,
-    source: &str,
-    model: &str,
-    amount: Nanos,
-    id: &str,
-) -> Result<HoldResult, GatewayError> {
+async fn hold(call: &Call<'_>, amount: Nanos) -> Result<HoldResult, GatewayError> {
+    let Call { gw, key, pool, source, model, id, .. } = *call;
     let request = HoldRequest {
         account: key.account.clone(),
         id: id.to_string(),
@@ -721,14 +729,8 @@ async fn hold(
     }
 }
 
-async fn refused(
-    gw: &Gateway,
-    key: &Key,
-    pool: PoolKind,
-    refusal: Refusal,
-    requested: Nanos,
-    resets_at: DateTime<Utc>,
-) -> GatewayError {
+async fn refused(call: &Call<'_>, refusal: Refusal, requested: Nanos, resets_at: DateTime<Utc>) -> GatewayError {
+    let Call { gw, key, pool, .. } = *call;
     let now = gw.now();
     gw.metrics.refusals.get_or_create(&RefusalLabels { pool: pool.as_str(), reason: refusal.code() }).inc();
     // A pool's cap is hit only when the pool refused: a key's own cap is the key's, not the pool's.

@@ -515,7 +515,7 @@ struct HoldEntry {
 
 /// A write's result before the batch's events have their seqs. Short-lived, one per write of a
 /// batch: not worth a box.
-#[allow(clippy::large_enum_variant)]
+#[allow(clippy::large_enum_variant, reason = "short-lived, one per write of a batch: not worth a box")]
 enum Outcome {
     Ready(StoreResult<Done>),
     Settled(usize),

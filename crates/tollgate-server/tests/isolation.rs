@@ -3,7 +3,7 @@
 //! account key on another account's data. Each must be refused with the right status and error
 //! code and leave both ledgers byte-identical. An operation without a rule below fails the test,
 //! so a new route cannot ship without saying who may call it.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 include!("common/api.rs");
 

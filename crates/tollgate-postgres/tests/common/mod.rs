@@ -4,7 +4,7 @@
 //! it, to look at after a failure). Without `TOLLGATE_PG_URL` each test says on stderr that it
 //! did not run, and passes.
 
-#![allow(dead_code)] // Each test binary uses part of this module.
+#![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::io::Write;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! answer in plain text). Handlers take these, never `axum::extract::{Query, Path}`; the
 //! rejections map to [`ApiError`] in one place (`error.rs`).
 
-#![allow(clippy::disallowed_types)]
+#![allow(clippy::disallowed_types, reason = "the one module that wraps axum's Query and Path")]
 
 use std::num::IntErrorKind;
 use std::str::FromStr;

@@ -7,7 +7,7 @@
 //! The API writers behave as docs/RELIABILITY.md asks a client to: on a 503 they send the same
 //! request again (same ids, same timestamp) until it is answered, so a hold whose answer was
 //! lost is never left open by the client. Gateway calls are not retried: each is a new call.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 //! random name and drops it at its end (`TOLLGATE_PG_KEEP=1` keeps it, to look at after a
 //! failure). Without `TOLLGATE_PG_URL` a test says on stderr that it did not run, and passes.
 
-#![allow(dead_code)] // Each test binary uses part of this module.
+#![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::io::Write;
 
