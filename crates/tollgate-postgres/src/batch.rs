@@ -338,75 +338,7 @@ impl Conn {
                 tracing::warn!(error = %e, "a writer's PostgreSQL connection ended");
             }
         });
-        let prepare = |sql: String| {
-            let client = &client;
-            async move { client.prepare(&sql).await }
-        };
-        let st = async {
-            Ok::<_, tokio_postgres::Error>(Statements {
-                begin: prepare("BEGIN".into()).await?,
-                custom_plans: prepare("SET LOCAL plan_cache_mode = force_custom_plan".into()).await?,
-                commit: prepare("COMMIT".into()).await?,
-                rollback: prepare("ROLLBACK".into()).await?,
-                settings: prepare(SETTINGS.into()).await?,
-                keys: prepare("SELECT id, account, cap FROM keys WHERE id = ANY($1::text[])".into()).await?,
-                // Locked in the order of the arrays, which the caller sorts.
-                lock_holds: prepare(format!(
-                    "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
-                     CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i FOR UPDATE) AS h"
-                ))
-                .await?,
-                taken: prepare(format!(
-                    "SELECT {} FROM unnest($1::text[], $2::text[]) AS u(a, i)
-                     CROSS JOIN LATERAL (SELECT * FROM events WHERE account = u.a AND id = u.i OFFSET 0) AS e",
-                    rows::EVENT_COLUMNS
-                ))
-                .await?,
-                events_by_seq: prepare(format!(
-                    "SELECT {} FROM events WHERE seq = ANY($1::int8[])",
-                    rows::EVENT_COLUMNS
-                ))
-                .await?,
-                lock_pools: prepare(lock_pools_sql("")).await?,
-                lock_pools_skip: prepare(lock_pools_sql(" SKIP LOCKED")).await?,
-                create_pool: prepare(
-                    "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
-                     VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING"
-                        .into(),
-                )
-                .await?,
-                insert_tier_grant: prepare(
-                    "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
-                     VALUES ($1, $2, 'tier', $3, $4, $5, NULL, $4)"
-                        .into(),
-                )
-                .await?,
-                lock_keys: prepare(lock_keys_sql("")).await?,
-                lock_keys_skip: prepare(lock_keys_sql(" SKIP LOCKED")).await?,
-                create_key: prepare(
-                    "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES ($1, $2, 0, 0)
-                     ON CONFLICT DO NOTHING"
-                        .into(),
-                )
-                .await?,
-                event_order: prepare(EVENT_ORDER_LOCKS.into()).await?,
-                write: prepare(write_sql()).await?,
-                update_hold: prepare(
-                    "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq), amount = $6,
-                         lease = lease OR $7
-                     WHERE account = $1 AND id = $2"
-                        .into(),
-                )
-                .await?,
-                read_holds: prepare(format!(
-                    "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
-                     CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i OFFSET 0) AS h"
-                ))
-                .await?,
-            })
-        }
-        .await
-        .map_err(|e| match crate::pg_error(&e) {
+        let st = prepare_statements(&client).await.map_err(|e| match crate::pg_error(&e) {
             StoreError::Unavailable(m) => {
                 StoreError::Unavailable(format!("cannot prepare the writer's statements: {m}"))
             }
@@ -414,6 +346,69 @@ impl Conn {
         })?;
         Ok(Conn { client, st })
     }
+}
+
+/// Prepares every statement the writer runs, once per connection.
+async fn prepare_statements(client: &tokio_postgres::Client) -> std::result::Result<Statements, tokio_postgres::Error> {
+    let prepare = |sql: String| async move { client.prepare(&sql).await };
+    Ok(Statements {
+        begin: prepare("BEGIN".into()).await?,
+        custom_plans: prepare("SET LOCAL plan_cache_mode = force_custom_plan".into()).await?,
+        commit: prepare("COMMIT".into()).await?,
+        rollback: prepare("ROLLBACK".into()).await?,
+        settings: prepare(SETTINGS.into()).await?,
+        keys: prepare("SELECT id, account, cap FROM keys WHERE id = ANY($1::text[])".into()).await?,
+        // Locked in the order of the arrays, which the caller sorts.
+        lock_holds: prepare(format!(
+            "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+             CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i FOR UPDATE) AS h"
+        ))
+        .await?,
+        taken: prepare(format!(
+            "SELECT {} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+             CROSS JOIN LATERAL (SELECT * FROM events WHERE account = u.a AND id = u.i OFFSET 0) AS e",
+            rows::EVENT_COLUMNS
+        ))
+        .await?,
+        events_by_seq: prepare(format!("SELECT {} FROM events WHERE seq = ANY($1::int8[])", rows::EVENT_COLUMNS))
+            .await?,
+        lock_pools: prepare(lock_pools_sql("")).await?,
+        lock_pools_skip: prepare(lock_pools_sql(" SKIP LOCKED")).await?,
+        create_pool: prepare(
+            "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING"
+                .into(),
+        )
+        .await?,
+        insert_tier_grant: prepare(
+            "INSERT INTO grants (account, pool, kind, amount, cycle_start_us, expires_us, note, created_us)
+             VALUES ($1, $2, 'tier', $3, $4, $5, NULL, $4)"
+                .into(),
+        )
+        .await?,
+        lock_keys: prepare(lock_keys_sql("")).await?,
+        lock_keys_skip: prepare(lock_keys_sql(" SKIP LOCKED")).await?,
+        create_key: prepare(
+            "INSERT INTO key_cycles (key_id, cycle_start_us, charged, held) VALUES ($1, $2, 0, 0)
+             ON CONFLICT DO NOTHING"
+                .into(),
+        )
+        .await?,
+        event_order: prepare(EVENT_ORDER_LOCKS.into()).await?,
+        write: prepare(write_sql()).await?,
+        update_hold: prepare(
+            "UPDATE holds SET state = $3, expires_us = $4, event_seq = COALESCE($5, event_seq), amount = $6,
+                 lease = lease OR $7
+             WHERE account = $1 AND id = $2"
+                .into(),
+        )
+        .await?,
+        read_holds: prepare(format!(
+            "SELECT {HOLD_LOCK_COLUMNS} FROM unnest($1::text[], $2::text[]) AS u(a, i)
+             CROSS JOIN LATERAL (SELECT *, ctid FROM holds WHERE account = u.a AND id = u.i OFFSET 0) AS h"
+        ))
+        .await?,
+    })
 }
 
 /// Locks pool rows and reads their totals; `skip` is "" (wait for rows locked by another
@@ -1296,113 +1291,58 @@ fn decide_extend(s: &mut State, account: &str, hold_id: &str, ttl_s: u64, now: D
 /// first (rare). Returns the seq of each new event, in order.
 async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mut [Outcome]) -> Result<Vec<i64>> {
     let (st, client) = (&c.st, &c.client);
-    // New holds.
-    let h = &s.new_holds;
-    let h_account: Vec<&str> = h.iter().map(|(x, _)| x.account.as_str()).collect();
-    let h_id: Vec<&str> = h.iter().map(|(x, _)| x.id.as_str()).collect();
-    let h_pool: Vec<&str> = h.iter().map(|(x, _)| x.pool.as_str()).collect();
-    let h_key: Vec<Option<&str>> = h.iter().map(|(x, _)| x.key.as_deref()).collect();
-    let h_amount: Vec<i64> = h.iter().map(|(x, _)| x.amount.0).collect();
-    let h_model: Vec<Option<&str>> = h.iter().map(|(x, _)| x.model.as_deref()).collect();
-    let h_source: Vec<Option<&str>> = h.iter().map(|(x, _)| x.source.as_deref()).collect();
-    let h_cs: Vec<i64> = h.iter().map(|(x, _)| us(x.cycle_start)).collect();
-    let h_ce: Vec<i64> = h.iter().map(|(x, _)| us(x.cycle_end)).collect();
-    let h_cr: Vec<i64> = h.iter().map(|(x, _)| us(x.created_at)).collect();
-    let h_ex: Vec<i64> = h.iter().map(|(x, _)| us(x.expires_at)).collect();
-    let h_ra: Vec<Option<i64>> = h.iter().map(|(x, _)| x.remaining_after.map(|n| n.0)).collect();
-    let h_fp: Vec<&str> = h.iter().map(|(_, f)| f.as_str()).collect();
-    let h_made_by: Vec<String> = h.iter().map(|(x, _)| x.made_by.to_text()).collect();
-    // New events.
+    let h = NewHoldColumns::new(&s.new_holds);
     let e = &s.new_events;
     let e_columns = events::Columns::new(e);
-    // Changed holds, found by ctid: settled (by the events' statement), voided, extended;
-    // anything else (a hold made by this batch, or changed two ways) one by one.
-    let (mut settled, mut voided, mut extended, mut extended_to, mut one_by_one) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut parted, mut parted_to) = (Vec::new(), Vec::new());
-    for key in &s.changed_holds {
-        let entry = &s.holds[key];
-        let new_event = match entry.event {
-            Some(EventRef::New(i)) => Some(i),
-            _ => None,
-        };
-        match (entry.tid, entry.hold.state, entry.expires_changed, entry.parted) {
-            (Some(tid), HoldState::Settled, false, false) if new_event.is_some() => settled.push(tid),
-            (Some(tid), HoldState::Voided, false, false) => voided.push(tid),
-            (Some(tid), HoldState::Open, true, false) => {
-                extended.push(tid);
-                extended_to.push(us(entry.hold.expires_at));
-            }
-            (Some(tid), HoldState::Open, false, true) => {
-                parted.push(tid);
-                parted_to.push(entry.hold.amount.0);
-            }
-            _ => one_by_one.push((entry, new_event)),
-        }
-    }
-    // Changed pools and keys, by ctid.
-    let (mut p_tid, mut p_grants, mut p_used, mut p_overage, mut p_held) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for id in &s.changed_pools {
-        let t = s.pools[id];
-        p_tid.push(s.pool_tids[id]);
-        p_grants.push(t.grants.0);
-        p_used.push(t.used.0);
-        p_overage.push(t.overage.0);
-        p_held.push(t.held.0);
-    }
-    let (mut k_tid, mut k_charged, mut k_held) = (Vec::new(), Vec::new(), Vec::new());
-    for id in &s.changed_keys {
-        let t = s.key_totals[id];
-        k_tid.push(s.key_tids[id]);
-        k_charged.push(t.charged.0);
-        k_held.push(t.held.0);
-    }
+    let changed = ChangedHolds::new(s);
+    let totals = TotalColumns::new(s);
     let event_accounts: Vec<&str> = sorted(e.iter().map(|x| x.event.account.as_str()));
-    // Holds refused for lack of credit: another process may have made one of the same id
-    // meanwhile (a retried request); then the answer is the replay, as in `ledger::hold`.
-    let refused: Vec<(usize, &HoldRequest)> = jobs
-        .iter()
-        .zip(outcomes.iter())
-        .enumerate()
-        .filter_map(|(i, ((op, _), outcome))| match (op, outcome) {
-            (Op::Hold(r), Outcome::Ready(Ok(Done::Hold(HoldOutcome::Refused { .. })))) => Some((i, r)),
-            _ => None,
-        })
-        .collect();
+    let refused = refused_holds(jobs, outcomes);
     let r_account: Vec<&str> = refused.iter().map(|(_, r)| r.account.as_str()).collect();
     let r_id: Vec<&str> = refused.iter().map(|(_, r)| r.id.as_str()).collect();
-    let commit_now = one_by_one.is_empty();
+    let commit_now = changed.one_by_one.is_empty();
 
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-        &h_account, &h_id, &h_pool, &h_key, &h_amount, &h_model, &h_source, &h_cs, &h_ce, &h_cr, &h_ex, &h_ra, &h_fp,
+        &h.account,
+        &h.id,
+        &h.pool,
+        &h.key,
+        &h.amount,
+        &h.model,
+        &h.source,
+        &h.cycle_start,
+        &h.cycle_end,
+        &h.created,
+        &h.expires,
+        &h.remaining_after,
+        &h.fingerprint,
         &owner,
     ];
     params.extend(e_columns.params());
     params.extend([
-        &settled as &(dyn ToSql + Sync),
-        &voided,
-        &extended,
-        &extended_to,
-        &p_tid,
-        &p_grants,
-        &p_used,
-        &p_overage,
-        &p_held,
-        &k_tid,
-        &k_charged,
-        &k_held,
-        &parted,
-        &parted_to,
-        &h_made_by,
+        &changed.settled as &(dyn ToSql + Sync),
+        &changed.voided,
+        &changed.extended,
+        &changed.extended_to,
+        &totals.p_tid,
+        &totals.p_grants,
+        &totals.p_used,
+        &totals.p_overage,
+        &totals.p_held,
+        &totals.k_tid,
+        &totals.k_charged,
+        &totals.k_held,
+        &changed.parted,
+        &changed.parted_to,
+        &h.made_by,
     ]);
-    let writes = !(h.is_empty()
+    let writes = !(h.id.is_empty()
         && e.is_empty()
-        && voided.is_empty()
-        && extended.is_empty()
-        && p_tid.is_empty()
-        && k_tid.is_empty()
-        && parted.is_empty());
+        && changed.voided.is_empty()
+        && changed.extended.is_empty()
+        && totals.p_tid.is_empty()
+        && totals.k_tid.is_empty()
+        && changed.parted.is_empty());
     let (_, seq_rows, refused_rows, _) = tokio::try_join!(
         async {
             if event_accounts.is_empty() {
@@ -1419,24 +1359,173 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
     )?;
     let seqs = events::seqs(e, &seq_rows)?;
     if !commit_now {
-        for (entry, new_event) in &one_by_one {
-            let hold = &entry.hold;
-            let seq = new_event.map(|i| seqs[i]);
-            let params: [&(dyn ToSql + Sync); 7] = [
-                &hold.account,
-                &hold.id,
-                &hold.state.as_str(),
-                &us(hold.expires_at),
-                &seq,
-                &hold.amount.0,
-                &entry.parted,
-            ];
-            client.execute(&st.update_hold, &params).await?;
-        }
+        update_one_by_one(c, &changed.one_by_one, &seqs).await?;
         client.execute(&st.commit, &[]).await?;
     }
+    replay_refused(outcomes, refused, &refused_rows)?;
+    Ok(seqs)
+}
+
+/// The batch's new holds, one array per column of the write statement.
+struct NewHoldColumns<'a> {
+    account: Vec<&'a str>,
+    id: Vec<&'a str>,
+    pool: Vec<&'a str>,
+    key: Vec<Option<&'a str>>,
+    amount: Vec<i64>,
+    model: Vec<Option<&'a str>>,
+    source: Vec<Option<&'a str>>,
+    cycle_start: Vec<i64>,
+    cycle_end: Vec<i64>,
+    created: Vec<i64>,
+    expires: Vec<i64>,
+    remaining_after: Vec<Option<i64>>,
+    fingerprint: Vec<&'a str>,
+    made_by: Vec<String>,
+}
+
+impl<'a> NewHoldColumns<'a> {
+    fn new(h: &'a [(Hold, String)]) -> NewHoldColumns<'a> {
+        NewHoldColumns {
+            account: h.iter().map(|(x, _)| x.account.as_str()).collect(),
+            id: h.iter().map(|(x, _)| x.id.as_str()).collect(),
+            pool: h.iter().map(|(x, _)| x.pool.as_str()).collect(),
+            key: h.iter().map(|(x, _)| x.key.as_deref()).collect(),
+            amount: h.iter().map(|(x, _)| x.amount.0).collect(),
+            model: h.iter().map(|(x, _)| x.model.as_deref()).collect(),
+            source: h.iter().map(|(x, _)| x.source.as_deref()).collect(),
+            cycle_start: h.iter().map(|(x, _)| us(x.cycle_start)).collect(),
+            cycle_end: h.iter().map(|(x, _)| us(x.cycle_end)).collect(),
+            created: h.iter().map(|(x, _)| us(x.created_at)).collect(),
+            expires: h.iter().map(|(x, _)| us(x.expires_at)).collect(),
+            remaining_after: h.iter().map(|(x, _)| x.remaining_after.map(|n| n.0)).collect(),
+            fingerprint: h.iter().map(|(_, f)| f.as_str()).collect(),
+            made_by: h.iter().map(|(x, _)| x.made_by.to_text()).collect(),
+        }
+    }
+}
+
+/// Changed holds, found by ctid: settled (by the events' statement), voided, extended, a part
+/// settled; anything else (a hold made by this batch, or changed two ways) one by one.
+struct ChangedHolds<'a> {
+    settled: Vec<Tid>,
+    voided: Vec<Tid>,
+    extended: Vec<Tid>,
+    extended_to: Vec<i64>,
+    parted: Vec<Tid>,
+    parted_to: Vec<i64>,
+    /// With the index of its new event, if any.
+    one_by_one: Vec<(&'a HoldEntry, Option<usize>)>,
+}
+
+impl<'a> ChangedHolds<'a> {
+    fn new(s: &'a State) -> ChangedHolds<'a> {
+        let mut c = ChangedHolds {
+            settled: Vec::new(),
+            voided: Vec::new(),
+            extended: Vec::new(),
+            extended_to: Vec::new(),
+            parted: Vec::new(),
+            parted_to: Vec::new(),
+            one_by_one: Vec::new(),
+        };
+        for key in &s.changed_holds {
+            let entry = &s.holds[key];
+            let new_event = match entry.event {
+                Some(EventRef::New(i)) => Some(i),
+                _ => None,
+            };
+            match (entry.tid, entry.hold.state, entry.expires_changed, entry.parted) {
+                (Some(tid), HoldState::Settled, false, false) if new_event.is_some() => c.settled.push(tid),
+                (Some(tid), HoldState::Voided, false, false) => c.voided.push(tid),
+                (Some(tid), HoldState::Open, true, false) => {
+                    c.extended.push(tid);
+                    c.extended_to.push(us(entry.hold.expires_at));
+                }
+                (Some(tid), HoldState::Open, false, true) => {
+                    c.parted.push(tid);
+                    c.parted_to.push(entry.hold.amount.0);
+                }
+                _ => c.one_by_one.push((entry, new_event)),
+            }
+        }
+        c
+    }
+}
+
+/// The changed pool and key totals, by ctid.
+struct TotalColumns {
+    p_tid: Vec<Tid>,
+    p_grants: Vec<i64>,
+    p_used: Vec<i64>,
+    p_overage: Vec<i64>,
+    p_held: Vec<i64>,
+    k_tid: Vec<Tid>,
+    k_charged: Vec<i64>,
+    k_held: Vec<i64>,
+}
+
+impl TotalColumns {
+    fn new(s: &State) -> TotalColumns {
+        let mut t = TotalColumns {
+            p_tid: Vec::new(),
+            p_grants: Vec::new(),
+            p_used: Vec::new(),
+            p_overage: Vec::new(),
+            p_held: Vec::new(),
+            k_tid: Vec::new(),
+            k_charged: Vec::new(),
+            k_held: Vec::new(),
+        };
+        for id in &s.changed_pools {
+            let p = s.pools[id];
+            t.p_tid.push(s.pool_tids[id]);
+            t.p_grants.push(p.grants.0);
+            t.p_used.push(p.used.0);
+            t.p_overage.push(p.overage.0);
+            t.p_held.push(p.held.0);
+        }
+        for id in &s.changed_keys {
+            let k = s.key_totals[id];
+            t.k_tid.push(s.key_tids[id]);
+            t.k_charged.push(k.charged.0);
+            t.k_held.push(k.held.0);
+        }
+        t
+    }
+}
+
+/// Holds refused for lack of credit, with their place in the batch: another process may have
+/// made one of the same id meanwhile (a retried request); then the answer is the replay, as in
+/// `ledger::hold` ([`replay_refused`]).
+fn refused_holds<'j>(jobs: &'j [Work<'_>], outcomes: &[Outcome]) -> Vec<(usize, &'j HoldRequest)> {
+    jobs.iter()
+        .zip(outcomes.iter())
+        .enumerate()
+        .filter_map(|(i, ((op, _), outcome))| match (op, outcome) {
+            (Op::Hold(r), Outcome::Ready(Ok(Done::Hold(HoldOutcome::Refused { .. })))) => Some((i, r)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Writes the holds the batch's statement could not, one by one; `seqs` are the new events'.
+async fn update_one_by_one(c: &Conn, holds: &[(&HoldEntry, Option<usize>)], seqs: &[i64]) -> Result<()> {
+    for (entry, new_event) in holds {
+        let hold = &entry.hold;
+        let seq = new_event.map(|i| seqs[i]);
+        let params: [&(dyn ToSql + Sync); 7] =
+            [&hold.account, &hold.id, &hold.state.as_str(), &us(hold.expires_at), &seq, &hold.amount.0, &entry.parted];
+        c.client.execute(&c.st.update_hold, &params).await?;
+    }
+    Ok(())
+}
+
+/// A hold refused for lack of credit whose id another process took meanwhile answers as that
+/// hold's replay (or a conflict), as in `ledger::hold`.
+fn replay_refused(outcomes: &mut [Outcome], refused: Vec<(usize, &HoldRequest)>, rows: &[Row]) -> Result<()> {
     let mut existing: HashMap<(String, String), HoldEntry> = HashMap::new();
-    for r in &refused_rows {
+    for r in rows {
         let entry = hold_entry(r)?;
         existing.insert((entry.hold.account.clone(), entry.hold.id.clone()), entry);
     }
@@ -1450,5 +1539,5 @@ async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mu
             ))),
         });
     }
-    Ok(seqs)
+    Ok(())
 }

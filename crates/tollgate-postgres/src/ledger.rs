@@ -409,26 +409,91 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    enum Outcome {
-        Duplicate(Box<Event>),
-        /// The same as the event at this place of the batch, recorded by it.
-        DuplicateOf(usize),
-        New,
+    let Screened { outcomes, accounts, refused } = screen_events(tx, events).await?;
+    // The new events before the refused one, with their accounts and cycles.
+    let new: Vec<(&NewEvent, &Account, Cycle)> = events
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, Place::New))
+        .filter_map(|(e, _)| {
+            accounts[e.account.as_str()].as_ref().map(|a| (e, a, a.cycle_anchor().cycle_at(e.timestamp)))
+        })
+        .collect();
+    let (mut pool_state, mut key_state) = lock_new_events(tx, &new).await?;
+
+    // Each new event in order, charged on the running totals.
+    let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
+    let mut new_rows: Vec<ChargedEvent> = Vec::with_capacity(new.len());
+    for (e, _, cycle) in &new {
+        let (pool, _) =
+            pool_state.get_mut(&(e.account.as_str(), e.pool.as_str(), us(cycle.start))).expect("locked above");
+        let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
+        pool.totals.used = pool.totals.used.checked_add(split.grant).ok_or_else(out_of_range)?;
+        pool.totals.overage = pool.totals.overage.checked_add(split.overage).ok_or_else(out_of_range)?;
+        pool.scope.used = pool.totals.used;
+        pool.scope.overage = pool.totals.overage;
+        if let Some(key) = &e.key {
+            let (totals, _) = key_state.get_mut(&(key.as_str(), us(cycle.start))).expect("locked above");
+            totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
+        }
+        new_rows.push(ChargedEvent::direct((*e).clone(), cycle.start, split, now));
     }
+    if let Some(e) = refused {
+        return Err(e.into());
+    }
+    let seqs = write_new_events(tx, &pool_state, &key_state, &new_rows).await?;
+
+    // The place in `new_rows` of each new event of the batch.
+    let mut row_of = HashMap::new();
+    for (n, o) in outcomes.iter().enumerate() {
+        if matches!(o, Place::New) {
+            row_of.insert(n, row_of.len());
+        }
+    }
+    let recorded = |n: usize| new_rows[row_of[&n]].event(seqs[row_of[&n]]);
+    Ok(outcomes
+        .iter()
+        .enumerate()
+        .map(|(n, o)| match o {
+            Place::Duplicate(event) => EventOutcome::Duplicate((**event).clone()),
+            Place::DuplicateOf(i) => EventOutcome::Duplicate(recorded(*i)),
+            Place::New => EventOutcome::Recorded(recorded(n)),
+        })
+        .collect())
+}
+
+/// What an event of a batch turned out to be before any lock.
+enum Place {
+    Duplicate(Box<Event>),
+    /// The same as the event at this place of the batch, recorded by it.
+    DuplicateOf(usize),
+    New,
+}
+
+/// The checks of a batch of events that need no lock, in order.
+struct Screened<'a> {
+    /// One per event up to the first refused (excluded).
+    outcomes: Vec<Place>,
+    accounts: HashMap<&'a str, Option<Account>>,
+    /// The first event refused by these checks: the events before it may still fail first, when
+    /// charged (an amount out of range), so its error waits until they are.
+    refused: Option<StoreError>,
+}
+
+/// A repeated id, the account and the key of each event, in order, up to the first refused.
+async fn screen_events<'a>(tx: &Transaction<'_>, events: &'a [NewEvent]) -> Result<Screened<'a>> {
     let ids: Vec<(&str, &str)> = events.iter().map(|e| (e.account.as_str(), e.id.as_str())).collect();
     let committed = load_events(tx, &ids).await?;
     let mut accounts: HashMap<&str, Option<Account>> = HashMap::new();
     let mut keys: HashMap<(&str, &str), bool> = HashMap::new();
     let mut first: HashMap<(&str, &str), usize> = HashMap::new();
     let mut outcomes = Vec::with_capacity(events.len());
-    // The first event refused by these checks: the events before it may still fail first, when
-    // charged (an amount out of range), so its error waits until they are.
     let mut refused: Option<StoreError> = None;
     for (n, e) in events.iter().enumerate() {
         let id = (e.account.as_str(), e.id.as_str());
         let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), first.get(&id)) {
-            (Some(row), _) => Some((row.fingerprint.clone(), Outcome::Duplicate(Box::new(row.event.clone())))),
-            (None, Some(&i)) => Some((events[i].fingerprint.clone(), Outcome::DuplicateOf(i))),
+            (Some(row), _) => Some((row.fingerprint.clone(), Place::Duplicate(Box::new(row.event.clone())))),
+            (None, Some(&i)) => Some((events[i].fingerprint.clone(), Place::DuplicateOf(i))),
             (None, None) => None,
         };
         match ledger::replay(earlier, &e.fingerprint) {
@@ -464,100 +529,74 @@ pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateT
             }
         }
         first.insert(id, n);
-        outcomes.push(Outcome::New);
+        outcomes.push(Place::New);
     }
+    Ok(Screened { outcomes, accounts, refused })
+}
 
-    // The pools and keys of the new events (before the refused one), locked in the lock order.
-    let new: Vec<(&NewEvent, &Account, Cycle)> = events
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| matches!(o, Outcome::New))
-        .filter_map(|(e, _)| {
-            accounts[e.account.as_str()].as_ref().map(|a| (e, a, a.cycle_anchor().cycle_at(e.timestamp)))
-        })
-        .collect();
+/// Pool cycles by (account, pool, cycle start): the state as locked and the totals read.
+type PoolStates<'a> = BTreeMap<(&'a str, &'static str, i64), (PoolCycle, PoolTotals)>;
+/// Key cycles by (key, cycle start): the running totals and the totals read.
+type KeyStates<'a> = BTreeMap<(&'a str, i64), (KeyTotals, KeyTotals)>;
+
+/// Locks the pools and then the keys of `new`, each in the lock order.
+async fn lock_new_events<'a>(
+    tx: &Transaction<'_>,
+    new: &[(&'a NewEvent, &Account, Cycle)],
+) -> Result<(PoolStates<'a>, KeyStates<'a>)> {
     let mut pools: BTreeMap<(&str, &'static str, i64), (&Account, PoolKind, &Cycle)> = BTreeMap::new();
     let mut key_cycles: BTreeSet<(&str, i64)> = BTreeSet::new();
-    for (e, account, cycle) in &new {
+    for (e, account, cycle) in new {
         pools.insert((&e.account, e.pool.as_str(), us(cycle.start)), (account, e.pool, cycle));
         if let Some(key) = &e.key {
             key_cycles.insert((key, us(cycle.start)));
         }
     }
-    let mut pool_state: BTreeMap<(&str, &'static str, i64), (PoolCycle, PoolTotals)> = BTreeMap::new();
+    let mut pool_state = PoolStates::new();
     for (id, (account, pool, cycle)) in pools {
         let state = pool_cycle(tx, account, pool, cycle).await?;
         let before = state.totals;
         pool_state.insert(id, (state, before));
     }
-    let mut key_state: BTreeMap<(&str, i64), (KeyTotals, KeyTotals)> = BTreeMap::new();
+    let mut key_state = KeyStates::new();
     for (key, start) in key_cycles {
         let totals = lock_key(tx, key, rows::time(start)).await?;
         key_state.insert((key, start), (totals, totals));
     }
+    Ok((pool_state, key_state))
+}
 
-    // Each new event in order, charged on the running totals.
-    let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
-    let mut new_rows: Vec<ChargedEvent> = Vec::with_capacity(new.len());
-    for (e, _, cycle) in &new {
-        let (pool, _) =
-            pool_state.get_mut(&(e.account.as_str(), e.pool.as_str(), us(cycle.start))).expect("locked above");
-        let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-        pool.totals.used = pool.totals.used.checked_add(split.grant).ok_or_else(out_of_range)?;
-        pool.totals.overage = pool.totals.overage.checked_add(split.overage).ok_or_else(out_of_range)?;
-        pool.scope.used = pool.totals.used;
-        pool.scope.overage = pool.totals.overage;
-        if let Some(key) = &e.key {
-            let (totals, _) = key_state.get_mut(&(key.as_str(), us(cycle.start))).expect("locked above");
-            totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
-        }
-        new_rows.push(ChargedEvent::direct((*e).clone(), cycle.start, split, now));
-    }
-    if let Some(e) = refused {
-        return Err(e.into());
-    }
-
-    // The writes: totals, then the events under their accounts' event-order locks.
-    for ((account, pool, start), (state, before)) in &pool_state {
+/// The writes: changed totals, then the events under their accounts' event-order locks; the
+/// events' seqs, in order.
+async fn write_new_events(
+    tx: &Transaction<'_>,
+    pool_state: &PoolStates<'_>,
+    key_state: &KeyStates<'_>,
+    new_rows: &[ChargedEvent],
+) -> Result<Vec<i64>> {
+    for ((account, pool, start), (state, before)) in pool_state {
         if state.totals != *before {
             write_pool(tx, account, rows::pool_of(pool)?, rows::time(*start), state.totals).await?;
         }
     }
-    for ((key, start), (totals, before)) in &key_state {
+    for ((key, start), (totals, before)) in key_state {
         if totals != before {
             write_key(tx, key, rows::time(*start), *totals).await?;
         }
     }
-    let mut seqs = Vec::new();
-    if !new_rows.is_empty() {
-        let accounts: Vec<&str> = new_rows.iter().map(|r| r.event.account.as_str()).collect();
-        lock_event_order(tx, &accounts).await?;
-        let columns = events::Columns::new(&new_rows);
-        let sql = format!("{} ON CONFLICT DO NOTHING RETURNING account, id, seq", events::insert_sql(1));
-        let inserted = query(tx, &sql, &columns.params()).await?;
-        // A copy committed since it was looked up: run again, and the replay check answers.
-        if inserted.len() != new_rows.len() {
-            return Err(Error::Retry);
-        }
-        seqs = events::seqs(&new_rows, &inserted)?;
+    if new_rows.is_empty() {
+        return Ok(Vec::new());
     }
-    // The place in `new_rows` of each new event of the batch.
-    let mut row_of = HashMap::new();
-    for (n, o) in outcomes.iter().enumerate() {
-        if matches!(o, Outcome::New) {
-            row_of.insert(n, row_of.len());
-        }
+    let accounts: Vec<&str> = new_rows.iter().map(|r| r.event.account.as_str()).collect();
+    lock_event_order(tx, &accounts).await?;
+    let columns = events::Columns::new(new_rows);
+    let sql = format!("{} ON CONFLICT DO NOTHING RETURNING account, id, seq", events::insert_sql(1));
+    let inserted = query(tx, &sql, &columns.params()).await?;
+    // A copy committed since it was looked up: run again, and the replay check answers.
+    if inserted.len() != new_rows.len() {
+        return Err(Error::Retry);
     }
-    let recorded = |n: usize| new_rows[row_of[&n]].event(seqs[row_of[&n]]);
-    Ok(outcomes
-        .iter()
-        .enumerate()
-        .map(|(n, o)| match o {
-            Outcome::Duplicate(event) => EventOutcome::Duplicate((**event).clone()),
-            Outcome::DuplicateOf(i) => EventOutcome::Duplicate(recorded(*i)),
-            Outcome::New => EventOutcome::Recorded(recorded(n)),
-        })
-        .collect())
+    events::seqs(new_rows, &inserted)
 }
 
 /// The committed events among `ids` ((account, id) pairs), by (account, id).

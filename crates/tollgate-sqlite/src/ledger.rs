@@ -368,17 +368,24 @@ fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<Event> {
             backend(e)
         }
     })?;
+    add_to_rollup(db, row, labels);
+    Ok(row.event(conn.last_insert_rowid()))
+}
+
+/// Adds `row` to its hour's rollup (the writer writes the rollups with the batch).
+fn add_to_rollup(db: &Db, row: &ChargedEvent, labels: String) {
+    let (e, split) = (&row.event, row.split);
     let u = &e.usage;
     let hour = us(e.timestamp).div_euclid(3_600_000_000) * 3_600_000_000;
     let key = (
         e.account.clone(),
-        us(cycle_start),
+        us(row.cycle_start),
         e.pool,
         hour,
         e.model.clone(),
         e.source.clone().unwrap_or_default(),
         e.key.clone().unwrap_or_default(),
-        labels.clone(),
+        labels,
     );
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     db.add_rollup(
@@ -397,7 +404,6 @@ fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<Event> {
             i64::from(e.latency_ms.is_some()),
         ],
     );
-    Ok(row.event(conn.last_insert_rowid()))
 }
 
 pub fn void(db: &Db, account: &str, hold_id: &str) -> StoreResult<Hold> {
