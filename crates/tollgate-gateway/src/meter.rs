@@ -272,6 +272,26 @@ pub struct Finish {
     pub source: String,
     pub labels: BTreeMap<String, String>,
     pub started: Instant,
+    /// Counts the call in [`Gateway::calls_open`] until it is settled or voided.
+    pub(crate) _open: Arc<()>,
+}
+
+/// How long a stopping gateway waits for its calls to end: a client that left may have a call
+/// read on for [`READ_ON_MAX`], then settled.
+const CALLS_CLOSE_WAIT: Duration = Duration::from_secs(READ_ON_MAX.as_secs() + 5);
+
+/// Waits, up to [`CALLS_CLOSE_WAIT`], until every call held is settled or voided; the gateway
+/// calls it when it stops, after its last client connection ended. A call still open after
+/// that is left for the next run to settle.
+pub async fn wait_for_calls(gw: &Gateway) {
+    let deadline = Instant::now() + CALLS_CLOSE_WAIT;
+    while Arc::strong_count(&gw.calls_open) > 1 {
+        if Instant::now() >= deadline {
+            tracing::warn!(calls = Arc::strong_count(&gw.calls_open) - 1, "stopping with calls not yet settled");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Finish {

@@ -127,6 +127,10 @@ pub struct Gateway {
     /// Where settled and refused calls are tallied for the live stream.
     pub feed: Arc<Feed>,
     pub(crate) leases: crate::lease::LeaseBook,
+    /// One clone per call held and not yet settled or voided (in [`Finish`]): [`Gateway::close`]
+    /// waits for them, so a call served before a shutdown is not left open for the next run to
+    /// settle at its held amount.
+    pub(crate) calls_open: Arc<()>,
     client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
     pool_terms: Mutex<HashMap<(String, PoolKind), (PoolTerms, Instant)>>,
@@ -143,6 +147,7 @@ impl Gateway {
             metrics: Metrics::default(),
             feed: Arc::default(),
             leases: Default::default(),
+            calls_open: Arc::new(()),
             keys: Mutex::default(),
             pool_terms: Mutex::default(),
         }
@@ -155,6 +160,7 @@ impl Gateway {
 
     /// Voids the leases no call is using; call it when the gateway stops.
     pub async fn close(&self) {
+        crate::meter::wait_for_calls(self).await;
         crate::lease::close(self).await;
     }
 
@@ -710,6 +716,7 @@ async fn metered_call(
         source: source.clone(),
         labels: key.labels.clone(),
         started,
+        _open: gw.calls_open.clone(),
     };
     gw.metrics.holds_open.inc();
     let forward =

@@ -272,7 +272,7 @@ async fn sigterm_closes_waiting_connections_at_once_and_settles_the_streams_in_p
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let reading = tokio::spawn(stream.text());
-    let took = server.terminate(Duration::from_secs(20));
+    let took = server.terminate(Duration::from_secs(20)).await;
     let body = reading.await.unwrap().expect("the stream runs to its end");
     assert!(body.contains("message_stop"), "the stream was cut: {body}");
     // Well before the 600 s a half-sent head may take.

@@ -133,7 +133,7 @@ impl Server {
 
     /// SIGTERM, then the time the process took to exit, or None if it still ran after `limit`
     /// (it is then SIGKILLed).
-    pub fn terminate(&mut self, limit: Duration) -> Option<Duration> {
+    pub async fn terminate(&mut self, limit: Duration) -> Option<Duration> {
         let child = self.child.as_mut()?;
         let sent = Instant::now();
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
@@ -142,7 +142,7 @@ impl Server {
                 self.child = None;
                 return Some(sent.elapsed());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.kill();
         None
