@@ -568,4 +568,68 @@ mod tests {
         let inner = t.lock();
         assert!(inner.open.is_empty() && inner.waiting.is_empty());
     }
+
+    /// `serve` on a free port of 127.0.0.1 with `app`; its address, metrics and the sender
+    /// that stops it.
+    async fn serving(app: Router, limits: Limits) -> (std::net::SocketAddr, Metrics, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let metrics = Metrics::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, app, limits, metrics.clone(), async move {
+            let _ = stopped.await;
+        }));
+        (address, metrics, stop)
+    }
+
+    fn limits(connections_max: usize) -> Limits {
+        Limits {
+            connections_max,
+            header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            response_stall_timeout: Duration::from_secs(60),
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what} did not happen within 5 s");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_leaves_no_connection_behind() {
+        async fn panics() -> &'static str {
+            panic!("a handler panics")
+        }
+        let app = Router::new().route("/panic", axum::routing::get(panics));
+        let (address, metrics, _stop) = serving(app, limits(4)).await;
+        for _ in 0..3 {
+            let mut socket = TcpStream::connect(address).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut socket, b"GET /panic HTTP/1.1\r\nhost: t\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut socket, &mut answer).await;
+        }
+        until("the panicked connections leave the table", || metrics.connections_open.get() == 0).await;
+    }
+
+    #[test]
+    fn a_request_waiting_for_its_body_waits_on_its_client_since_its_head() {
+        let t = Arc::new(table(2));
+        let counts = Arc::new(Counts::default());
+        let (a, _) = t.admit(Instant::now()).unwrap();
+        let busy = Busy::start(t.clone(), a, counts.clone());
+        assert!(t.lock().waiting.is_empty(), "a head makes its connection serve");
+        busy.wait_for_body();
+        assert_eq!(t.lock().waiting.first(), Some(&(busy.head_at, a)));
+        assert_eq!((counts.requests.load(Ordering::SeqCst), counts.serving.load(Ordering::SeqCst)), (1, 0));
+        busy.serve();
+        drop(busy);
+        assert_eq!((counts.requests.load(Ordering::SeqCst), counts.serving.load(Ordering::SeqCst)), (0, 0));
+        assert_eq!(t.lock().waiting.len(), 1);
+    }
 }
