@@ -44,6 +44,11 @@ pub struct Limits {
     pub response_stall_timeout: Duration,
 }
 
+/// The largest request head, and the most hyper buffers for a connection. hyper's default
+/// (about 400 KiB) let each half-sent head hold that much memory, so the connection limit did
+/// not bound the server's memory; SDKs send heads of a few KiB.
+const HEAD_SIZE_BYTES_MAX: usize = 64 * 1024;
+
 /// Files the process keeps for itself besides client connections: the database, its journal,
 /// the listener, logs, alert deliveries.
 const FILES_RESERVED: u64 = 64;
@@ -140,7 +145,10 @@ impl Connection {
             metrics: metrics.clone(),
         };
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(HEAD_SIZE_BYTES_MAX);
         let connection = builder.serve_connection(TokioIo::new(socket), service);
         tokio::pin!(connection);
         if *closing.borrow() {
