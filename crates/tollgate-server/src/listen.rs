@@ -116,7 +116,7 @@ impl Connection {
         let Connection { id, table, app, limits, metrics } = self;
         // Leaves the table however this task ends, a handler's panic included.
         let _entry = Entry { table: table.clone(), id };
-        let counts = Arc::new(Counts::default());
+        let counts = Arc::new(Counts { evict: evict.clone(), ..Counts::default() });
         let unflushed: Unflushed = Arc::new(Mutex::new(None));
         let service = {
             let (table, metrics, counts, unflushed) =
@@ -154,7 +154,7 @@ impl Connection {
         if *closing.borrow() {
             return;
         }
-        let (mut shutting_down, mut evicted) = (false, false);
+        let mut shutting_down = false;
         loop {
             tokio::select! {
                 ended = connection.as_mut() => {
@@ -169,9 +169,10 @@ impl Connection {
                 }
                 // Closed to make room for a new connection. It waits on its client (dropping
                 // it closes the socket) unless a request started after it was chosen: that
-                // one is served, then the connection closes.
-                () = evict.notified(), if !evicted => {
-                    evicted = true;
+                // one is served, then the connection closes — at once if the request comes
+                // to wait for its body, which notifies again.
+                () = evict.notified() => {
+                    counts.evicted.store(true, Ordering::SeqCst);
                     if counts.serving.load(Ordering::SeqCst) == 0 {
                         break;
                     }
@@ -209,6 +210,18 @@ impl Drop for Entry {
 struct Counts {
     requests: AtomicUsize,
     serving: AtomicUsize,
+    /// Chosen to make room while it served: it no longer counts in the table, so it closes as
+    /// soon as it serves nothing (told through `evict`).
+    evicted: std::sync::atomic::AtomicBool,
+    evict: Arc<Notify>,
+}
+
+impl Counts {
+    fn served_one(&self) {
+        if self.serving.fetch_sub(1, Ordering::SeqCst) == 1 && self.evicted.load(Ordering::SeqCst) {
+            self.evict.notify_one();
+        }
+    }
 }
 
 /// The open connections, and those of them waiting on their client, oldest first.
@@ -341,8 +354,8 @@ impl Busy {
         let mut serving = self.lock();
         if *serving {
             *serving = false;
-            self.counts.serving.fetch_sub(1, Ordering::SeqCst);
             self.table.request_ended(self.id, self.head_at);
+            self.counts.served_one();
         }
     }
 }
@@ -351,8 +364,8 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let serving = *self.lock();
         if serving {
-            self.counts.serving.fetch_sub(1, Ordering::SeqCst);
             self.table.request_ended(self.id, Instant::now());
+            self.counts.served_one();
         }
         self.counts.requests.fetch_sub(1, Ordering::SeqCst);
     }
@@ -639,5 +652,19 @@ mod tests {
         drop(busy);
         assert_eq!((counts.requests.load(Ordering::SeqCst), counts.serving.load(Ordering::SeqCst)), (0, 0));
         assert_eq!(t.lock().waiting.len(), 1);
+    }
+
+    #[test]
+    fn a_connection_evicted_while_serving_is_told_again_once_it_serves_nothing() {
+        let t = Arc::new(table(1));
+        let (a, evict) = t.admit(Instant::now()).unwrap();
+        let counts = Arc::new(Counts { evict: evict.clone(), ..Counts::default() });
+        // The head arrived as the table chose the connection: the request is served...
+        let busy = Busy::start(t.clone(), a, counts.clone());
+        counts.evicted.store(true, Ordering::SeqCst);
+        assert!(futures_util::FutureExt::now_or_never(evict.notified()).is_none());
+        // ...but once it waits for its body, the connection is told to close.
+        busy.wait_for_body();
+        assert!(futures_util::FutureExt::now_or_never(evict.notified()).is_some());
     }
 }
