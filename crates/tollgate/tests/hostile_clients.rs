@@ -177,7 +177,15 @@ async fn bodies_sent_slowly_on_every_connection_starve_no_one() {
     let quick = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let health = quick.get(format!("{}/healthz", server.base)).send().await.expect("/healthz answers");
     assert_eq!(health.status(), 200);
-    assert!(closed_by_server(&mut attackers[0]).await, "the body that waited longest made room");
+    // The oldest body waiting made room (its task closes the socket soon after).
+    let mut made_room = false;
+    for _ in 0..100 {
+        if closed_by_server(&mut attackers[0]).await {
+            made_room = true;
+            break;
+        }
+    }
+    assert!(made_room, "the body that waited longest made room");
     let (charged, held) = c.settled().await;
     assert_eq!((charged, held), (0, 0), "nothing is held for a body that never arrived");
 }
