@@ -84,6 +84,10 @@ pub struct ServerSection {
     pub header_read_timeout_s: u64,
     /// Time a request has to send its whole body, counted from its head.
     pub body_read_timeout_s: u64,
+    /// Longest time a client may take none of a response's bytes before its connection is
+    /// closed; at most a quarter of `hold_ttl_s`, so a call whose client stopped reading is settled
+    /// (reading on for at most half of it) before its hold expires.
+    pub response_stall_timeout_s: u64,
 }
 
 impl Default for ServerSection {
@@ -97,6 +101,7 @@ impl Default for ServerSection {
             connections_max: None,
             header_read_timeout_s: 10,
             body_read_timeout_s: 60,
+            response_stall_timeout_s: 30,
         }
     }
 }
@@ -391,9 +396,11 @@ fn validate_connections(server: &ServerSection) -> Result<(), ConfigError> {
     if server.connections_max == Some(0) {
         return Err(err("server.connections_max = 0 would refuse every client: leave it unset or give at least 1"));
     }
-    for (name, value) in
-        [("header_read_timeout_s", server.header_read_timeout_s), ("body_read_timeout_s", server.body_read_timeout_s)]
-    {
+    for (name, value) in [
+        ("header_read_timeout_s", server.header_read_timeout_s),
+        ("body_read_timeout_s", server.body_read_timeout_s),
+        ("response_stall_timeout_s", server.response_stall_timeout_s),
+    ] {
         if value == 0 || value > 3600 {
             return Err(err(format!("server.{name} = {value} must be between 1 and 3600")));
         }

@@ -74,6 +74,7 @@ fn bad_settings_say_what_to_fix() {
         ("[server]\nconnections_max = 0", "would refuse every client"),
         ("[server]\nheader_read_timeout_s = 0", "between 1 and 3600"),
         ("[server]\nbody_read_timeout_s = 86400", "between 1 and 3600"),
+        ("[server]\nresponse_stall_timeout_s = 0", "between 1 and 3600"),
         ("[[tier]]\nid = \"gold\"\ninteractive_usd = \"10\"", "needs programmatic_usd"),
         ("[[tier]]\nid = \"pro\"\ninteractive_usd = 10.5", "write amounts as strings"),
         ("[[tier]]\nid = \"pro\"\ninteractive_usd = \"-1\"", "must not be negative"),

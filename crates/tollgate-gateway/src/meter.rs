@@ -245,6 +245,8 @@ pub struct Finish {
     pub source: String,
     pub labels: BTreeMap<String, String>,
     pub started: Instant,
+    /// Counts the call in [`Gateway::calls_open`] until it is settled or voided.
+    pub(crate) _open: Arc<()>,
 }
 
 impl Finish {

@@ -493,6 +493,7 @@ async fn metered_call(
         source: source.clone(),
         labels: key.labels.clone(),
         started,
+        _open: gw.calls_open.clone(),
     };
     gw.metrics.holds_open.inc();
     let forward =

@@ -107,6 +107,10 @@ impl Settings {
     }
 }
 
+/// How long a stopping gateway waits for its calls to end: a call whose client left may be read
+/// on for up to 10 s (the meter's `READ_ON_MAX`), then settled.
+const CALLS_CLOSE_WAIT: Duration = Duration::from_secs(15);
+
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub prices: Arc<PriceTable>,
@@ -116,6 +120,10 @@ pub struct Gateway {
     /// Where settled and refused calls are tallied for the live stream.
     pub feed: Arc<Feed>,
     pub(crate) leases: Arc<Leases>,
+    /// One clone per call held and not yet settled or voided (in `meter::Finish`):
+    /// [`Gateway::close`] waits for them, so a call served before a shutdown is not left open
+    /// for the next run to settle at its held amount.
+    pub(crate) calls_open: Arc<()>,
     pub(crate) client: HttpClient,
     keys: Mutex<HashMap<String, (Key, Instant)>>,
     pool_terms: Mutex<HashMap<(String, PoolKind), (PoolTerms, Instant)>>,
@@ -135,6 +143,7 @@ impl Gateway {
             metrics,
             feed: Arc::default(),
             leases,
+            calls_open: Arc::new(()),
             keys: Mutex::default(),
             pool_terms: Mutex::default(),
         }
@@ -147,7 +156,22 @@ impl Gateway {
 
     /// Voids the leases no call is using; call it when the gateway stops.
     pub async fn close(&self) {
+        self.wait_for_calls().await;
         self.leases.close().await;
+    }
+
+    /// Waits, up to [`CALLS_CLOSE_WAIT`], until every call held is settled or voided; `close`
+    /// runs it after the last client connection ended. A call still open after that is left for
+    /// the next run to settle.
+    async fn wait_for_calls(&self) {
+        let deadline = Instant::now() + CALLS_CLOSE_WAIT;
+        while Arc::strong_count(&self.calls_open) > 1 {
+            if Instant::now() >= deadline {
+                tracing::warn!(calls = Arc::strong_count(&self.calls_open) - 1, "stopping with calls not yet settled");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Shares the server's live feed instead of a private one.

@@ -132,6 +132,9 @@ pub async fn serve(options: ServeOptions, env: &dyn Env) -> Result<(), String> {
         connections_max: server.connections_max.unwrap_or_else(crate::listen::default_connections_max),
         header_read_timeout: Duration::from_secs(server.header_read_timeout_s),
         body_read_timeout: Duration::from_secs(server.body_read_timeout_s),
+        // A call whose client stopped reading is settled after its connection closes, reading
+        // on for at most half the hold's time to live: the stall leaves room for that.
+        response_stall_timeout: Duration::from_secs(server.response_stall_timeout_s.min(server.hold_ttl_s / 4).max(1)),
     };
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await

@@ -131,6 +131,23 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, then the time the process took to exit, or None if it still ran after `limit`
+    /// (it is then SIGKILLed).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<Duration> {
+        let child = self.child.as_mut()?;
+        let sent = Instant::now();
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+        while sent.elapsed() < limit {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return Some(sent.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill();
+        None
+    }
+
     /// SIGKILL (what `Child::kill` sends on Unix), then reap the process.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
