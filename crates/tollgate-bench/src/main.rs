@@ -11,6 +11,8 @@
 //! cargo run --release -p tollgate-bench -- strip [--bytes 8388608] [--chunk-bytes 1024] [--runs 3]
 //! ```
 
+#![warn(clippy::too_many_lines)] // production functions stay under 80 lines (clippy.toml)
+
 mod core_decisions;
 mod gateway;
 mod postgres_ledger;

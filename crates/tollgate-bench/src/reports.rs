@@ -61,31 +61,11 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
         let span_s = (now - start).num_seconds() as u64;
         // At least the first four events go through the store: they make both pools' cycle rows.
         let through_store = if pg.is_some() { recorded.max(4).min(events) } else { events };
+        let series = Series { account: &account_id, models: &models, sources: &sources, start, span_s, events, now };
         let mut i = 0u64;
         while i < through_store {
             let n = batch.min(through_store - i);
-            let list: Vec<NewEvent> = (i..i + n)
-                .map(|k| NewEvent {
-                    id: format!("e{k}"),
-                    account: account_id.clone(),
-                    pool: if k % 4 == 0 { PoolKind::Interactive } else { PoolKind::Programmatic },
-                    model: models[(k % 5) as usize].to_string(),
-                    usage: Usage { input_tokens: 1_000 + k % 500, output_tokens: 200, ..Usage::default() },
-                    cost: Nanos(6_000_000),
-                    service_tier: None,
-                    inference_geo: None,
-                    speed: None,
-                    source: Some(sources[(k % 3) as usize].to_string()),
-                    key: None,
-                    labels: BTreeMap::new(),
-                    timestamp: start + chrono::Duration::seconds((k * span_s / events) as i64),
-                    latency_ms: Some(500 + k % 1000),
-                    ttft_ms: None,
-                    partial: false,
-                    estimated: false,
-                    fingerprint: format!("e{k}"),
-                })
-                .collect();
+            let list: Vec<NewEvent> = (i..i + n).map(|k| series.event(k)).collect();
             store.record_events(list, now).await.map_err(|e| e.to_string())?;
             i += n;
         }
@@ -98,8 +78,6 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
             && through_store < events
         {
             let bulk = Instant::now();
-            let series =
-                Series { account: &account_id, models: &models, sources: &sources, start, span_s, events, now };
             bulk_load(url, &series, through_store).await?;
             let s = bulk.elapsed().as_secs_f64();
             println!("reports ({backend}): bulk-loaded {} more events in {s:.0} s", events - through_store);
@@ -115,16 +93,26 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
         client.execute("ANALYZE events, rollups", &[]).await.map_err(|e| e.to_string())?;
     }
 
-    let acct = store.account(&account_id).await.map_err(|e| e.to_string())?.ok_or("no account")?;
+    time_reports(store.as_ref(), &account_id, now, backend).await
+}
+
+/// Times a report by model and a forecast on the account, 20 times each, and prints the medians.
+async fn time_reports(
+    store: &dyn Store,
+    account_id: &str,
+    now: chrono::DateTime<Utc>,
+    backend: &str,
+) -> Result<(), String> {
+    let acct = store.account(account_id).await.map_err(|e| e.to_string())?.ok_or("no account")?;
     let mut report_times = Vec::new();
     let mut forecast_times = Vec::new();
     let mut groups = 0;
     for _ in 0..20 {
         let t = Instant::now();
         let cycle = report::cycle_of(&acct, "current", now)?;
-        let balance = store.balance(&account_id, cycle.start).await.map_err(|e| e.to_string())?;
+        let balance = store.balance(account_id, cycle.start).await.map_err(|e| e.to_string())?;
         let rollups = store
-            .rollups(&account_id, cycle.start, GroupBy::dims(Some(&GroupBy::Model)))
+            .rollups(account_id, cycle.start, GroupBy::dims(Some(&GroupBy::Model)))
             .await
             .map_err(|e| e.to_string())?;
         let r = report::build(&acct, &balance, &rollups, Some(&GroupBy::Model));
@@ -133,9 +121,9 @@ async fn measure(events: u64, recorded: u64, pg: Option<String>) -> Result<(), S
         report_times.push(t.elapsed());
 
         let t = Instant::now();
-        let balance = store.balance(&account_id, now).await.map_err(|e| e.to_string())?;
+        let balance = store.balance(account_id, now).await.map_err(|e| e.to_string())?;
         let rollups =
-            store.rollups(&account_id, balance.cycle.start, report::FORECAST_DIMS).await.map_err(|e| e.to_string())?;
+            store.rollups(account_id, balance.cycle.start, report::FORECAST_DIMS).await.map_err(|e| e.to_string())?;
         for p in &balance.pools {
             std::hint::black_box(report::forecast_pool(p, balance.cycle, &rollups, now));
         }
@@ -163,6 +151,32 @@ struct Series<'a> {
     span_s: u64,
     events: u64,
     now: chrono::DateTime<Utc>,
+}
+
+impl Series<'_> {
+    /// Event `k` of the series, as the store records it.
+    fn event(&self, k: u64) -> NewEvent {
+        NewEvent {
+            id: format!("e{k}"),
+            account: self.account.to_string(),
+            pool: if k.is_multiple_of(4) { PoolKind::Interactive } else { PoolKind::Programmatic },
+            model: self.models[(k % 5) as usize].to_string(),
+            usage: Usage { input_tokens: 1_000 + k % 500, output_tokens: 200, ..Usage::default() },
+            cost: Nanos(6_000_000),
+            service_tier: None,
+            inference_geo: None,
+            speed: None,
+            source: Some(self.sources[(k % 3) as usize].to_string()),
+            key: None,
+            labels: BTreeMap::new(),
+            timestamp: self.start + chrono::Duration::seconds((k * self.span_s / self.events) as i64),
+            latency_ms: Some(500 + k % 1000),
+            ttft_ms: None,
+            partial: false,
+            estimated: false,
+            fingerprint: format!("e{k}"),
+        }
+    }
 }
 
 /// Writes the events from `from` to the end of `series` with SQL, a million per statement, and

@@ -445,22 +445,7 @@ async fn metered_call(
         ..gw.settings.allowances
     };
 
-    // Server tools without max_uses get one, so that their uses are bounded and held.
-    let body = if facts.tools_without_max_uses() > 0 {
-        let max_uses = gw.settings.server_tool_max_uses;
-        facts.inject_max_uses(max_uses);
-        bytes::Bytes::from(wire::anthropic_inject_max_uses(&body, max_uses).map_err(|e| GatewayError::BadRequest(e.0))?)
-    } else {
-        body
-    };
-
-    // OpenAI: ask for the usage chunk when streaming, and hide it if the client did not.
-    let strip_usage_chunk = kind == Kind::OpenAi && facts.stream && !facts.include_usage;
-    let body = if strip_usage_chunk {
-        bytes::Bytes::from(wire::openai_rewrite(&body, true, None).map_err(|e| GatewayError::BadRequest(e.0))?)
-    } else {
-        body
-    };
+    let (body, strip_usage_chunk) = rewrite_body(&gw, kind, &mut facts, body)?;
 
     let id = request_id();
     let source = decider.source();
@@ -514,6 +499,30 @@ async fn metered_call(
     // A client that leaves from now on no longer stops the call (it runs in a task of its own,
     // `metered`): it ends by the upstream's answer, and a body built for no one is dropped.
     forward_and_meter(forward, finish, kind, strip_usage_chunk, admitted).await
+}
+
+/// The body forwarded upstream, and whether the OpenAI usage chunk is to be hidden from the
+/// client: server tools without `max_uses` get one, so that their uses are bounded and held;
+/// an OpenAI stream asks for the usage chunk, hidden when the client did not ask for it.
+fn rewrite_body(
+    gw: &Gateway,
+    kind: Kind,
+    facts: &mut RequestFacts,
+    body: bytes::Bytes,
+) -> Result<(bytes::Bytes, bool), GatewayError> {
+    let bad = |e: wire::BadRequest| GatewayError::BadRequest(e.0);
+    let body = if facts.tools_without_max_uses() > 0 {
+        let max_uses = gw.settings.server_tool_max_uses;
+        facts.inject_max_uses(max_uses);
+        bytes::Bytes::from(wire::anthropic_inject_max_uses(&body, max_uses).map_err(bad)?)
+    } else {
+        body
+    };
+    let strip_usage_chunk = kind == Kind::OpenAi && facts.stream && !facts.include_usage;
+    if strip_usage_chunk {
+        return Ok((bytes::Bytes::from(wire::openai_rewrite(&body, true, None).map_err(bad)?), true));
+    }
+    Ok((body, false))
 }
 
 /// Sends the call upstream and answers with its response, the body metered.

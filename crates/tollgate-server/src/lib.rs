@@ -5,6 +5,8 @@
 //! nothing about money themselves: prices come from `tollgate-core`, ledger decisions happen in
 //! the store. The router is built by [`router`] so tests drive it without a socket.
 
+#![warn(clippy::too_many_lines)] // production functions stay under 80 lines (clippy.toml)
+
 pub mod alerts;
 mod api;
 mod auth;
