@@ -321,8 +321,8 @@ fn err_kind(e: &StoreError) -> Option<ErrKind> {
     match e {
         StoreError::NotFound(_) => Some(ErrKind::NotFound),
         StoreError::Conflict(_) => Some(ErrKind::Conflict),
-        StoreError::Invalid(_) => Some(ErrKind::Invalid),
-        StoreError::Backend(_) | StoreError::Unavailable(_) => None,
+        StoreError::Invalid(_) | StoreError::Refused(_) => Some(ErrKind::Invalid),
+        StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Unavailable(_) => None,
     }
 }
 

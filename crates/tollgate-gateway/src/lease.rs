@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use tollgate_core::{Nanos, PoolKind};
 use tollgate_store::{HoldOutcome, HoldRequest, Key, Store, StoreError};
 
-use crate::Clock;
 use crate::metrics::{LeaseLabels, Metrics};
 use crate::retry::{until_stored, void_unknown_hold};
+use crate::{Clock, Monotonic};
 
 /// A lease unused for this long is voided.
 const IDLE: Duration = Duration::from_secs(2);
@@ -87,12 +87,19 @@ pub struct Part {
 }
 
 /// The gateway's leases, per (account, pool, key).
-#[derive(Debug, Default)]
 pub struct LeaseBook {
     scopes: Mutex<HashMap<Scope, ScopeLeases>>,
     ticking: AtomicBool,
     /// The gateway is stopping: a lease that arrives now is voided at once.
     closed: AtomicBool,
+    /// What lease timing reads: when a lease was last used or extended, back-off.
+    now: Monotonic,
+}
+
+impl LeaseBook {
+    pub fn new(now: Monotonic) -> LeaseBook {
+        LeaseBook { scopes: Mutex::default(), ticking: AtomicBool::new(false), closed: AtomicBool::new(false), now }
+    }
 }
 
 pub fn scope(key: &Key, pool: PoolKind) -> Scope {
@@ -121,7 +128,7 @@ impl LeaseBook {
         let lease = &mut leases.open[found?];
         lease.free = Nanos(lease.free.0 - amount.0);
         lease.calls += 1;
-        lease.used = Instant::now();
+        lease.used = (self.now)();
         let low = lease.free.0 < quarter;
         Some(Part { lease_id: lease.id.clone(), amount, low })
     }
@@ -132,7 +139,8 @@ impl LeaseBook {
     }
 
     /// A call's part is done: `charged` when its event was charged against the lease (the store
-    /// released the part), otherwise the call gives the part back unused. Returns the lease's id
+    /// released the part), otherwise the call gives the part back unused. The lease counts as
+    /// used until then (its idle time starts when its last call ends). Returns the lease's id
     /// when it was draining and this was its last call: it leaves the book, to be voided now.
     fn done(&self, scope: &Scope, part: &Part, charged: bool) -> Option<String> {
         let mut scopes = self.scopes.lock().expect("leases");
@@ -140,6 +148,7 @@ impl LeaseBook {
         let i = leases.open.iter().position(|l| l.id == part.lease_id)?;
         let lease = &mut leases.open[i];
         lease.calls = lease.calls.saturating_sub(1);
+        lease.used = (self.now)();
         if !charged {
             lease.free = lease.free.saturating_add(part.amount);
         }
@@ -192,7 +201,7 @@ impl LeaseBook {
         let mut scopes = self.scopes.lock().expect("leases");
         let mut idle = Vec::new();
         for (_, leases) in scopes.iter_mut().filter(|(s, _)| s.account == account && s.pool == pool) {
-            leases.not_before = Some(Instant::now() + BACKOFF);
+            leases.not_before = Some((self.now)() + BACKOFF);
             leases.open.iter_mut().for_each(|l| l.draining = true);
             let (done, busy): (Vec<Lease>, Vec<Lease>) = leases.open.drain(..).partition(|l| l.calls == 0);
             leases.open = busy;
@@ -208,7 +217,7 @@ impl LeaseBook {
         let leases = scopes.entry(scope.clone()).or_default();
         if leases.taking
             || leases.open.len() + usize::from(leases.taking) >= LEASES_PER_SCOPE_MAX
-            || leases.not_before.is_some_and(|t| Instant::now() < t)
+            || leases.not_before.is_some_and(|t| (self.now)() < t)
         {
             return false;
         }
@@ -229,7 +238,7 @@ impl LeaseBook {
                 None
             }
             None => {
-                leases.not_before = Some(Instant::now() + BACKOFF);
+                leases.not_before = Some((self.now)() + BACKOFF);
                 None
             }
         }
@@ -248,15 +257,16 @@ impl LeaseBook {
     /// ScopeLeases to void (idle, or draining with no call left) and leases to extend (half their
     /// time to live gone), as (account, lease id) pairs.
     fn tick(&self, ttl: Duration, closing: bool) -> (Vec<LeaseRef>, Vec<LeaseRef>) {
+        let now = (self.now)();
         let mut scopes = self.scopes.lock().expect("leases");
         let (mut void, mut extend) = (Vec::new(), Vec::new());
         for (scope, leases) in scopes.iter_mut() {
             leases.open.retain_mut(|l| {
-                let done = l.calls == 0 && (closing || l.draining || l.used.elapsed() >= IDLE);
+                let done = l.calls == 0 && (closing || l.draining || now - l.used >= IDLE);
                 if done {
                     void.push((scope.account.clone(), l.id.clone()));
-                } else if l.extended.elapsed() >= ttl / 2 {
-                    l.extended = Instant::now();
+                } else if now - l.extended >= ttl / 2 {
+                    l.extended = now;
                     extend.push((scope.account.clone(), l.id.clone()));
                 }
                 !done
@@ -278,8 +288,9 @@ pub struct Leases {
 }
 
 impl Leases {
-    pub fn new(store: Arc<dyn Store>, clock: Clock, metrics: Metrics, size: Nanos, ttl_s: u64) -> Leases {
-        Leases { book: LeaseBook::default(), store, clock, metrics, size, ttl_s }
+    pub fn new(store: Arc<dyn Store>, clocks: (Clock, Monotonic), metrics: Metrics, size: Nanos, ttl_s: u64) -> Leases {
+        let (clock, monotonic) = clocks;
+        Leases { book: LeaseBook::new(monotonic), store, clock, metrics, size, ttl_s }
     }
 
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
@@ -339,7 +350,7 @@ impl Leases {
                     (None, remaining)
                 }
                 Ok(HoldOutcome::Held(h)) if h.remaining_after.is_none_or(|r| r.0 / LEASES_MAX_SHARE >= size.0) => {
-                    let now = Instant::now();
+                    let now = (this.book.now)();
                     let lease = Lease { id: h.id, free: size, calls: 0, used: now, extended: now, draining: false };
                     (Some(lease), h.remaining_after)
                 }
@@ -442,5 +453,82 @@ impl Leases {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use chrono::Utc;
+    use tollgate_store::KeyPool;
+
+    use super::*;
+
+    /// A monotonic clock the test moves by hand.
+    fn manual() -> (Monotonic, Arc<Mutex<Instant>>) {
+        let at = Arc::new(Mutex::new(Instant::now()));
+        let read = at.clone();
+        (Arc::new(move || *read.lock().expect("clock")), at)
+    }
+
+    fn key() -> Key {
+        Key {
+            id: "k-1".into(),
+            account: "acme".into(),
+            name: None,
+            pool: KeyPool::Fixed(PoolKind::Programmatic),
+            labels: Default::default(),
+            cap: None,
+            created_at: Utc::now(),
+            revoked_at: None,
+        }
+    }
+
+    fn lease(id: &str, free: i64, at: Instant) -> Lease {
+        Lease { id: id.into(), free: Nanos(free), calls: 0, used: at, extended: at, draining: false }
+    }
+
+    /// A lease unused for `IDLE` is voided by the next tick, not before; one in use is extended
+    /// once half its time to live has passed, and again half a time to live later.
+    #[test]
+    fn idle_and_extension_follow_the_injected_clock() {
+        let (clock, at) = manual();
+        let book = LeaseBook::new(clock);
+        let (k, pool, ttl) = (key(), PoolKind::Programmatic, IDLE * 10);
+        let s = scope(&k, pool);
+        assert!(book.should_take(&s), "the first lease of a scope is taken");
+        let start = *at.lock().expect("clock");
+        assert!(book.taken(&s, Some(lease("L1", 1_000, start)), None).is_none(), "filed");
+        let part = book.take(&k, pool, Nanos(100), Nanos(1_000)).expect("the lease covers the call");
+
+        *at.lock().expect("clock") = start + IDLE * 10;
+        let (void, extend) = book.tick(ttl, false);
+        assert!(void.is_empty(), "a lease with a call in flight is never voided: {void:?}");
+        assert_eq!(extend, [("acme".to_string(), "L1".to_string())], "half its ttl gone: extended");
+        assert!(book.tick(ttl, false).1.is_empty(), "extended once, not again at the same instant");
+
+        book.done(&s, &part, true);
+        *at.lock().expect("clock") = start + IDLE * 10 + IDLE - Duration::from_millis(1);
+        assert!(book.tick(ttl, false).0.is_empty(), "its call ended less than IDLE ago: kept");
+        *at.lock().expect("clock") = start + IDLE * 10 + IDLE;
+        assert_eq!(book.tick(ttl, false).0, [("acme".to_string(), "L1".to_string())], "idle: voided");
+        assert_eq!(book.open(), 0, "no lease left");
+    }
+
+    /// After a refusal, no lease is asked for during `BACKOFF`, by the injected clock.
+    #[test]
+    fn back_off_follows_the_injected_clock() {
+        let (clock, at) = manual();
+        let book = LeaseBook::new(clock);
+        let s = scope(&key(), PoolKind::Programmatic);
+        assert!(book.should_take(&s));
+        assert!(book.taken(&s, None, None).is_none(), "refused: nothing filed");
+        assert!(!book.should_take(&s), "backing off");
+        let start = *at.lock().expect("clock");
+        *at.lock().expect("clock") = start + BACKOFF - Duration::from_millis(1);
+        assert!(!book.should_take(&s), "still backing off just before BACKOFF");
+        *at.lock().expect("clock") = start + BACKOFF;
+        assert!(book.should_take(&s), "asks again once BACKOFF has passed");
     }
 }

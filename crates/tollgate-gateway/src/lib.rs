@@ -23,5 +23,14 @@ pub use state::{Gateway, LEASE_DEFAULT, PoolRule, Settings, UNBOUNDED_TOOL_ALLOW
 
 /// The clock, injected so tests control time.
 pub type Clock = std::sync::Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+
+/// The monotonic clock lease timing reads (idle, extension, back-off), injected so tests
+/// control it; [`monotonic`] is the system's.
+pub type Monotonic = std::sync::Arc<dyn Fn() -> std::time::Instant + Send + Sync>;
+
+/// The system's monotonic clock.
+pub fn monotonic() -> Monotonic {
+    std::sync::Arc::new(std::time::Instant::now)
+}
 pub use tollgate_core::price::SERVER_TOOL_MAX_USES_DEFAULT;
 pub use upstream::{Auth, Kind, Upstream};

@@ -12,11 +12,11 @@ use tollgate_core::{Nanos, OnExhausted, PoolKind, PriceTable};
 use tollgate_store::feed::Feed;
 use tollgate_store::{Key, Store, StoreError, hash_secret};
 
-use crate::Clock;
 use crate::error::GatewayError;
 use crate::lease::Leases;
 use crate::metrics::Metrics;
 use crate::upstream::{HttpClient, Upstream};
+use crate::{Clock, Monotonic};
 
 /// What the gateway is told by configuration.
 #[derive(Clone, Debug)]
@@ -131,9 +131,26 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(store: Arc<dyn Store>, prices: Arc<PriceTable>, clock: Clock, settings: Settings) -> Gateway {
+        Gateway::with_clocks(store, prices, (clock, crate::monotonic()), settings)
+    }
+
+    /// A gateway whose lease timing reads `clocks.1` (the wall clock, `clocks.0`, dates the
+    /// ledger's writes).
+    pub fn with_clocks(
+        store: Arc<dyn Store>,
+        prices: Arc<PriceTable>,
+        clocks: (Clock, Monotonic),
+        settings: Settings,
+    ) -> Gateway {
+        let (clock, monotonic) = clocks;
         let metrics = Metrics::default();
-        let leases =
-            Arc::new(Leases::new(store.clone(), clock.clone(), metrics.clone(), settings.lease, settings.hold_ttl_s));
+        let leases = Arc::new(Leases::new(
+            store.clone(),
+            (clock.clone(), monotonic),
+            metrics.clone(),
+            settings.lease,
+            settings.hold_ttl_s,
+        ));
         Gateway {
             store,
             prices,

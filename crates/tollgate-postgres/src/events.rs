@@ -11,16 +11,15 @@ use crate::Result;
 use crate::rows::{self, us};
 
 /// How many parameters [`insert_sql`] takes.
-pub const PARAMS: usize = 29;
+pub const PARAMS: usize = 30;
 
 /// The insert of the rows of [`Columns::params`], whose arrays are the parameters `$first` to
-/// `$first + 28`; it returns nothing (the caller adds its `RETURNING`). Events inserted this way
-/// are never `unsettled`.
+/// `$first + 29`; it returns nothing (the caller adds its `RETURNING`).
 pub fn insert_sql(first: usize) -> String {
     const TYPES: [&str; PARAMS] = [
         "text", "text", "text", "text", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "int8",
         "text", "text", "text", "text", "text", "text", "int8", "int8", "text", "int8", "int8", "bool", "int8", "text",
-        "bool",
+        "bool", "bool",
     ];
     let arrays: Vec<String> = TYPES.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", first + i)).collect();
     format!(
@@ -29,9 +28,9 @@ pub fn insert_sql(first: usize) -> String {
              grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
              cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated)
          SELECT a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h, lat, tt, pa,
-             false, rec, fp, est
+             un, rec, fp, est
          FROM unnest({}) AS u(a, i, p, m, it, c5, c1, cr, ot, ws, cost, gp, op, os, st, ig, sp, src, k, l, ts, cs, h,
-             lat, tt, pa, rec, fp, est)",
+             lat, tt, pa, rec, fp, est, un)",
         arrays.join(", ")
     )
 }
@@ -81,6 +80,7 @@ pub struct Columns<'a> {
     recorded: Vec<i64>,
     fingerprint: Vec<&'a str>,
     estimated: Vec<bool>,
+    unsettled: Vec<bool>,
 }
 
 impl<'a> Columns<'a> {
@@ -118,6 +118,7 @@ impl<'a> Columns<'a> {
             recorded: int(|r| us(r.recorded)),
             fingerprint: text(|r| &r.event.fingerprint),
             estimated: rows.iter().map(|r| r.event.estimated).collect(),
+            unsettled: rows.iter().map(|r| r.unsettled).collect(),
         }
     }
 
@@ -153,6 +154,7 @@ impl<'a> Columns<'a> {
             &self.recorded,
             &self.fingerprint,
             &self.estimated,
+            &self.unsettled,
         ]
     }
 }

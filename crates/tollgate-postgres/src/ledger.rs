@@ -20,45 +20,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use tollgate_core::ledger::{self, PoolScope, Replay};
-use tollgate_core::{Cycle, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{Account, Event, EventOutcome, Grant, Hold, HoldState, NewEvent, NewGrant, StoreError};
+use tollgate_core::{Cycle, Nanos, PoolKind};
+use tollgate_store::step::{self, EventRef, HoldEntry, KeyId, KeyTotals, Op, Plan, PoolId, PoolTotals, Snapshot};
+use tollgate_store::{Account, Event, EventOutcome, Grant, NewEvent, NewGrant, StoreError, StoreResult};
 
 use crate::events;
 use crate::rows::{self, execute, query, query_one, query_opt, us};
 use crate::{Error, Result};
-use tollgate_store::ChargedEvent;
-
-/// A pool's running totals in one cycle: its `pool_cycles` row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolTotals {
-    pub grants: Nanos,
-    pub used: Nanos,
-    pub overage: Nanos,
-    pub held: Nanos,
-}
-
-/// A key's running totals in one cycle: its `key_cycles` row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KeyTotals {
-    pub charged: Nanos,
-    pub held: Nanos,
-}
-
-/// A pool's state in one cycle (its row locked), plus what settling needs from its tier.
-pub struct PoolCycle {
-    pub totals: PoolTotals,
-    pub scope: PoolScope,
-    pub payg_multiplier_ppm: u64,
-}
-
-/// The tier grant of a pool: the account's own grant if set, else its tier's.
-async fn tier_grant(tx: &Transaction<'_>, account: &Account, pool: PoolKind) -> Result<(Nanos, u64)> {
-    let tier = rows::load_tier(tx, &account.tier)
-        .await?
-        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
-    Ok((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
-}
 
 /// Locks a pool's row for a cycle and reads its totals; None when the row does not exist.
 async fn lock_pool(tx: &Transaction<'_>, account: &str, pool: PoolKind, start_us: i64) -> Result<Option<PoolTotals>> {
@@ -80,36 +48,35 @@ async fn lock_pool(tx: &Transaction<'_>, account: &str, pool: PoolKind, start_us
     })
 }
 
-/// Locks the pool's cycle row, creating it with the tier's grant when its time has come. Two
+/// Locks the pool's cycle row, creating it with the tier's grant when its time has come.
+pub async fn pool_cycle(tx: &Transaction<'_>, account: &Account, pool: PoolKind, cycle: &Cycle) -> Result<PoolTotals> {
+    let tier = rows::load_tier(tx, &account.tier)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+    let id = (account.id.clone(), pool, us(cycle.start));
+    match lock_pool(tx, &account.id, pool, id.2).await? {
+        Some(totals) => Ok(totals),
+        None => create_pool(tx, &id, account.grant_override(pool).unwrap_or(tier.grant(pool)), cycle).await,
+    }
+}
+
+/// Creates a pool's cycle row with its tier grant (and that grant's row), and locks it. Two
 /// transactions that create it at once: the second waits for the first and finds its row.
-pub async fn pool_cycle(tx: &Transaction<'_>, account: &Account, pool: PoolKind, cycle: &Cycle) -> Result<PoolCycle> {
-    let (grant, ppm) = tier_grant(tx, account, pool).await?;
-    let start = us(cycle.start);
-    let totals = match lock_pool(tx, &account.id, pool, start).await? {
-        Some(totals) => totals,
-        None => {
-            let created = execute(
-                tx,
-                "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
-                 VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING",
-                &[&account.id, &pool.as_str(), &start, &us(cycle.end), &grant.0],
-            )
-            .await?;
-            if created == 1 {
-                insert_grant(tx, &Grant::from_tier(&account.id, pool, grant, cycle)).await?;
-            }
-            lock_pool(tx, &account.id, pool, start).await?.ok_or_else(|| {
-                StoreError::Backend(format!("pool {} {} has no row for its cycle", account.id, pool.as_str()))
-            })?
-        }
-    };
-    let policy = rows::load_policy(tx, &account.id, pool).await?;
-    let PoolTotals { grants, used, overage, held } = totals;
-    Ok(PoolCycle {
-        totals,
-        scope: PoolScope { limit: policy.limit(grants), grants, used, overage, held },
-        payg_multiplier_ppm: ppm,
-    })
+async fn create_pool(tx: &Transaction<'_>, id: &PoolId, grant: Nanos, cycle: &Cycle) -> Result<PoolTotals> {
+    let (account, pool, start) = (&id.0, id.1, id.2);
+    let created = execute(
+        tx,
+        "INSERT INTO pool_cycles (account, pool, cycle_start_us, cycle_end_us, grants, used, overage, held)
+         VALUES ($1, $2, $3, $4, $5, 0, 0, 0) ON CONFLICT DO NOTHING",
+        &[account, &pool.as_str(), &start, &us(cycle.end), &grant.0],
+    )
+    .await?;
+    if created == 1 {
+        insert_grant(tx, &Grant::from_tier(account, pool, grant, cycle)).await?;
+    }
+    lock_pool(tx, account, pool, start)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("pool {account} {} has no row for its cycle", pool.as_str())).into())
 }
 
 /// Inserts `g` (its id aside); the id it was given.
@@ -134,49 +101,26 @@ pub async fn insert_grant(tx: &Transaction<'_>, g: &Grant) -> Result<i64> {
 }
 
 /// Writes a pool's totals plus `add`; the caller holds the row's lock and read `current` under it.
-async fn add_to_pool(
-    tx: &Transaction<'_>,
-    account: &str,
-    pool: PoolKind,
-    cycle_start: DateTime<Utc>,
-    current: PoolTotals,
-    add: PoolTotals,
-) -> Result<()> {
-    let sum = |a: Nanos, b: Nanos| {
-        a.checked_add(b).ok_or_else(|| StoreError::Invalid("amount out of the ledger's range".into()))
-    };
-    let new = PoolTotals {
-        grants: sum(current.grants, add.grants)?,
-        used: sum(current.used, add.used)?,
-        overage: sum(current.overage, add.overage)?,
-        held: sum(current.held, add.held)?,
-    };
-    write_pool(tx, account, pool, cycle_start, new).await
+async fn add_to_pool(tx: &Transaction<'_>, id: &PoolId, current: PoolTotals, add: PoolTotals) -> Result<()> {
+    write_pool(tx, id, current.plus(add)?).await
 }
 
 /// Writes a pool's totals; the caller holds the row's lock.
-async fn write_pool(
-    tx: &Transaction<'_>,
-    account: &str,
-    pool: PoolKind,
-    cycle_start: DateTime<Utc>,
-    totals: PoolTotals,
-) -> Result<()> {
+async fn write_pool(tx: &Transaction<'_>, id: &PoolId, totals: PoolTotals) -> Result<()> {
     let PoolTotals { grants, used, overage, held } = totals;
     execute(
         tx,
         "UPDATE pool_cycles SET grants = $4, used = $5, overage = $6, held = $7
          WHERE account = $1 AND pool = $2 AND cycle_start_us = $3",
-        &[&account, &pool.as_str(), &us(cycle_start), &grants.0, &used.0, &overage.0, &held.0],
+        &[&id.0, &id.1.as_str(), &id.2, &grants.0, &used.0, &overage.0, &held.0],
     )
     .await?;
     Ok(())
 }
 
 /// Locks a key's row for a cycle (creating it at zero) and reads its totals.
-async fn lock_key(tx: &Transaction<'_>, key_id: &str, cycle_start: DateTime<Utc>) -> Result<KeyTotals> {
+async fn lock_key(tx: &Transaction<'_>, key_id: &str, start: i64) -> Result<KeyTotals> {
     const LOCK: &str = "SELECT charged, held FROM key_cycles WHERE key_id = $1 AND cycle_start_us = $2 FOR UPDATE";
-    let start = us(cycle_start);
     let row = match query_opt(tx, LOCK, &[&key_id, &start]).await? {
         Some(row) => row,
         None => {
@@ -193,33 +137,15 @@ async fn lock_key(tx: &Transaction<'_>, key_id: &str, cycle_start: DateTime<Utc>
     Ok(KeyTotals { charged: Nanos(row.try_get(0)?), held: Nanos(row.try_get(1)?) })
 }
 
-/// Writes a key's totals plus `add`; the caller holds the row's lock and read `current` under it.
-async fn add_to_key(
-    tx: &Transaction<'_>,
-    key_id: &str,
-    cycle_start: DateTime<Utc>,
-    current: KeyTotals,
-    add: KeyTotals,
-) -> Result<()> {
-    let out_of_range = || StoreError::Invalid("amount out of range".into());
-    let charged = current.charged.checked_add(add.charged).ok_or_else(out_of_range)?;
-    let held = current.held.checked_add(add.held).ok_or_else(out_of_range)?;
-    write_key(tx, key_id, cycle_start, KeyTotals { charged, held }).await
-}
-
 /// Writes a key's totals; the caller holds the row's lock.
-async fn write_key(tx: &Transaction<'_>, key_id: &str, cycle_start: DateTime<Utc>, totals: KeyTotals) -> Result<()> {
+async fn write_key(tx: &Transaction<'_>, id: &KeyId, totals: KeyTotals) -> Result<()> {
     execute(
         tx,
         "UPDATE key_cycles SET charged = $3, held = $4 WHERE key_id = $1 AND cycle_start_us = $2",
-        &[&key_id, &us(cycle_start), &totals.charged.0, &totals.held.0],
+        &[&id.0, &id.1, &totals.charged.0, &totals.held.0],
     )
     .await?;
     Ok(())
-}
-
-fn event_id_taken(id: &str) -> Error {
-    StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id")).into()
 }
 
 /// The class of the event-order locks: the first of the two integers of a PostgreSQL advisory
@@ -267,120 +193,6 @@ pub async fn lock_event_order(tx: &Transaction<'_>, accounts: &[&str]) -> Result
     Ok(())
 }
 
-/// Charges a locked hold with an event's cost, releases the hold, records the event.
-async fn settle_hold(
-    tx: &Transaction<'_>,
-    hold: &Hold,
-    event: NewEvent,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> Result<Event> {
-    let recorded = charge_hold(tx, hold, hold.amount, event, unsettled, now).await?;
-    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
-    execute(
-        tx,
-        "UPDATE holds SET state = $3, event_seq = $4 WHERE account = $1 AND id = $2",
-        &[&hold.account, &hold.id, &state.as_str(), &recorded.seq],
-    )
-    .await?;
-    Ok(recorded)
-}
-
-/// Charges an event's cost against `amount` of a locked hold, releases that part and records the
-/// event.
-async fn charge_hold(
-    tx: &Transaction<'_>,
-    hold: &Hold,
-    amount: Nanos,
-    event: NewEvent,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> Result<Event> {
-    let account = rows::require_account(tx, &hold.account).await?;
-    let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
-    let pool = pool_cycle(tx, &account, hold.pool, &cycle).await?;
-    // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
-    let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
-    let settlement = match ledger::settle(amount, event.cost, &pool.scope, ppm) {
-        Ok(s) => s,
-        // A taken event id is reported before a bad amount, as when it was checked first.
-        Err(_) if rows::load_event(tx, &hold.account, &event.id).await?.is_some() => {
-            return Err(event_id_taken(&event.id));
-        }
-        Err(refusal) => return Err(overflow(refusal)),
-    };
-    let split = settlement.split;
-    let release = Nanos(-amount.0);
-    let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: release };
-    add_to_pool(tx, &hold.account, hold.pool, hold.cycle_start, pool.totals, add).await?;
-    if let Some(key) = &hold.key {
-        let totals = lock_key(tx, key, hold.cycle_start).await?;
-        add_to_key(tx, key, hold.cycle_start, totals, KeyTotals { charged: split.total(), held: release }).await?;
-    }
-    lock_event_order(tx, &[&hold.account]).await?;
-    let id = event.id.clone();
-    insert_event(tx, &ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) })
-        .await?
-        .ok_or_else(|| event_id_taken(&id))
-}
-
-fn overflow(refusal: tollgate_core::Refusal) -> Error {
-    StoreError::Invalid(format!("amount out of range ({})", refusal.code())).into()
-}
-
-/// Inserts an event; None when its id is taken (by a committed event, or by one whose
-/// transaction committed while this insert waited for it).
-async fn insert_event(tx: &Transaction<'_>, row: &ChargedEvent) -> Result<Option<Event>> {
-    let ChargedEvent { event: e, cycle_start, split, overshoot, hold_id, unsettled, recorded: now } = row;
-    let (cycle_start, now) = (*cycle_start, *now);
-    let labels = rows::labels_to_text(&e.labels);
-    let inserted = query_opt(
-        tx,
-        "INSERT INTO events (account, id, pool, model, input_tokens, cache_creation_5m_input_tokens,
-             cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost,
-             grant_part, overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us,
-             cycle_start_us, hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-             $23, $24, $25, $26, $27, $28, $29, $30)
-         ON CONFLICT DO NOTHING RETURNING seq",
-        &[
-            &e.account,
-            &e.id,
-            &e.pool.as_str(),
-            &e.model,
-            &(e.usage.input_tokens as i64),
-            &(e.usage.cache_creation_5m_input_tokens as i64),
-            &(e.usage.cache_creation_1h_input_tokens as i64),
-            &(e.usage.cache_read_input_tokens as i64),
-            &(e.usage.output_tokens as i64),
-            &(e.usage.web_search_requests as i64),
-            &e.cost.0,
-            &split.grant.0,
-            &split.overage.0,
-            &overshoot.0,
-            &e.service_tier,
-            &e.inference_geo,
-            &e.speed,
-            &e.source,
-            &e.key,
-            &labels,
-            &us(e.timestamp),
-            &us(cycle_start),
-            &hold_id,
-            &e.latency_ms.map(|v| v as i64),
-            &e.ttft_ms.map(|v| v as i64),
-            &e.partial,
-            &unsettled,
-            &us(now),
-            &e.fingerprint,
-            &e.estimated,
-        ],
-    )
-    .await?;
-    let Some(inserted) = inserted else { return Ok(None) };
-    Ok(Some(row.event(inserted.try_get(0)?)))
-}
-
 /// Adds a top-up to the pool's cycle that contains `now`.
 pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -> Result<Grant> {
     if g.amount <= Nanos::ZERO {
@@ -392,198 +204,97 @@ pub async fn add_grant(tx: &Transaction<'_>, g: &NewGrant, now: DateTime<Utc>) -
     let grant = Grant::top_up(g, &cycle, now);
     let id = insert_grant(tx, &grant).await?;
     let top_up = PoolTotals { grants: g.amount, ..PoolTotals::default() };
-    add_to_pool(tx, &g.account, g.pool, cycle.start, pool.totals, top_up).await?;
+    add_to_pool(tx, &(g.account.clone(), g.pool, us(cycle.start)), pool, top_up).await?;
     Ok(Grant { id, ..grant })
 }
 
 /// Records a batch of events, all or nothing (the caller's transaction), with a few round trips
 /// per distinct account, key and pool and one insert for all the events, not a few round trips
-/// per event. The events are decided in order, as if recorded one after the other: first the
-/// checks that need no lock (a repeated id, the account, the key), so that a batch of repeats
-/// locks nothing; then the pools and keys of the new events are locked, in the lock order, and
-/// each new event is charged on its pool's running totals. The first event that fails fails the
-/// batch, with the error it would meet recorded alone: an amount out of range is reported before
-/// a later event's conflict (a pool's unknown tier, a broken database, shows when its pools are
-/// locked).
+/// per event. The events are decided in order by [`Plan`], as if recorded one after the other;
+/// the first that fails fails the batch. A batch of repeats locks nothing.
 pub async fn record_events(tx: &Transaction<'_>, events: &[NewEvent], now: DateTime<Utc>) -> Result<Vec<EventOutcome>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let Screened { outcomes, accounts, refused } = screen_events(tx, events).await?;
-    // The new events before the refused one, with their accounts and cycles.
-    let new: Vec<(&NewEvent, &Account, Cycle)> = events
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| matches!(o, Place::New))
-        .filter_map(|(e, _)| {
-            accounts[e.account.as_str()].as_ref().map(|a| (e, a, a.cycle_anchor().cycle_at(e.timestamp)))
-        })
-        .collect();
-    let (mut pool_state, mut key_state) = lock_new_events(tx, &new).await?;
+    let ops: Vec<(Op, DateTime<Utc>)> = events.iter().map(|e| (Op::Record(Box::new(e.clone())), now)).collect();
+    let mut plan = Plan::default();
+    read_snapshot(tx, &mut plan.snapshot, &ops).await?;
+    lock_needs(tx, &mut plan.snapshot, &ops).await?;
+    let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>()?;
+    let seqs = write_plan(tx, &plan).await?;
+    Ok(outcomes.into_iter().map(|o| o.answer(&plan, &seqs).into_event_outcome()).collect::<StoreResult<_>>()?)
+}
 
-    // Each new event in order, charged on the running totals.
-    let out_of_range = || StoreError::Invalid("amount out of the ledger's range".into());
-    let mut new_rows: Vec<ChargedEvent> = Vec::with_capacity(new.len());
-    for (e, _, cycle) in &new {
-        let (pool, _) =
-            pool_state.get_mut(&(e.account.as_str(), e.pool.as_str(), us(cycle.start))).expect("locked above");
-        let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-        pool.totals.used = pool.totals.used.checked_add(split.grant).ok_or_else(out_of_range)?;
-        pool.totals.overage = pool.totals.overage.checked_add(split.overage).ok_or_else(out_of_range)?;
-        pool.scope.used = pool.totals.used;
-        pool.scope.overage = pool.totals.overage;
-        if let Some(key) = &e.key {
-            let (totals, _) = key_state.get_mut(&(key.as_str(), us(cycle.start))).expect("locked above");
-            totals.charged = totals.charged.checked_add(split.total()).ok_or_else(out_of_range)?;
+/// Reads what `ops` need before their pools: each account with its tier and policies, the keys
+/// they name, and the committed events whose ids they take.
+async fn read_snapshot(tx: &Transaction<'_>, snap: &mut Snapshot, ops: &[(Op, DateTime<Utc>)]) -> Result<()> {
+    snap.knows_taken = true;
+    let ids: Vec<(&str, &str)> = ops.iter().filter_map(|(op, _)| op.event_key()).collect();
+    for (id, row) in load_events(tx, &ids).await? {
+        snap.taken.insert(id, (row.fingerprint, row.event));
+    }
+    let accounts: BTreeSet<&str> = ops.iter().map(|(op, _)| op.account()).collect();
+    for id in accounts {
+        let Some(account) = rows::load_account(tx, id).await? else { continue };
+        if !snap.tiers.contains_key(&account.tier)
+            && let Some(tier) = rows::load_tier(tx, &account.tier).await?
+        {
+            snap.tiers.insert(tier.id.clone(), tier);
         }
-        new_rows.push(ChargedEvent::direct((*e).clone(), cycle.start, split, now));
+        for pool in PoolKind::ALL {
+            snap.policies.insert((account.id.clone(), pool), rows::load_policy(tx, &account.id, pool).await?);
+        }
+        snap.accounts.insert(account.id.clone(), account);
     }
-    if let Some(e) = refused {
-        return Err(e.into());
-    }
-    let seqs = write_new_events(tx, &pool_state, &key_state, &new_rows).await?;
-
-    // The place in `new_rows` of each new event of the batch.
-    let mut row_of = HashMap::new();
-    for (n, o) in outcomes.iter().enumerate() {
-        if matches!(o, Place::New) {
-            row_of.insert(n, row_of.len());
+    let keys: Vec<&str> = ops.iter().filter_map(|(op, _)| op.key()).collect::<BTreeSet<_>>().into_iter().collect();
+    if !keys.is_empty() {
+        for r in query(tx, "SELECT id, account, cap FROM keys WHERE id = ANY($1)", &[&keys]).await? {
+            snap.keys.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get::<_, Option<i64>>(2)?.map(Nanos)));
         }
     }
-    let recorded = |n: usize| new_rows[row_of[&n]].event(seqs[row_of[&n]]);
-    Ok(outcomes
-        .iter()
-        .enumerate()
-        .map(|(n, o)| match o {
-            Place::Duplicate(event) => EventOutcome::Duplicate((**event).clone()),
-            Place::DuplicateOf(i) => EventOutcome::Duplicate(recorded(*i)),
-            Place::New => EventOutcome::Recorded(recorded(n)),
-        })
-        .collect())
+    Ok(())
 }
 
-/// What an event of a batch turned out to be before any lock.
-enum Place {
-    Duplicate(Box<Event>),
-    /// The same as the event at this place of the batch, recorded by it.
-    DuplicateOf(usize),
-    New,
-}
-
-/// The checks of a batch of events that need no lock, in order.
-struct Screened<'a> {
-    /// One per event up to the first refused (excluded).
-    outcomes: Vec<Place>,
-    accounts: HashMap<&'a str, Option<Account>>,
-    /// The first event refused by these checks: the events before it may still fail first, when
-    /// charged (an amount out of range), so its error waits until they are.
-    refused: Option<StoreError>,
-}
-
-/// A repeated id, the account and the key of each event, in order, up to the first refused.
-async fn screen_events<'a>(tx: &Transaction<'_>, events: &'a [NewEvent]) -> Result<Screened<'a>> {
-    let ids: Vec<(&str, &str)> = events.iter().map(|e| (e.account.as_str(), e.id.as_str())).collect();
-    let committed = load_events(tx, &ids).await?;
-    let mut accounts: HashMap<&str, Option<Account>> = HashMap::new();
-    let mut keys: HashMap<(&str, &str), bool> = HashMap::new();
-    let mut first: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(events.len());
-    let mut refused: Option<StoreError> = None;
-    for (n, e) in events.iter().enumerate() {
-        let id = (e.account.as_str(), e.id.as_str());
-        let earlier = match (committed.get(&(e.account.clone(), e.id.clone())), first.get(&id)) {
-            (Some(row), _) => Some((row.fingerprint.clone(), Place::Duplicate(Box::new(row.event.clone())))),
-            (None, Some(&i)) => Some((events[i].fingerprint.clone(), Place::DuplicateOf(i))),
-            (None, None) => None,
+/// Locks the pool rows and then the key rows `ops` need, each in the lock order, creating the
+/// missing ones (a pool with its tier grant, a key at zero).
+async fn lock_needs(tx: &Transaction<'_>, snap: &mut Snapshot, ops: &[(Op, DateTime<Utc>)]) -> Result<()> {
+    let mut pools: BTreeMap<PoolId, Option<(Nanos, Cycle)>> = BTreeMap::new();
+    let mut keys: BTreeSet<KeyId> = BTreeSet::new();
+    for (op, now) in ops {
+        let needs = snap.needs(op, *now);
+        if let Some((id, create)) = needs.pool {
+            let entry = pools.entry(id).or_default();
+            if entry.is_none() {
+                *entry = create;
+            }
+        }
+        keys.extend(needs.key);
+    }
+    for (id, create) in pools {
+        let totals = match (lock_pool(tx, &id.0, id.1, id.2).await?, create) {
+            (Some(totals), _) => totals,
+            (None, None) => continue,
+            (None, Some((grant, cycle))) => create_pool(tx, &id, grant, &cycle).await?,
         };
-        match ledger::replay(earlier, &e.fingerprint) {
-            Replay::Same(outcome) => {
-                outcomes.push(outcome);
-                continue;
-            }
-            Replay::Conflict => {
-                refused = Some(StoreError::Conflict(format!(
-                    "event id {:?} was already recorded with different content; use a new id",
-                    e.id
-                )));
-                break;
-            }
-            Replay::New => {}
-        }
-        if !accounts.contains_key(e.account.as_str()) {
-            accounts.insert(&e.account, rows::load_account(tx, &e.account).await?);
-        }
-        if accounts[e.account.as_str()].is_none() {
-            refused = Some(StoreError::NotFound(format!("account {:?}", e.account)));
-            break;
-        }
-        if let Some(key) = &e.key {
-            if !keys.contains_key(&(e.account.as_str(), key.as_str())) {
-                let found =
-                    query_opt(tx, "SELECT 1 FROM keys WHERE id = $1 AND account = $2", &[key, &e.account]).await?;
-                keys.insert((&e.account, key), found.is_some());
-            }
-            if !keys[&(e.account.as_str(), key.as_str())] {
-                refused = Some(StoreError::Invalid(format!("account {:?} has no key {key:?}", e.account)));
-                break;
-            }
-        }
-        first.insert(id, n);
-        outcomes.push(Place::New);
+        snap.pools.insert(id, totals);
     }
-    Ok(Screened { outcomes, accounts, refused })
+    for id in keys {
+        let totals = lock_key(tx, &id.0, id.1).await?;
+        snap.key_totals.insert(id, totals);
+    }
+    Ok(())
 }
 
-/// Pool cycles by (account, pool, cycle start): the state as locked and the totals read.
-type PoolStates<'a> = BTreeMap<(&'a str, &'static str, i64), (PoolCycle, PoolTotals)>;
-/// Key cycles by (key, cycle start): the running totals and the totals read.
-type KeyStates<'a> = BTreeMap<(&'a str, i64), (KeyTotals, KeyTotals)>;
-
-/// Locks the pools and then the keys of `new`, each in the lock order.
-async fn lock_new_events<'a>(
-    tx: &Transaction<'_>,
-    new: &[(&'a NewEvent, &Account, Cycle)],
-) -> Result<(PoolStates<'a>, KeyStates<'a>)> {
-    let mut pools: BTreeMap<(&str, &'static str, i64), (&Account, PoolKind, &Cycle)> = BTreeMap::new();
-    let mut key_cycles: BTreeSet<(&str, i64)> = BTreeSet::new();
-    for (e, account, cycle) in new {
-        pools.insert((&e.account, e.pool.as_str(), us(cycle.start)), (account, e.pool, cycle));
-        if let Some(key) = &e.key {
-            key_cycles.insert((key, us(cycle.start)));
-        }
+/// Writes what `plan` decided: the changed totals, then its events under their accounts'
+/// event-order locks; the events' seqs, in order.
+async fn write_plan(tx: &Transaction<'_>, plan: &Plan) -> Result<Vec<i64>> {
+    for id in &plan.changed_pools {
+        write_pool(tx, id, plan.snapshot.pools[id]).await?;
     }
-    let mut pool_state = PoolStates::new();
-    for (id, (account, pool, cycle)) in pools {
-        let state = pool_cycle(tx, account, pool, cycle).await?;
-        let before = state.totals;
-        pool_state.insert(id, (state, before));
+    for id in &plan.changed_keys {
+        write_key(tx, id, plan.snapshot.key_totals[id]).await?;
     }
-    let mut key_state = KeyStates::new();
-    for (key, start) in key_cycles {
-        let totals = lock_key(tx, key, rows::time(start)).await?;
-        key_state.insert((key, start), (totals, totals));
-    }
-    Ok((pool_state, key_state))
-}
-
-/// The writes: changed totals, then the events under their accounts' event-order locks; the
-/// events' seqs, in order.
-async fn write_new_events(
-    tx: &Transaction<'_>,
-    pool_state: &PoolStates<'_>,
-    key_state: &KeyStates<'_>,
-    new_rows: &[ChargedEvent],
-) -> Result<Vec<i64>> {
-    for ((account, pool, start), (state, before)) in pool_state {
-        if state.totals != *before {
-            write_pool(tx, account, rows::pool_of(pool)?, rows::time(*start), state.totals).await?;
-        }
-    }
-    for ((key, start), (totals, before)) in key_state {
-        if totals != before {
-            write_key(tx, key, rows::time(*start), *totals).await?;
-        }
-    }
+    let new_rows = &plan.new_events;
     if new_rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -634,51 +345,54 @@ pub enum Sweep {
 /// read again once that transaction ends (`FOR UPDATE` re-checks the `WHERE` on the new row):
 /// each hold is settled exactly once however many processes sweep at once.
 pub async fn expire(tx: &Transaction<'_>, now: DateTime<Utc>, sweep: Sweep) -> Result<Vec<Event>> {
-    let found = match sweep {
-        Sweep::Expired => {
-            query(
-                tx,
-                &format!(
-                    "SELECT {} FROM holds WHERE state = 'open' AND expires_us <= $1
-                     ORDER BY account COLLATE \"C\", id COLLATE \"C\" FOR UPDATE",
-                    rows::HOLD_COLUMNS
-                ),
-                &[&us(now)],
-            )
-            .await?
-        }
-        Sweep::ExpiredAndOwnedBy(owner) => {
-            query(
-                tx,
-                &format!(
-                    "SELECT {} FROM holds WHERE state = 'open' AND (expires_us <= $1 OR owner = $2)
-                     ORDER BY account COLLATE \"C\", id COLLATE \"C\" FOR UPDATE",
-                    rows::HOLD_COLUMNS
-                ),
-                &[&us(now), &owner],
-            )
-            .await?
-        }
+    let (extra, owner) = match sweep {
+        Sweep::Expired => ("", None),
+        Sweep::ExpiredAndOwnedBy(owner) => (" OR owner = $2", Some(owner)),
     };
-    let holds: Vec<Hold> = found.iter().map(|r| rows::hold(r).map(|h| h.hold)).collect::<Result<_>>()?;
-    // Pools, then keys, each in the lock order, before the first change.
-    let pools: BTreeSet<(&str, &str, i64)> =
-        holds.iter().map(|h| (h.account.as_str(), h.pool.as_str(), us(h.cycle_start))).collect();
-    for (account, pool, start) in pools {
-        let pool = rows::pool_of(pool)?;
-        lock_pool(tx, account, pool, start).await?;
+    let sql = format!(
+        "SELECT {} FROM holds WHERE state = 'open' AND (expires_us <= $1{extra})
+         ORDER BY account COLLATE \"C\", id COLLATE \"C\" FOR UPDATE",
+        rows::HOLD_COLUMNS
+    );
+    let found = match owner {
+        None => query(tx, &sql, &[&us(now)]).await?,
+        Some(owner) => query(tx, &sql, &[&us(now), &owner]).await?,
+    };
+    let mut plan = Plan::default();
+    let mut ops = Vec::with_capacity(found.len());
+    for r in &found {
+        let row = rows::hold(r)?;
+        let (account, hold_id) = (row.hold.account.clone(), row.hold.id.clone());
+        plan.snapshot
+            .holds
+            .insert((account.clone(), hold_id.clone()), HoldEntry::read(row.hold, row.fingerprint, row.event_seq));
+        ops.push((Op::Expire { account, hold_id }, now));
     }
-    let keys: BTreeSet<(&str, i64)> =
-        holds.iter().filter_map(|h| h.key.as_deref().map(|k| (k, us(h.cycle_start)))).collect();
-    for (key, start) in keys {
-        lock_key(tx, key, rows::time(start)).await?;
+    if ops.is_empty() {
+        return Ok(Vec::new());
     }
-    let accounts: Vec<&str> = holds.iter().map(|h| h.account.as_str()).collect();
-    lock_event_order(tx, &accounts).await?;
-    let mut events = Vec::with_capacity(holds.len());
-    for hold in holds {
-        let event = hold.unsettled_event(rows::load_event(tx, &hold.account, &hold.id).await?.is_some());
-        events.push(settle_hold(tx, &hold, event, true, now).await?);
+    read_snapshot(tx, &mut plan.snapshot, &ops).await?;
+    lock_needs(tx, &mut plan.snapshot, &ops).await?;
+    let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>()?;
+    let seqs = write_plan(tx, &plan).await?;
+    for key in &plan.changed_holds {
+        let entry = &plan.snapshot.holds[key];
+        let seq = match entry.event {
+            Some(EventRef::New(i)) => seqs[i],
+            _ => return Err(StoreError::Backend(format!("expired hold {:?} has no event", key.1)).into()),
+        };
+        execute(
+            tx,
+            "UPDATE holds SET state = $3, event_seq = $4 WHERE account = $1 AND id = $2",
+            &[&key.0, &key.1, &entry.hold.state.as_str(), &seq],
+        )
+        .await?;
+    }
+    let mut events = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        if let step::Outcome::Recorded(_) = o {
+            events.push(o.answer(&plan, &seqs).into_event()?);
+        }
     }
     Ok(events)
 }

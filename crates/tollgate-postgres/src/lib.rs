@@ -54,6 +54,7 @@ use tollgate_store::{
 
 use crate::ledger::Sweep;
 use crate::rows::{execute, query, query_one, query_opt, us};
+use tollgate_store::step::{Done, Op};
 
 /// Connections one store keeps open at most.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -317,7 +318,7 @@ impl PgStore {
     }
 
     /// Runs a hold, settle, void or extension in the writer's next batch.
-    async fn batched(&self, op: batch::Op, now: DateTime<Utc>) -> StoreResult<batch::Done> {
+    async fn batched(&self, op: Op, now: DateTime<Utc>) -> StoreResult<Done> {
         match &self.batcher {
             Some(batcher) => batcher.run(op, now).await,
             None => Err(StoreError::Invalid("this store was opened read-only".into())),
@@ -631,7 +632,7 @@ impl Store for PgStore {
             let cycle = a.cycle_anchor().cycle_at(now);
             let tier = rows::load_tier(&tx, &a.tier)
                 .await?
-                .ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {}", a.tier)))?;
             let mut pools = Vec::with_capacity(2);
             for kind in PoolKind::ALL {
                 let policy = rows::load_policy(&tx, account, kind).await?;
@@ -665,40 +666,25 @@ impl Store for PgStore {
     }
 
     async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
-        match self.batched(batch::Op::Hold(request), now).await? {
-            batch::Done::Hold(outcome) => Ok(outcome),
-            _ => Err(StoreError::Backend("a hold answered with something else".into())),
-        }
+        self.batched(Op::Hold(request), now).await?.into_hold_outcome()
     }
 
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
-        match self.batched(batch::Op::Settle(Box::new(request)), now).await? {
-            batch::Done::Settled(event) => Ok(event),
-            _ => Err(StoreError::Backend("a settle answered with something else".into())),
-        }
+        self.batched(Op::Settle(Box::new(request)), now).await?.into_event()
     }
 
     async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
-        match self.batched(batch::Op::SettlePart(Box::new(request), release), now).await? {
-            batch::Done::Settled(event) => Ok(event),
-            _ => Err(StoreError::Backend("a part settle answered with something else".into())),
-        }
+        self.batched(Op::SettlePart(Box::new(request), release), now).await?.into_event()
     }
 
     async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {
-        let op = batch::Op::Void { account: account.to_string(), hold_id: hold_id.to_string() };
-        match self.batched(op, now).await? {
-            batch::Done::Changed(hold) => Ok(hold),
-            _ => Err(StoreError::Backend("a void answered with something else".into())),
-        }
+        let op = Op::Void { account: account.to_string(), hold_id: hold_id.to_string() };
+        self.batched(op, now).await?.into_hold()
     }
 
     async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
-        let op = batch::Op::Extend { account: account.to_string(), hold_id: hold_id.to_string(), ttl_s };
-        match self.batched(op, now).await? {
-            batch::Done::Changed(hold) => Ok(hold),
-            _ => Err(StoreError::Backend("an extension answered with something else".into())),
-        }
+        let op = Op::Extend { account: account.to_string(), hold_id: hold_id.to_string(), ttl_s };
+        self.batched(op, now).await?.into_hold()
     }
 
     async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {

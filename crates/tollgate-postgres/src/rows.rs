@@ -45,7 +45,7 @@ pub fn time(us: i64) -> DateTime<Utc> {
 
 /// A stored value this code cannot read: the database was changed by something else.
 pub fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Backend(format!("corrupt {what} in the database: {value:?}"))
+    StoreError::Corrupt(format!("{what} {value:?}"))
 }
 
 pub fn pool_of(s: &str) -> Result<PoolKind> {
@@ -268,11 +268,4 @@ pub fn event(r: &Row) -> Result<EventRow> {
         },
         fingerprint: r.try_get(29)?,
     })
-}
-
-pub async fn load_event(c: &impl GenericClient, account: &str, id: &str) -> Result<Option<EventRow>> {
-    let row =
-        query_opt(c, &format!("SELECT {EVENT_COLUMNS} FROM events WHERE account = $1 AND id = $2"), &[&account, &id])
-            .await?;
-    row.as_ref().map(event).transpose()
 }

@@ -47,6 +47,8 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(m) => ApiError::BadRequest(m),
+            StoreError::Refused(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::Corrupt(_) => ApiError::Internal(e.to_string()),
             StoreError::Backend(m) => ApiError::Internal(m),
             StoreError::Unavailable(m) => ApiError::Unavailable(m),
         }

@@ -1,50 +1,231 @@
-//! The ledger's writes, run by the single writer inside its transaction. Each reads the state it
-//! needs, asks `tollgate-core` for the decision, and writes the result.
+//! The ledger's writes, run by the single writer inside its transaction, in the three steps of
+//! `tollgate_store::step`: read the snapshot the writes need (from the writer's caches and the
+//! file), decide them with [`Plan`], write the plan's rows.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
-use tollgate_core::ledger::{self, PoolScope, Replay};
-use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, tier::PPM};
-use tollgate_store::{
-    Account, ChargedEvent, Event, EventOutcome, Grant, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent,
-    SettleRequest, StoreError, StoreResult,
-};
+use tollgate_core::{Cycle, Nanos, PoolKind};
+use tollgate_store::step::{Done, EventRef, HoldEntry, Op, Plan, Snapshot};
+use tollgate_store::{Account, ChargedEvent, Event, EventOutcome, Grant, StoreError, StoreResult};
 
 use crate::rows::{self, backend, us};
-use crate::writer::{Db, KeyTotals, PoolTotals};
+use crate::writer::Db;
 
-/// A pool's state in one cycle, plus what settling needs from its tier.
-pub struct PoolCycle {
-    pub scope: PoolScope,
-    pub payg_multiplier_ppm: u64,
+/// Decides `ops` in order on one snapshot and writes what they decided; the first that fails
+/// fails them all (the caller's savepoint, if any, undoes the rest).
+pub fn run(db: &Db, ops: &[(Op, DateTime<Utc>)]) -> StoreResult<Vec<Done>> {
+    let mut plan = Plan::new(snapshot(db, ops)?);
+    let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>()?;
+    let seqs = write(db, &plan)?;
+    Ok(outcomes.into_iter().map(|o| o.answer(&plan, &seqs)).collect())
 }
 
-/// The tier grant of a pool: the account's own grant if set, else its tier's.
-fn tier_grant(db: &Db, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
-    let tier = db
-        .tier(&account.tier)?
-        .ok_or_else(|| StoreError::Backend(format!("account {} has unknown tier {}", account.id, account.tier)))?;
-    Ok((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+/// One write, decided and written.
+pub fn run_one(db: &Db, op: Op, now: DateTime<Utc>) -> StoreResult<Done> {
+    let mut done = run(db, &[(op, now)])?;
+    done.pop().ok_or_else(|| StoreError::Backend("a write went unanswered".into()))
 }
 
-/// Reads the pool's cycle row, creating it with the tier's grant when its time has come.
-pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> StoreResult<PoolCycle> {
-    let (grant, ppm) = tier_grant(db, account, pool)?;
-    let id = (account.id.clone(), pool, us(cycle.start));
-    let totals = match db.pool_totals(&id)? {
-        Some(totals) => totals,
-        None => {
-            let totals = db.create_pool(&id, us(cycle.end), grant)?;
-            insert_grant(db, &Grant::from_tier(&account.id, pool, grant, cycle))?;
-            totals
+/// Reads everything `ops` need: accounts with their tiers and policies, keys, holds, the events
+/// whose ids they take, then the pool rows (created with their tier grant when a cycle's first
+/// write comes) and key rows of the cycles they touch.
+fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)]) -> StoreResult<Snapshot> {
+    let conn: &Connection = db;
+    let mut snap = Snapshot { knows_taken: true, ..Snapshot::default() };
+    for (op, _) in ops {
+        read_account(db, &mut snap, op.account())?;
+        if let Some(key) = op.key() {
+            read_key(conn, &mut snap, key)?;
         }
+        if let Some((account, id)) = op.hold_key() {
+            read_hold(conn, &mut snap, account, id, matches!(op, Op::Settle(_)))?;
+        }
+        if let Some((account, id)) = op.event_key()
+            && let Some(row) = rows::load_event(conn, account, id)?
+        {
+            snap.taken.insert((account.to_string(), id.to_string()), (row.fingerprint, row.event));
+        }
+    }
+    for (op, now) in ops {
+        let needs = snap.needs(op, *now);
+        if let Some((id, create)) = needs.pool
+            && !snap.pools.contains_key(&id)
+        {
+            let totals = match (db.pool_totals(&id)?, create) {
+                (Some(totals), _) => totals,
+                (None, None) => continue,
+                (None, Some((grant, cycle))) => create_pool(db, &id.0, id.1, grant, &cycle)?,
+            };
+            snap.pools.insert(id, totals);
+        }
+        if let Some(id) = needs.key {
+            let totals = db.key_totals(&id)?;
+            snap.key_totals.insert(id, totals);
+        }
+    }
+    Ok(snap)
+}
+
+fn read_account(db: &Db, snap: &mut Snapshot, id: &str) -> StoreResult<()> {
+    if snap.accounts.contains_key(id) {
+        return Ok(());
+    }
+    let account = match db.account(id) {
+        Ok(account) => account,
+        Err(StoreError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e),
     };
-    let policy = db.policy(&account.id, pool)?;
-    let PoolTotals { grants, used, overage, held } = totals;
-    Ok(PoolCycle {
-        scope: PoolScope { limit: policy.limit(grants), grants, used, overage, held },
-        payg_multiplier_ppm: ppm,
+    if let Some(tier) = db.tier(&account.tier)? {
+        snap.tiers.insert(tier.id.clone(), tier);
+    }
+    for pool in PoolKind::ALL {
+        snap.policies.insert((account.id.clone(), pool), db.policy(&account.id, pool)?);
+    }
+    snap.accounts.insert(account.id.clone(), account);
+    Ok(())
+}
+
+fn read_key(conn: &Connection, snap: &mut Snapshot, key: &str) -> StoreResult<()> {
+    let row = conn
+        .prepare_cached("SELECT account, cap FROM keys WHERE id = ?1")
+        .and_then(|mut s| s.query_row([key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))).optional())
+        .map_err(backend)?;
+    if let Some((account, cap)) = row {
+        snap.keys.insert(key.to_string(), (account, cap.map(Nanos)));
+    }
+    Ok(())
+}
+
+/// Reads a hold the writes name; with `settling`, the event of a settled one too (a settle
+/// repeated).
+fn read_hold(conn: &Connection, snap: &mut Snapshot, account: &str, id: &str, settling: bool) -> StoreResult<()> {
+    let key = (account.to_string(), id.to_string());
+    if snap.holds.contains_key(&key) {
+        return Ok(());
+    }
+    let Some(row) = rows::load_hold(conn, account, id)? else { return Ok(()) };
+    if settling && let Some(seq) = row.event_seq {
+        let first = rows::load_event_by_seq(conn, seq)?;
+        snap.settled_events.insert(seq, (first.fingerprint, first.event));
+    }
+    snap.holds.insert(key, HoldEntry::read(row.hold, row.fingerprint, row.event_seq));
+    Ok(())
+}
+
+/// Creates a pool's cycle row with its tier grant, and that grant's row.
+fn create_pool(
+    db: &Db,
+    account: &str,
+    pool: PoolKind,
+    grant: Nanos,
+    cycle: &Cycle,
+) -> StoreResult<tollgate_store::step::PoolTotals> {
+    let totals = db.create_pool(&(account.to_string(), pool, us(cycle.start)), us(cycle.end), grant)?;
+    insert_grant(db, &Grant::from_tier(account, pool, grant, cycle))?;
+    Ok(totals)
+}
+
+/// The pool's cycle row, created with its tier grant when its time has come (a top-up's pool).
+pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> StoreResult<()> {
+    if db.pool_totals(&(account.id.clone(), pool, us(cycle.start)))?.is_none() {
+        let tier = db
+            .tier(&account.tier)?
+            .ok_or_else(|| StoreError::Corrupt(format!("account {} has unknown tier {}", account.id, account.tier)))?;
+        create_pool(db, &account.id, pool, account.grant_override(pool).unwrap_or(tier.grant(pool)), cycle)?;
+    }
+    Ok(())
+}
+
+/// Writes what `plan` decided: new holds, new events (their seqs, in order), changed holds, and
+/// the pool and key totals (kept by the writer, written with the batch).
+fn write(db: &Db, plan: &Plan) -> StoreResult<Vec<i64>> {
+    let conn: &Connection = db;
+    for (hold, fingerprint) in &plan.new_holds {
+        insert_hold(conn, hold, fingerprint)?;
+    }
+    let mut seqs = Vec::with_capacity(plan.new_events.len());
+    for row in &plan.new_events {
+        seqs.push(insert_event(db, row)?.seq);
+    }
+    for key in &plan.changed_holds {
+        let entry = &plan.snapshot.holds[key];
+        let seq = match entry.event {
+            Some(EventRef::New(i)) => Some(seqs[i]),
+            Some(EventRef::Seq(seq)) => Some(seq),
+            None => None,
+        };
+        let h = &entry.hold;
+        conn.prepare_cached(
+            "UPDATE holds SET state = ?3, event_seq = ?4, amount = ?5, expires_us = ?6, lease = lease OR ?7
+             WHERE account = ?1 AND id = ?2",
+        )
+        .and_then(|mut s| {
+            s.execute(params![h.account, h.id, h.state.as_str(), seq, h.amount.0, us(h.expires_at), entry.parted])
+        })
+        .map_err(backend)?;
+    }
+    for id in &plan.changed_pools {
+        db.set_pool(id, plan.snapshot.pools[id])?;
+    }
+    for id in &plan.changed_keys {
+        db.set_key(id, plan.snapshot.key_totals[id]);
+    }
+    Ok(seqs)
+}
+
+fn insert_hold(conn: &Connection, hold: &tollgate_store::Hold, fingerprint: &str) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
+                            created_us, expires_us, remaining_after, fingerprint, made_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            hold.account,
+            hold.id,
+            hold.pool.as_str(),
+            hold.key,
+            hold.amount.0,
+            hold.model,
+            hold.source,
+            us(hold.cycle_start),
+            us(hold.cycle_end),
+            us(hold.created_at),
+            us(hold.expires_at),
+            hold.remaining_after.map(|n| n.0),
+            fingerprint,
+            hold.made_by.to_text()
+        ])
     })
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// The open holds an expiry settles at their held amount: those expired by `now`, or all.
+pub fn expire(db: &Db, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>> {
+    let conn: &Connection = db;
+    let sql = if all {
+        "SELECT account, id FROM holds WHERE state = 'open'"
+    } else {
+        "SELECT account, id FROM holds WHERE state = 'open' AND expires_us <= ?1"
+    };
+    let ops: Vec<(Op, DateTime<Utc>)> = {
+        let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+        let op = |r: &rusqlite::Row<'_>| Ok((Op::Expire { account: r.get(0)?, hold_id: r.get(1)? }, now));
+        let mapped = if all { stmt.query_map([], op) } else { stmt.query_map([us(now)], op) };
+        mapped.and_then(Iterator::collect).map_err(backend)?
+    };
+    run(db, &ops)?.into_iter().filter(|d| matches!(d, Done::Event(_))).map(Done::into_event).collect()
+}
+
+/// Records events that already happened, in order, all or nothing (the caller's savepoint).
+pub fn record_events(
+    db: &Db,
+    events: Vec<tollgate_store::NewEvent>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<EventOutcome>> {
+    let ops: Vec<(Op, DateTime<Utc>)> = events.into_iter().map(|e| (Op::Record(Box::new(e)), now)).collect();
+    run(db, &ops)?.into_iter().map(Done::into_event_outcome).collect()
 }
 
 /// Inserts `g` (its id aside); the id it was given.
@@ -69,247 +250,9 @@ pub fn insert_grant(conn: &Connection, g: &Grant) -> StoreResult<i64> {
     Ok(conn.last_insert_rowid())
 }
 
-fn add_to_pool(
-    db: &Db,
-    account: &str,
-    pool: PoolKind,
-    cycle_start: DateTime<Utc>,
-    used: Nanos,
-    overage: Nanos,
-    held: Nanos,
-) -> StoreResult<()> {
-    db.add_to_pool(
-        &(account.to_string(), pool, us(cycle_start)),
-        PoolTotals { grants: Nanos::ZERO, used, overage, held },
-    )
-}
-
-/// Reads a key's scope in a cycle.
-fn key_cycle(db: &Db, key_id: &str, cap: Option<Nanos>, cycle_start: DateTime<Utc>) -> StoreResult<KeyScope> {
-    let KeyTotals { charged, held } = db.key_totals(&(key_id.to_string(), us(cycle_start)))?;
-    Ok(KeyScope { cap, charged, held })
-}
-
-fn add_to_key(db: &Db, key_id: &str, cycle_start: DateTime<Utc>, charged: Nanos, held: Nanos) -> StoreResult<()> {
-    db.add_to_key(&(key_id.to_string(), us(cycle_start)), KeyTotals { charged, held })
-}
-
-/// The cap of a key of `account`; `Invalid` if the account has no such key.
-fn key_cap(conn: &Connection, account: &str, key_id: &str) -> StoreResult<Option<Nanos>> {
-    conn.prepare_cached("SELECT cap FROM keys WHERE id = ?1 AND account = ?2")
-        .and_then(|mut s| s.query_row([key_id, account], |r| r.get::<_, Option<i64>>(0)).optional())
-        .map_err(backend)?
-        .map(|cap| cap.map(Nanos))
-        .ok_or_else(|| StoreError::Invalid(format!("account {account:?} has no key {key_id:?}")))
-}
-
-pub fn hold(db: &Db, req: &HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
-    let conn: &Connection = db;
-    // Every refusal comes before the first change: this job runs without a savepoint. A repeated
-    // id is found by the insert's own uniqueness check when the pool's row already exists (the
-    // usual case, one statement less); when this hold would create the row, it is looked up first.
-    let account = db.account(&req.account)?;
-    let cap = match &req.key {
-        Some(id) => Some(key_cap(conn, &req.account, id)?),
-        None => None,
-    };
-    let cycle = account.cycle_anchor().cycle_at(now);
-    if db.pool_totals(&(account.id.clone(), req.pool, us(cycle.start)))?.is_none()
-        && let Some(outcome) = replay_hold(conn, req)?
-    {
-        return Ok(outcome);
-    }
-    let pool = pool_cycle(db, &account, req.pool, &cycle)?;
-    let key = match (&req.key, cap) {
-        (Some(id), Some(cap)) => Some((id.as_str(), key_cycle(db, id, cap, cycle.start)?)),
-        _ => None,
-    };
-    let decision = match ledger::decide_hold(&pool.scope, key.as_ref().map(|(_, k)| k), req.amount) {
-        Ok(d) => d,
-        Err(refusal) => {
-            return Ok(match replay_hold(conn, req)? {
-                Some(outcome) => outcome,
-                None => HoldOutcome::Refused { refusal, resets_at: cycle.end },
-            });
-        }
-    };
-    let hold = Hold {
-        id: req.id.clone(),
-        account: req.account.clone(),
-        pool: req.pool,
-        key: req.key.clone(),
-        amount: req.amount,
-        model: req.model.clone(),
-        source: req.source.clone(),
-        state: HoldState::Open,
-        cycle_start: cycle.start,
-        cycle_end: cycle.end,
-        created_at: now,
-        expires_at: now + Duration::seconds(req.ttl_s as i64),
-        remaining_after: decision.pool_remaining,
-        made_by: req.made_by.clone(),
-    };
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
-                            created_us, expires_us, remaining_after, fingerprint, made_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                hold.account,
-                hold.id,
-                hold.pool.as_str(),
-                hold.key,
-                hold.amount.0,
-                hold.model,
-                hold.source,
-                us(hold.cycle_start),
-                us(hold.cycle_end),
-                us(hold.created_at),
-                us(hold.expires_at),
-                hold.remaining_after.map(|n| n.0),
-                req.fingerprint,
-                hold.made_by.to_text()
-            ])
-        });
-    match inserted {
-        Ok(_) => {}
-        Err(e) if is_unique_violation(&e) => {
-            return replay_hold(conn, req)?
-                .ok_or_else(|| StoreError::Backend(format!("hold {:?} is both present and absent", req.id)));
-        }
-        Err(e) => return Err(backend(e)),
-    }
-    add_to_pool(db, &hold.account, hold.pool, cycle.start, Nanos::ZERO, Nanos::ZERO, hold.amount)?;
-    if let Some((id, _)) = key {
-        add_to_key(db, id, cycle.start, Nanos::ZERO, hold.amount)?;
-    }
-    Ok(HoldOutcome::Held(hold))
-}
-
-/// The outcome of a hold request whose id was used before: the first hold if the request is the
-/// same, a conflict if not; None if the id is new.
-fn replay_hold(conn: &Connection, req: &HoldRequest) -> StoreResult<Option<HoldOutcome>> {
-    let existing = rows::load_hold(conn, &req.account, &req.id)?;
-    match ledger::replay(existing.map(|h| (h.fingerprint, h.hold)), &req.fingerprint) {
-        Replay::Same(hold) => Ok(Some(HoldOutcome::Replayed(hold))),
-        Replay::Conflict => Err(StoreError::Conflict(format!(
-            "hold id {:?} was already used for a different request; use a new id",
-            req.id
-        ))),
-        Replay::New => Ok(None),
-    }
-}
-
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
         || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
-}
-
-/// Loads an open hold for settling or voiding, or explains why it cannot be.
-fn open_hold(conn: &Connection, account: &str, hold_id: &str) -> StoreResult<rows::HoldRow> {
-    rows::load_hold(conn, account, hold_id)?.ok_or_else(|| StoreError::NotFound(format!("hold {hold_id:?}")))
-}
-
-pub fn settle(db: &Db, req: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
-    let conn: &Connection = db;
-    let row = open_hold(conn, &req.account, &req.hold_id)?;
-    match row.hold.state {
-        HoldState::Open => {}
-        HoldState::Settled => {
-            let first = rows::load_event_by_seq(conn, row.event_seq.expect("a settled hold has its event"))?;
-            return match ledger::replay(Some((first.fingerprint, first.event)), &req.event.fingerprint) {
-                Replay::Same(event) => Ok(event),
-                _ => Err(StoreError::Conflict(format!(
-                    "hold {:?} is already settled with a different usage",
-                    req.hold_id
-                ))),
-            };
-        }
-        state => {
-            return Err(StoreError::Conflict(format!(
-                "hold {:?} is {} and can no longer be settled",
-                req.hold_id,
-                state.as_str()
-            )));
-        }
-    }
-    let mut event = req.event.clone();
-    // The hold decides where the charge goes: its account, pool and key, never the event's.
-    event.account = row.hold.account.clone();
-    if event.id.is_empty() {
-        event.id = row.hold.id.clone();
-    }
-    event.pool = row.hold.pool;
-    event.key = row.hold.key.clone();
-    settle_hold(db, &row.hold, event, false, now)
-}
-
-/// Charges one call's event against `release` of an open hold and keeps the rest held (a lease).
-pub fn settle_part(db: &Db, req: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
-    let conn: &Connection = db;
-    let first = if req.event.id.is_empty() { None } else { rows::load_event(conn, &req.account, &req.event.id)? };
-    if let Some(event) = tollgate_store::replay_part(req, first.map(|f| (f.fingerprint, f.event)))? {
-        return Ok(event);
-    }
-    let row = open_hold(conn, &req.account, &req.hold_id)?;
-    let event = tollgate_store::part_event(req, &row.hold, release)?;
-    let recorded = charge_hold(db, &row.hold, release, event, false, now)?;
-    conn.prepare_cached("UPDATE holds SET amount = amount - ?3, lease = 1 WHERE account = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute(params![row.hold.account, row.hold.id, release.0]))
-        .map_err(backend)?;
-    Ok(recorded)
-}
-
-/// Charges a hold with an event's cost, releases the hold, records the event.
-fn settle_hold(db: &Db, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<Event> {
-    let recorded = charge_hold(db, hold, hold.amount, event, unsettled, now)?;
-    let state = if unsettled { HoldState::Expired } else { HoldState::Settled };
-    let conn: &Connection = db;
-    conn.prepare_cached("UPDATE holds SET state = ?3, event_seq = ?4 WHERE account = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute(params![hold.account, hold.id, state.as_str(), recorded.seq]))
-        .map_err(backend)?;
-    Ok(recorded)
-}
-
-/// Charges an event's cost against `release` of a hold's amount, releases that part and
-/// records the event.
-fn charge_hold(
-    db: &Db,
-    hold: &Hold,
-    release: Nanos,
-    event: NewEvent,
-    unsettled: bool,
-    now: DateTime<Utc>,
-) -> StoreResult<Event> {
-    let conn: &Connection = db;
-    let account = db.account(&hold.account)?;
-    let cycle = Cycle { index: 0, start: hold.cycle_start, end: hold.cycle_end };
-    let pool = pool_cycle(db, &account, hold.pool, &cycle)?;
-    // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
-    let ppm = if unsettled { PPM } else { pool.payg_multiplier_ppm };
-    let settlement = match ledger::settle(release, event.cost, &pool.scope, ppm) {
-        Ok(s) => s,
-        // A taken event id is reported before a bad amount, as when it was checked first.
-        Err(_) if rows::load_event(conn, &hold.account, &event.id)?.is_some() => {
-            return Err(StoreError::Conflict(format!(
-                "event id {:?} is already recorded; use another event id",
-                event.id
-            )));
-        }
-        Err(refusal) => return Err(overflow(refusal)),
-    };
-    let split = settlement.split;
-    add_to_pool(db, &hold.account, hold.pool, hold.cycle_start, split.grant, split.overage, Nanos(-release.0))?;
-    if let Some(key) = &hold.key {
-        add_to_key(db, key, hold.cycle_start, split.total(), Nanos(-release.0))?;
-    }
-    insert_event(db, &ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) })
-}
-
-fn overflow(refusal: tollgate_core::Refusal) -> StoreError {
-    StoreError::Invalid(format!("amount out of range ({})", refusal.code()))
 }
 
 /// Inserts `row` and adds it to its hour's rollup.
@@ -404,91 +347,6 @@ fn add_to_rollup(db: &Db, row: &ChargedEvent, labels: String) {
             i64::from(e.latency_ms.is_some()),
         ],
     );
-}
-
-pub fn void(db: &Db, account: &str, hold_id: &str) -> StoreResult<Hold> {
-    let conn: &Connection = db;
-    let row = open_hold(conn, account, hold_id)?;
-    match row.hold.state {
-        HoldState::Open => {}
-        HoldState::Voided => return Ok(row.hold),
-        state => {
-            return Err(StoreError::Conflict(format!(
-                "hold {hold_id:?} is {} and can no longer be voided",
-                state.as_str()
-            )));
-        }
-    }
-    let h = &row.hold;
-    add_to_pool(db, account, h.pool, h.cycle_start, Nanos::ZERO, Nanos::ZERO, Nanos(-h.amount.0))?;
-    if let Some(key) = &h.key {
-        add_to_key(db, key, h.cycle_start, Nanos::ZERO, Nanos(-h.amount.0))?;
-    }
-    conn.prepare_cached("UPDATE holds SET state = 'voided' WHERE account = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute([account, hold_id]))
-        .map_err(backend)?;
-    Ok(Hold { state: HoldState::Voided, ..row.hold })
-}
-
-pub fn extend(conn: &Connection, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
-    let row = open_hold(conn, account, hold_id)?;
-    if row.hold.state != HoldState::Open {
-        return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", row.hold.state.as_str())));
-    }
-    let expires_at = now + Duration::seconds(ttl_s as i64);
-    conn.prepare_cached("UPDATE holds SET expires_us = ?3 WHERE account = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute(params![account, hold_id, us(expires_at)]))
-        .map_err(backend)?;
-    Ok(Hold { expires_at, ..row.hold })
-}
-
-/// Records one event; the caller runs a batch inside one savepoint so a conflict undoes it all.
-pub fn record_event(db: &Db, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<EventOutcome> {
-    let conn: &Connection = db;
-    let existing = rows::load_event(conn, &e.account, &e.id)?;
-    match ledger::replay(existing.map(|r| (r.fingerprint, r.event)), &e.fingerprint) {
-        Replay::Same(event) => return Ok(EventOutcome::Duplicate(event)),
-        Replay::Conflict => {
-            return Err(StoreError::Conflict(format!(
-                "event id {:?} was already recorded with different content; use a new id",
-                e.id
-            )));
-        }
-        Replay::New => {}
-    }
-    let account = db.account(&e.account)?;
-    if let Some(key) = &e.key {
-        key_cap(conn, &e.account, key)?;
-    }
-    let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-    let pool = pool_cycle(db, &account, e.pool, &cycle)?;
-    let split = ledger::split_charge(e.cost, &pool.scope, pool.payg_multiplier_ppm).map_err(overflow)?;
-    add_to_pool(db, &e.account, e.pool, cycle.start, split.grant, split.overage, Nanos::ZERO)?;
-    if let Some(key) = &e.key {
-        add_to_key(db, key, cycle.start, split.total(), Nanos::ZERO)?;
-    }
-    insert_event(db, &ChargedEvent::direct(e.clone(), cycle.start, split, now)).map(EventOutcome::Recorded)
-}
-
-/// Settles open holds at their held amount, flagged `unsettled`: those expired by `now`, or all.
-pub fn expire(db: &Db, now: DateTime<Utc>, all: bool) -> StoreResult<Vec<Event>> {
-    let conn: &Connection = db;
-    let sql = if all {
-        format!("SELECT {} FROM holds WHERE state = 'open'", rows::HOLD_COLUMNS)
-    } else {
-        format!("SELECT {} FROM holds WHERE state = 'open' AND expires_us <= ?1", rows::HOLD_COLUMNS)
-    };
-    let holds: Vec<Hold> = {
-        let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
-        let mapped = if all { stmt.query_map([], rows::hold) } else { stmt.query_map([us(now)], rows::hold) };
-        mapped.and_then(|rows| rows.map(|r| r.map(|h| h.hold)).collect()).map_err(backend)?
-    };
-    let mut events = Vec::with_capacity(holds.len());
-    for hold in holds {
-        let event = hold.unsettled_event(rows::load_event(conn, &hold.account, &hold.id)?.is_some());
-        events.push(settle_hold(db, &hold, event, true, now)?);
-    }
-    Ok(events)
 }
 
 /// True when the account has any ledger state (so its cycles must not move).

@@ -35,7 +35,8 @@ use tollgate_store::{
 };
 
 use crate::rows::{backend, us};
-use crate::writer::{Db, Job, PoolTotals, Reply, Run};
+use crate::writer::{Db, Job, Reply, Run};
+use tollgate_store::step::{Op, PoolTotals};
 
 const READERS: usize = 4;
 /// Most idle reader connections kept after a burst.
@@ -148,6 +149,18 @@ impl SqliteStore {
             return Err(StoreError::NotFound(format!("database {}", path.display())));
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+        match schema::version(&conn).map_err(backend)? {
+            Some(schema::VERSION) => {}
+            found => {
+                let found = found.map_or_else(|| "none of its tables".to_string(), |v| format!("schema version {v}"));
+                return Err(StoreError::Invalid(format!(
+                    "{} is an SQLite database but not tollgate's, or from another version of it ({found}; this \
+                     tollgate writes schema version {})",
+                    path.display(),
+                    schema::VERSION
+                )));
+            }
+        }
         audit::audit(&conn)
     }
 
@@ -529,7 +542,7 @@ impl Store for SqliteStore {
             let a = rows::require_account(conn, &account)?;
             let cycle = a.cycle_anchor().cycle_at(now);
             let tier = rows::load_tier(conn, &a.tier)?
-                .ok_or_else(|| StoreError::Backend(format!("unknown tier {}", a.tier)))?;
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {}", a.tier)))?;
             let pool = |kind: PoolKind| -> StoreResult<PoolBalance> {
                 let policy = rows::load_policy(conn, &account, kind)?;
                 let row = conn
@@ -559,25 +572,26 @@ impl Store for SqliteStore {
     }
 
     async fn hold(&self, request: HoldRequest, now: DateTime<Utc>) -> StoreResult<HoldOutcome> {
-        self.write_ledger(move |conn| ledger::hold(conn, &request, now)).await
+        self.write_ledger(move |db| ledger::run_one(db, Op::Hold(request), now)?.into_hold_outcome()).await
     }
 
     async fn settle(&self, request: SettleRequest, now: DateTime<Utc>) -> StoreResult<Event> {
-        self.write_ledger(move |conn| ledger::settle(conn, &request, now)).await
+        self.write_ledger(move |db| ledger::run_one(db, Op::Settle(Box::new(request)), now)?.into_event()).await
     }
 
     async fn settle_part(&self, request: SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Event> {
-        self.write_ledger(move |conn| ledger::settle_part(conn, &request, release, now)).await
+        self.write_ledger(move |db| ledger::run_one(db, Op::SettlePart(Box::new(request), release), now)?.into_event())
+            .await
     }
 
-    async fn void(&self, account: &str, hold_id: &str, _now: DateTime<Utc>) -> StoreResult<Hold> {
+    async fn void(&self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Hold> {
         let (account, hold_id) = (account.to_string(), hold_id.to_string());
-        self.write_ledger(move |conn| ledger::void(conn, &account, &hold_id)).await
+        self.write_ledger(move |db| ledger::run_one(db, Op::Void { account, hold_id }, now)?.into_hold()).await
     }
 
     async fn extend_hold(&self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
         let (account, hold_id) = (account.to_string(), hold_id.to_string());
-        self.write_ledger(move |conn| ledger::extend(conn, &account, &hold_id, ttl_s, now)).await
+        self.write_ledger(move |db| ledger::run_one(db, Op::Extend { account, hold_id, ttl_s }, now)?.into_hold()).await
     }
 
     async fn hold_by_id(&self, account: &str, hold_id: &str) -> StoreResult<Option<Hold>> {
@@ -587,7 +601,7 @@ impl Store for SqliteStore {
 
     async fn record_events(&self, events: Vec<NewEvent>, now: DateTime<Utc>) -> StoreResult<Vec<EventOutcome>> {
         // The writer runs the whole batch in one savepoint: a failure undoes all of it.
-        self.write(move |conn| events.iter().map(|e| ledger::record_event(conn, e, now)).collect()).await
+        self.write(move |db| ledger::record_events(db, events, now)).await
     }
 
     async fn events(&self, q: EventQuery) -> StoreResult<Vec<Event>> {

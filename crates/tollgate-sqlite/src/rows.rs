@@ -18,10 +18,19 @@ pub fn time(us: i64) -> DateTime<Utc> {
 
 /// An SQLite error as the store's: `Unavailable` when the disk refuses (full, or an I/O error),
 /// which a later write may get past once there is room; `Backend` otherwise.
+/// The store's error for an SQLite error: a full disk or an I/O error is the store away for a
+/// while; a file that is not a database, a damaged one, or a row the store cannot read is
+/// corrupt; the rest is ours.
 pub fn backend(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
             StoreError::Unavailable(e.to_string())
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ if matches!(e, rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::FromSqlConversionFailure(..)) => {
+            StoreError::Corrupt(e.to_string())
         }
         _ => StoreError::Backend(e.to_string()),
     }

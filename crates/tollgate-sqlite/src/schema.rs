@@ -219,6 +219,23 @@ ALTER TABLE events ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
 ];
 
 /// Runs the migrations not yet applied, each in its own transaction.
+/// Whether the database at `conn` is tollgate's, at the version this build writes: the schema
+/// version it records, or None when it has none of tollgate's tables.
+pub fn version(conn: &Connection) -> rusqlite::Result<Option<usize>> {
+    let has_tables: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'holds')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_tables {
+        return Ok(None);
+    }
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).map(|v| Some(v as usize))
+}
+
+/// How many migrations this build knows.
+pub const VERSION: usize = MIGRATIONS.len();
+
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {

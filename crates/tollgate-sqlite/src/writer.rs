@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
+use tollgate_store::step::{KeyId, KeyTotals, PoolId, PoolTotals};
 use tollgate_store::{Account, StoreError, StoreResult};
 
 use crate::rows::{self, backend};
@@ -55,27 +56,6 @@ pub type RollupKey = (String, i64, PoolKind, i64, String, String, String, String
 /// calls, input, 5m writes, 1h writes, cache reads, output, web searches, cost, charged,
 /// latency ms sum, timed calls.
 pub type RollupDelta = [i64; 11];
-
-/// A pool's running totals in one cycle: the `pool_cycles` row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolTotals {
-    pub grants: Nanos,
-    pub used: Nanos,
-    pub overage: Nanos,
-    pub held: Nanos,
-}
-
-/// A key's running totals in one cycle: the `key_cycles` row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KeyTotals {
-    pub charged: Nanos,
-    pub held: Nanos,
-}
-
-/// (account, pool, cycle start in µs).
-pub type PoolId = (String, PoolKind, i64);
-/// (key id, cycle start in µs).
-pub type KeyId = (String, i64);
 
 /// A cached row and whether it differs from the file.
 #[derive(Clone, Copy)]
@@ -170,16 +150,12 @@ impl Db {
     pub fn add_to_pool(&self, id: &PoolId, add: PoolTotals) -> StoreResult<()> {
         let current = self
             .pool_totals(id)?
-            .ok_or_else(|| StoreError::Backend(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str())))?;
-        let sum = |a: Nanos, b: Nanos| {
-            a.checked_add(b).ok_or_else(|| StoreError::Invalid("amount out of the ledger's range".into()))
-        };
-        let value = PoolTotals {
-            grants: sum(current.grants, add.grants)?,
-            used: sum(current.used, add.used)?,
-            overage: sum(current.overage, add.overage)?,
-            held: sum(current.held, add.held)?,
-        };
+            .ok_or_else(|| StoreError::Corrupt(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str())))?;
+        self.set_pool(id, current.plus(add)?)
+    }
+
+    /// Sets a pool's totals (the row must exist); written to the file at the batch's end.
+    pub fn set_pool(&self, id: &PoolId, value: PoolTotals) -> StoreResult<()> {
         let mut totals = self.totals.borrow_mut();
         let before = totals.pools.insert(id.clone(), Cached { value, dirty: true });
         totals.undo.push(Undo::Pool(id.clone(), before));
@@ -206,22 +182,11 @@ impl Db {
         Ok(cached.value)
     }
 
-    pub fn add_to_key(&self, id: &KeyId, add: KeyTotals) -> StoreResult<()> {
-        let current = self.key_totals(id)?;
-        let value = KeyTotals {
-            charged: current
-                .charged
-                .checked_add(add.charged)
-                .ok_or_else(|| StoreError::Invalid("amount out of range".into()))?,
-            held: current
-                .held
-                .checked_add(add.held)
-                .ok_or_else(|| StoreError::Invalid("amount out of range".into()))?,
-        };
+    /// Sets a key's totals; written to the file at the batch's end.
+    pub fn set_key(&self, id: &KeyId, value: KeyTotals) {
         let mut totals = self.totals.borrow_mut();
         let before = totals.keys.insert(id.clone(), Cached { value, dirty: true });
         totals.undo.push(Undo::Key(id.clone(), before));
-        Ok(())
     }
 
     /// Adds an event's usage to its hour's rollup (written at the batch's end).

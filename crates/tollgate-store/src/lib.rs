@@ -14,6 +14,7 @@ pub mod audit;
 pub mod feed;
 pub mod ownership;
 pub mod report;
+pub mod step;
 mod types;
 
 pub use types::*;
@@ -68,10 +69,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 
-/// Errors of the store. `Invalid`, `NotFound` and `Conflict` are the caller's to fix; `Backend`
-/// is ours (corruption, a bug); `Unavailable` is the store being away for a while (its database
-/// server restarting or its connection lost, its disk full): the write did not happen or its
-/// outcome is unknown, and the same write later (every write has an idempotency id) is safe.
+/// Errors of the store, by kind; the API maps them to statuses in one place
+/// (`tollgate-server` `error.rs`). `Invalid`, `NotFound`, `Conflict` and `Refused` are the
+/// caller's to fix; `Corrupt` and `Backend` are ours (a row the store cannot read, a bug);
+/// `Unavailable` is the store being away for a while (its database server restarting or its
+/// connection lost, its disk full): the write did not happen or its outcome is unknown, and the
+/// same write later (every write has an idempotency id) is safe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
@@ -80,6 +83,12 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The ledger refused an amount: negative, or past the range of its integers.
+    #[error("amount out of range ({})", .0.code())]
+    Refused(tollgate_core::Refusal),
+    /// A stored row that breaks the ledger's rules or cannot be read.
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
     #[error("storage error: {0}")]
     Backend(String),
     #[error("storage unavailable: {0}")]

@@ -194,11 +194,7 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
             not_a_sqlite_file(path)?;
             let audit = tollgate_sqlite::SqliteStore::audit_file(path).map_err(|e| match e {
                 tollgate_store::StoreError::NotFound(what) => usage(format!("{what} does not exist")),
-                // SQLite's words for a database without tollgate's tables.
-                tollgate_store::StoreError::Backend(m) if m.contains("no such table") => usage(format!(
-                    "{} is an SQLite database but not tollgate's, or from another version of it ({m})",
-                    path.display()
-                )),
+                tollgate_store::StoreError::Invalid(m) => usage(m),
                 other => (Failure::Internal, format!("cannot check {}: {other}", path.display())),
             })?;
             (path.display().to_string(), audit)
@@ -255,7 +251,8 @@ async fn check_postgres(url: &str, shown: &str) -> Outcome<tollgate_store::Audit
     let store = tollgate_postgres::PgStore::open_read_only(url).await.map_err(|e| match e {
         StoreError::NotFound(_) => usage(format!("{shown}: the PostgreSQL database does not exist")),
         StoreError::Invalid(m) | StoreError::Conflict(m) => usage(format!("{shown}: {m}")),
-        StoreError::Backend(m) | StoreError::Unavailable(m) => {
+        e @ StoreError::Refused(_) => usage(format!("{shown}: {e}")),
+        StoreError::Backend(m) | StoreError::Corrupt(m) | StoreError::Unavailable(m) => {
             usage(format!("{shown}: cannot open the PostgreSQL database: {m}"))
         }
     })?;

@@ -1,0 +1,777 @@
+//! The ledger's writes, decided once for every backend: read, decide, write.
+//!
+//! A backend runs each write (or a batch of them) in three steps, in the style of a
+//! prefetch-then-commit ledger:
+//!
+//! 1. **Read** a [`Snapshot`] of the rows the writes need, inside its transaction (locked, where
+//!    the database has row locks): the accounts with their tiers and policies, the caps of the
+//!    keys named, the holds named, then the pool and key totals of the cycles they touch
+//!    ([`Snapshot::needs`] says which, and which pool rows a write may create), and the committed
+//!    events whose ids the writes take.
+//! 2. **Decide**: [`Plan::decide`] takes each write in order and answers it from the snapshot,
+//!    with `tollgate-core`'s decisions, on running totals in memory. Every refusal and error of a
+//!    write comes before its first change, so one write's refusal is its own.
+//! 3. **Write** what the plan holds ([`Plan::new_holds`], [`Plan::new_events`],
+//!    [`Plan::changed_holds`], the changed pool and key totals) and commit; answer each write
+//!    once its rows are durable.
+//!
+//! So the decisions, their order and their error messages are written here once; a backend keeps
+//! only its SQL, its locking and its transactions.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use tollgate_core::ledger::{self, PoolScope, Refusal, Replay, Split};
+use tollgate_core::tier::PPM;
+use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, PoolPolicy, Tier};
+
+use crate::{
+    Account, ChargedEvent, Event, EventOutcome, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest,
+    StoreError, StoreResult,
+};
+
+/// A pool's cycle: (account, pool, cycle start in µs).
+pub type PoolId = (String, PoolKind, i64);
+/// A key's cycle: (key id, cycle start in µs).
+pub type KeyId = (String, i64);
+
+/// A pool's running totals in one cycle: its `pool_cycles` row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolTotals {
+    pub grants: Nanos,
+    pub used: Nanos,
+    pub overage: Nanos,
+    pub held: Nanos,
+}
+
+impl PoolTotals {
+    /// These totals plus `add`; `Invalid` when a sum leaves the ledger's range.
+    pub fn plus(self, add: PoolTotals) -> StoreResult<PoolTotals> {
+        Ok(PoolTotals {
+            grants: sum(self.grants, add.grants)?,
+            used: sum(self.used, add.used)?,
+            overage: sum(self.overage, add.overage)?,
+            held: sum(self.held, add.held)?,
+        })
+    }
+}
+
+/// A key's running totals in one cycle: its `key_cycles` row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyTotals {
+    pub charged: Nanos,
+    pub held: Nanos,
+}
+
+impl KeyTotals {
+    /// These totals plus `add`; `Invalid` when a sum leaves the ledger's range.
+    pub fn plus(self, add: KeyTotals) -> StoreResult<KeyTotals> {
+        Ok(KeyTotals { charged: sum(self.charged, add.charged)?, held: sum(self.held, add.held)? })
+    }
+}
+
+fn sum(a: Nanos, b: Nanos) -> StoreResult<Nanos> {
+    a.checked_add(b).ok_or(StoreError::Refused(Refusal::Overflow))
+}
+
+/// One ledger write.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Hold(HoldRequest),
+    Settle(Box<SettleRequest>),
+    /// A part of a lease: the event charged against this much of the hold, which stays open.
+    SettlePart(Box<SettleRequest>, Nanos),
+    Void {
+        account: String,
+        hold_id: String,
+    },
+    Extend {
+        account: String,
+        hold_id: String,
+        ttl_s: u64,
+    },
+    /// Usage that already happened, recorded on its own (no hold).
+    Record(Box<NewEvent>),
+    /// An open hold settled at its held amount, flagged `unsettled` (expired, or found open at a
+    /// restart).
+    Expire {
+        account: String,
+        hold_id: String,
+    },
+}
+
+impl Op {
+    /// The account the write belongs to.
+    pub fn account(&self) -> &str {
+        match self {
+            Op::Hold(r) => &r.account,
+            Op::Settle(r) | Op::SettlePart(r, _) => &r.account,
+            Op::Void { account, .. } | Op::Extend { account, .. } | Op::Expire { account, .. } => account,
+            Op::Record(e) => &e.account,
+        }
+    }
+
+    /// The (account, hold id) the write names; None for a recorded event.
+    pub fn hold_key(&self) -> Option<(&str, &str)> {
+        match self {
+            Op::Hold(r) => Some((&r.account, &r.id)),
+            Op::Settle(r) | Op::SettlePart(r, _) => Some((&r.account, &r.hold_id)),
+            Op::Void { account, hold_id } | Op::Extend { account, hold_id, .. } | Op::Expire { account, hold_id } => {
+                Some((account, hold_id))
+            }
+            Op::Record(_) => None,
+        }
+    }
+
+    /// The key id a new hold or event names (whose cap and account the snapshot needs).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Op::Hold(r) => r.key.as_deref(),
+            Op::Record(e) => e.key.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The (account, event id) the write's event takes, whose committed event the snapshot
+    /// holds when it knows the taken ids; an expiry's is its hold's id.
+    pub fn event_key(&self) -> Option<(&str, &str)> {
+        match self {
+            Op::Settle(r) => Some((&r.account, if r.event.id.is_empty() { &r.hold_id } else { &r.event.id })),
+            Op::SettlePart(r, _) => Some((&r.account, &r.event.id)),
+            Op::Record(e) => Some((&e.account, &e.id)),
+            Op::Expire { account, hold_id } => Some((account, hold_id)),
+            _ => None,
+        }
+    }
+}
+
+/// What a write answers.
+#[derive(Clone, Debug)]
+pub enum Done {
+    Hold(HoldOutcome),
+    /// A settle's event (or a part's), or a recorded event.
+    Event(EventOutcome),
+    /// A voided or extended hold.
+    Changed(Hold),
+}
+
+impl Done {
+    /// A hold's answer.
+    pub fn into_hold_outcome(self) -> StoreResult<HoldOutcome> {
+        match self {
+            Done::Hold(outcome) => Ok(outcome),
+            _ => Err(StoreError::Backend("a hold answered with something else".into())),
+        }
+    }
+
+    /// A settle's (or a part's) event.
+    pub fn into_event(self) -> StoreResult<Event> {
+        match self {
+            Done::Event(EventOutcome::Recorded(event) | EventOutcome::Duplicate(event)) => Ok(event),
+            _ => Err(StoreError::Backend("a settle answered with something else".into())),
+        }
+    }
+
+    /// A recorded event's answer.
+    pub fn into_event_outcome(self) -> StoreResult<EventOutcome> {
+        match self {
+            Done::Event(outcome) => Ok(outcome),
+            _ => Err(StoreError::Backend("an event answered with something else".into())),
+        }
+    }
+
+    /// A voided or extended hold.
+    pub fn into_hold(self) -> StoreResult<Hold> {
+        match self {
+            Done::Changed(hold) => Ok(hold),
+            _ => Err(StoreError::Backend("a void or an extension answered with something else".into())),
+        }
+    }
+}
+
+/// A write's answer before the plan's new events have their seqs.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant, reason = "short-lived, one per write of a batch: not worth a box")]
+pub enum Outcome {
+    Ready(Done),
+    /// The new event at this place of [`Plan::new_events`]: recorded (or settled) once written.
+    Recorded(usize),
+    /// A repeat of the new event at this place: answered with it once written.
+    Repeat(usize),
+}
+
+impl Outcome {
+    /// The answer, once the plan's new events have their seqs (`seqs`, in order).
+    pub fn answer(self, plan: &Plan, seqs: &[i64]) -> Done {
+        match self {
+            Outcome::Ready(done) => done,
+            Outcome::Recorded(i) => Done::Event(EventOutcome::Recorded(plan.new_events[i].event(seqs[i]))),
+            Outcome::Repeat(i) => Done::Event(EventOutcome::Duplicate(plan.new_events[i].event(seqs[i]))),
+        }
+    }
+}
+
+/// Where a settled hold's event is: committed before (its seq), or made by this plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventRef {
+    Seq(i64),
+    New(usize),
+}
+
+/// A hold the writes name, as read, then as the plan changes it.
+#[derive(Clone, Debug)]
+pub struct HoldEntry {
+    pub hold: Hold,
+    pub fingerprint: String,
+    pub event: Option<EventRef>,
+    /// Whether the plan extended it.
+    pub expires_changed: bool,
+    /// Whether the plan charged parts of it (a lease: its amount changed).
+    pub parted: bool,
+}
+
+impl HoldEntry {
+    /// A hold read from the store.
+    pub fn read(hold: Hold, fingerprint: String, event_seq: Option<i64>) -> HoldEntry {
+        HoldEntry { hold, fingerprint, event: event_seq.map(EventRef::Seq), expires_changed: false, parted: false }
+    }
+}
+
+/// The rows a batch of writes needs, read by the backend in its transaction.
+#[derive(Default)]
+pub struct Snapshot {
+    pub accounts: HashMap<String, Account>,
+    pub tiers: HashMap<String, Tier>,
+    pub policies: HashMap<(String, PoolKind), PoolPolicy>,
+    /// Key id → (its account, its cap).
+    pub keys: HashMap<String, (String, Option<Nanos>)>,
+    /// The existing holds the writes name, by (account, id).
+    pub holds: HashMap<(String, String), HoldEntry>,
+    /// Whether `taken` holds every committed event whose id a write takes ([`Op::event_key`]).
+    /// A backend may leave them unread and rely on its insert's uniqueness check instead; a
+    /// decision that needs them then sets [`Plan::needs_taken`] and the backend reads again.
+    pub knows_taken: bool,
+    /// Committed events among the ids the writes take, by (account, event id), with their
+    /// fingerprints.
+    pub taken: HashMap<(String, String), (String, Event)>,
+    /// Committed events of settled holds that settles name again, by seq, with fingerprints.
+    pub settled_events: HashMap<i64, (String, Event)>,
+    /// The pool rows of the cycles the writes touch (see [`Snapshot::needs`]).
+    pub pools: HashMap<PoolId, PoolTotals>,
+    /// The key rows of the cycles the writes touch; a missing row counts as zero.
+    pub key_totals: HashMap<KeyId, KeyTotals>,
+}
+
+/// The pool and key rows a write needs, once the snapshot has its accounts, keys and holds.
+#[derive(Debug, Default)]
+pub struct Needs {
+    /// The pool row, with the tier grant and cycle to create it with when the write may create
+    /// it (a new hold or event, a settle: the first write of a cycle).
+    pub pool: Option<(PoolId, Option<(Nanos, Cycle)>)>,
+    pub key: Option<KeyId>,
+}
+
+impl Snapshot {
+    /// The tier grant and PAYG multiplier of an account's pool; None when its tier is unknown.
+    pub fn tier_grant(&self, account: &Account, pool: PoolKind) -> Option<(Nanos, u64)> {
+        let tier = self.tiers.get(&account.tier)?;
+        Some((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+    }
+
+    /// Whether a new hold or event gets past the checks before its pool: its account exists and
+    /// its key is the account's (and, for a hold, its id is new).
+    fn reaches_pool(&self, account: &str, key: Option<&str>) -> bool {
+        self.accounts.contains_key(account) && key.is_none_or(|k| self.keys.get(k).is_some_and(|(a, _)| a == account))
+    }
+
+    fn open_hold(&self, account: &str, hold_id: &str) -> Option<&Hold> {
+        let entry = self.holds.get(&(account.to_string(), hold_id.to_string()))?;
+        (entry.hold.state == HoldState::Open).then_some(&entry.hold)
+    }
+
+    /// The pool and key rows `op` needs (at `now`), given the accounts, keys and holds read.
+    pub fn needs(&self, op: &Op, now: DateTime<Utc>) -> Needs {
+        let creating = |account: &Account, pool: PoolKind, cycle: Cycle| {
+            let create = self.tier_grant(account, pool).map(|(grant, _)| (grant, cycle));
+            ((account.id.clone(), pool, us(cycle.start)), create)
+        };
+        match op {
+            Op::Hold(r)
+                if self.reaches_pool(&r.account, r.key.as_deref())
+                    && !self.holds.contains_key(&(r.account.clone(), r.id.clone())) =>
+            {
+                let cycle = self.accounts[&r.account].cycle_anchor().cycle_at(now);
+                let key = r.key.as_ref().map(|k| (k.clone(), us(cycle.start)));
+                Needs { pool: Some(creating(&self.accounts[&r.account], r.pool, cycle)), key }
+            }
+            Op::Record(e)
+                if self.reaches_pool(&e.account, e.key.as_deref())
+                    && !self.taken.contains_key(&(e.account.clone(), e.id.clone())) =>
+            {
+                let cycle = self.accounts[&e.account].cycle_anchor().cycle_at(e.timestamp);
+                let key = e.key.as_ref().map(|k| (k.clone(), us(cycle.start)));
+                Needs { pool: Some(creating(&self.accounts[&e.account], e.pool, cycle)), key }
+            }
+            Op::Hold(_) | Op::Record(_) | Op::Extend { .. } => Needs::default(),
+            Op::Settle(_) | Op::SettlePart(..) | Op::Void { .. } | Op::Expire { .. } => {
+                let Some((account, hold_id)) = op.hold_key() else { return Needs::default() };
+                let Some(h) = self.open_hold(account, hold_id) else { return Needs::default() };
+                let key = h.key.as_ref().map(|k| (k.clone(), us(h.cycle_start)));
+                let pool = match (matches!(op, Op::Void { .. }), self.accounts.get(account)) {
+                    (false, Some(a)) => creating(a, h.pool, Cycle { index: 0, start: h.cycle_start, end: h.cycle_end }),
+                    _ => ((h.account.clone(), h.pool, us(h.cycle_start)), None),
+                };
+                Needs { pool: Some(pool), key }
+            }
+        }
+    }
+}
+
+/// Microseconds since the epoch: how both backends key a cycle.
+pub fn us(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// A batch of writes decided on a snapshot: the running totals, and the rows to write.
+#[derive(Default)]
+pub struct Plan {
+    pub snapshot: Snapshot,
+    /// New holds, with their fingerprints, in order.
+    pub new_holds: Vec<(Hold, String)>,
+    /// New events, in order: the backend gives each its seq as it inserts them.
+    pub new_events: Vec<ChargedEvent>,
+    /// (account, event id) → place in `new_events`.
+    new_event_ids: HashMap<(String, String), usize>,
+    /// Holds read from the store that the plan changed (settled, expired, voided, extended or
+    /// charged in part), by (account, id); their entries in `snapshot.holds` say how.
+    pub changed_holds: BTreeSet<(String, String)>,
+    pub changed_pools: BTreeSet<PoolId>,
+    pub changed_keys: BTreeSet<KeyId>,
+    /// Set when a decision needed the committed events the snapshot did not read
+    /// ([`Snapshot::knows_taken`]): the backend reads them and decides again.
+    pub needs_taken: bool,
+}
+
+/// The answer to a hold request whose id an existing hold has: that hold when the request is the
+/// same, a conflict when not.
+pub fn replay_hold(existing: &HoldEntry, r: &HoldRequest) -> StoreResult<HoldOutcome> {
+    match ledger::replay(Some((existing.fingerprint.clone(), existing.hold.clone())), &r.fingerprint) {
+        Replay::Same(hold) => Ok(HoldOutcome::Replayed(hold)),
+        _ => Err(StoreError::Conflict(format!(
+            "hold id {:?} was already used for a different request; use a new id",
+            r.id
+        ))),
+    }
+}
+
+fn hold_not_found(hold_id: &str) -> StoreError {
+    StoreError::NotFound(format!("hold {hold_id:?}"))
+}
+
+fn event_id_taken(id: &str) -> StoreError {
+    StoreError::Conflict(format!("event id {id:?} is already recorded; use another event id"))
+}
+
+/// What an unread taken id costs: the plan must run again with the taken events read.
+fn needs_taken() -> StoreError {
+    StoreError::Backend("the write runs again with the taken event ids read".into())
+}
+
+/// A charge decided: its pool's and key's new totals.
+struct Charge {
+    pool: (PoolId, PoolTotals),
+    key: Option<(KeyId, KeyTotals)>,
+}
+
+impl Plan {
+    pub fn new(snapshot: Snapshot) -> Plan {
+        Plan { snapshot, ..Plan::default() }
+    }
+
+    /// Decides one write on the running totals: its answer, and its rows added to the plan. An
+    /// error changes nothing.
+    pub fn decide(&mut self, op: &Op, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        match op {
+            Op::Hold(r) => self.hold(r, now),
+            Op::Settle(r) => self.settle(r, now),
+            Op::SettlePart(r, release) => self.settle_part(r, *release, now),
+            Op::Void { account, hold_id } => self.void(account, hold_id).map(|h| Outcome::Ready(Done::Changed(h))),
+            Op::Extend { account, hold_id, ttl_s } => {
+                self.extend(account, hold_id, *ttl_s, now).map(|h| Outcome::Ready(Done::Changed(h)))
+            }
+            Op::Record(e) => self.record(e, now),
+            Op::Expire { account, hold_id } => self.expire(account, hold_id, now),
+        }
+    }
+
+    /// The pool's totals and scope for core's decisions.
+    fn pool_scope(&self, id: &PoolId) -> StoreResult<(PoolTotals, PoolScope)> {
+        let totals =
+            *self.snapshot.pools.get(id).ok_or_else(|| {
+                StoreError::Corrupt(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str()))
+            })?;
+        let policy = self.snapshot.policies.get(&(id.0.clone(), id.1)).copied().unwrap_or_default();
+        let PoolTotals { grants, used, overage, held } = totals;
+        Ok((totals, PoolScope { limit: policy.limit(grants), grants, used, overage, held }))
+    }
+
+    fn key_totals(&self, id: &KeyId) -> KeyTotals {
+        self.snapshot.key_totals.get(id).copied().unwrap_or_default()
+    }
+
+    fn account(&self, id: &str) -> StoreResult<&Account> {
+        self.snapshot.accounts.get(id).ok_or_else(|| StoreError::NotFound(format!("account {id:?}")))
+    }
+
+    /// The tier grant and PAYG multiplier of a pool; an unknown tier is the store's fault.
+    fn tier_grant(&self, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
+        self.snapshot
+            .tier_grant(account, pool)
+            .ok_or_else(|| StoreError::Corrupt(format!("account {} has unknown tier {}", account.id, account.tier)))
+    }
+
+    /// The cap of `key` when it is `account`'s; `Invalid` if the account has no such key.
+    fn key_cap(&self, account: &str, key: &str) -> StoreResult<Option<Nanos>> {
+        match self.snapshot.keys.get(key) {
+            Some((a, cap)) if a == account => Ok(*cap),
+            _ => Err(StoreError::Invalid(format!("account {account:?} has no key {key:?}"))),
+        }
+    }
+
+    /// Applies decided totals.
+    fn apply(&mut self, charge: Charge) {
+        let (pool_id, totals) = charge.pool;
+        self.snapshot.pools.insert(pool_id.clone(), totals);
+        self.changed_pools.insert(pool_id);
+        if let Some((id, t)) = charge.key {
+            self.snapshot.key_totals.insert(id.clone(), t);
+            self.changed_keys.insert(id);
+        }
+    }
+
+    /// Adds a new event; its place in `new_events`.
+    fn push_event(&mut self, row: ChargedEvent) -> usize {
+        let i = self.new_events.len();
+        self.new_event_ids.insert((row.event.account.clone(), row.event.id.clone()), i);
+        self.new_events.push(row);
+        i
+    }
+
+    /// The totals once `add` is added to a pool and `add_key` to the hold's key, refused (out of
+    /// range) before anything changes.
+    fn charge(&self, pool: &PoolId, add: PoolTotals, key: Option<(KeyId, KeyTotals)>) -> StoreResult<Charge> {
+        let (totals, _) = self.pool_scope(pool)?;
+        let key = match key {
+            Some((id, add_key)) => Some((id.clone(), self.key_totals(&id).plus(add_key)?)),
+            None => None,
+        };
+        Ok(Charge { pool: (pool.clone(), totals.plus(add)?), key })
+    }
+
+    /// Reserves a call's worst case against its pool and key, or refuses it.
+    fn hold(&mut self, r: &HoldRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        let account = self.account(&r.account)?;
+        let cap = match &r.key {
+            Some(id) => Some(self.key_cap(&r.account, id)?),
+            None => None,
+        };
+        let cycle = account.cycle_anchor().cycle_at(now);
+        let hold_key = (r.account.clone(), r.id.clone());
+        if let Some(existing) = self.snapshot.holds.get(&hold_key) {
+            return replay_hold(existing, r).map(|outcome| Outcome::Ready(Done::Hold(outcome)));
+        }
+        self.tier_grant(account, r.pool)?;
+        let pool_id = (r.account.clone(), r.pool, us(cycle.start));
+        let (_, scope) = self.pool_scope(&pool_id)?;
+        let key = match (&r.key, cap) {
+            (Some(id), Some(cap)) => {
+                let key_id = (id.clone(), us(cycle.start));
+                let t = self.key_totals(&key_id);
+                Some((key_id, KeyScope { cap, charged: t.charged, held: t.held }))
+            }
+            _ => None,
+        };
+        let decision = match ledger::decide_hold(&scope, key.as_ref().map(|(_, k)| k), r.amount) {
+            Ok(d) => d,
+            Err(refusal) => {
+                return Ok(Outcome::Ready(Done::Hold(HoldOutcome::Refused { refusal, resets_at: cycle.end })));
+            }
+        };
+        let held = PoolTotals { held: r.amount, ..PoolTotals::default() };
+        let key_add = key.map(|(id, _)| (id, KeyTotals { charged: Nanos::ZERO, held: r.amount }));
+        let charge = self.charge(&pool_id, held, key_add)?;
+        let hold = Hold {
+            id: r.id.clone(),
+            account: r.account.clone(),
+            pool: r.pool,
+            key: r.key.clone(),
+            amount: r.amount,
+            model: r.model.clone(),
+            source: r.source.clone(),
+            state: HoldState::Open,
+            cycle_start: cycle.start,
+            cycle_end: cycle.end,
+            created_at: now,
+            expires_at: now + Duration::seconds(r.ttl_s as i64),
+            remaining_after: decision.pool_remaining,
+            made_by: r.made_by.clone(),
+        };
+        // No refusal after this point: the changes.
+        self.apply(charge);
+        self.new_holds.push((hold.clone(), r.fingerprint.clone()));
+        self.snapshot.holds.insert(hold_key, HoldEntry::read(hold.clone(), r.fingerprint.clone(), None));
+        Ok(Outcome::Ready(Done::Hold(HoldOutcome::Held(hold))))
+    }
+
+    /// Whether an event id is taken, by a committed event or one of this plan's; an error when
+    /// the snapshot did not read the committed ones.
+    fn taken(&mut self, event_key: &(String, String)) -> StoreResult<bool> {
+        if self.new_event_ids.contains_key(event_key) || self.snapshot.taken.contains_key(event_key) {
+            return Ok(true);
+        }
+        if !self.snapshot.knows_taken {
+            self.needs_taken = true;
+            return Err(needs_taken());
+        }
+        Ok(false)
+    }
+
+    /// The answer to a settle of a hold that is not open: the first settle's event again when
+    /// this one repeats it, else a conflict.
+    fn settle_again(&self, r: &SettleRequest, entry: &HoldEntry) -> StoreResult<Outcome> {
+        if entry.hold.state != HoldState::Settled {
+            return Err(StoreError::Conflict(format!(
+                "hold {:?} is {} and can no longer be settled",
+                r.hold_id,
+                entry.hold.state.as_str()
+            )));
+        }
+        let first = match entry.event {
+            Some(EventRef::Seq(seq)) => self.snapshot.settled_events.get(&seq).map(|(f, e)| (f.clone(), Ok(e.clone()))),
+            Some(EventRef::New(i)) => Some((self.new_events[i].event.fingerprint.clone(), Err(i))),
+            None => None,
+        }
+        .ok_or_else(|| StoreError::Corrupt(format!("settled hold {:?} has no event", r.hold_id)))?;
+        match ledger::replay(Some(first), &r.event.fingerprint) {
+            Replay::Same(Ok(event)) => Ok(Outcome::Ready(Done::Event(EventOutcome::Recorded(event)))),
+            Replay::Same(Err(i)) => Ok(Outcome::Recorded(i)),
+            _ => Err(StoreError::Conflict(format!("hold {:?} is already settled with a different usage", r.hold_id))),
+        }
+    }
+
+    /// Charges a held call's real cost, releases the hold and records its event.
+    fn settle(&mut self, r: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        let key = (r.account.clone(), r.hold_id.clone());
+        let entry = self.snapshot.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?;
+        if entry.hold.state != HoldState::Open {
+            return self.settle_again(r, entry);
+        }
+        let hold = entry.hold.clone();
+        let mut event = r.event.clone();
+        // The hold decides where the charge goes: its account, pool and key, never the event's.
+        event.account = hold.account.clone();
+        if event.id.is_empty() {
+            event.id = hold.id.clone();
+        }
+        event.pool = hold.pool;
+        event.key = hold.key.clone();
+        self.close_hold(&hold, event, false, now).map(Outcome::Recorded)
+    }
+
+    /// Charges `event` against the whole of an open hold and closes it: settled, or expired
+    /// when `unsettled` (charged exactly its held amount). Its place among the new events.
+    fn close_hold(&mut self, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<usize> {
+        let event_key = (event.account.clone(), event.id.clone());
+        let (_, ppm) = self.tier_grant(self.account(&hold.account)?, hold.pool)?;
+        // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
+        let ppm = if unsettled { PPM } else { ppm };
+        let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
+        let (_, scope) = self.pool_scope(&pool_id)?;
+        let settlement = match ledger::settle(hold.amount, event.cost, &scope, ppm) {
+            Ok(settlement) => settlement,
+            // A taken event id is reported before a bad amount.
+            Err(refusal) => {
+                return Err(if self.taken(&event_key)? {
+                    event_id_taken(&event.id)
+                } else {
+                    StoreError::Refused(refusal)
+                });
+            }
+        };
+        let charge = self.charge_hold(hold, &pool_id, settlement.split, hold.amount)?;
+        if self.taken(&event_key)? {
+            return Err(event_id_taken(&event.id));
+        }
+        // No refusal after this point: the changes.
+        self.apply(charge);
+        let i = self.push_event(ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) });
+        let entry = self.snapshot.holds.get_mut(&(hold.account.clone(), hold.id.clone())).expect("the hold read above");
+        entry.hold.state = if unsettled { HoldState::Expired } else { HoldState::Settled };
+        entry.event = Some(EventRef::New(i));
+        self.changed_holds.insert((hold.account.clone(), hold.id.clone()));
+        Ok(i)
+    }
+
+    /// The totals once `split` is charged to `hold`'s pool and key and `release` of it is freed.
+    fn charge_hold(&self, hold: &Hold, pool: &PoolId, split: Split, release: Nanos) -> StoreResult<Charge> {
+        let freed = Nanos(-release.0);
+        let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: freed };
+        let key = hold
+            .key
+            .as_ref()
+            .map(|k| ((k.clone(), us(hold.cycle_start)), KeyTotals { charged: split.total(), held: freed }));
+        self.charge(pool, add, key)
+    }
+
+    /// Charges one call's event against `release` of an open hold, which stays open with the
+    /// rest (a lease). A repeat of the part answers with the first.
+    fn settle_part(&mut self, r: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        let event_key = (r.account.clone(), r.event.id.clone());
+        // A repeat of a part this plan charges already: the same answer, or a conflict.
+        if let Some(&i) = self.new_event_ids.get(&event_key) {
+            return match ledger::replay(Some((self.new_events[i].event.fingerprint.clone(), i)), &r.event.fingerprint) {
+                Replay::Same(i) => Ok(Outcome::Recorded(i)),
+                _ => Err(StoreError::Conflict(format!(
+                    "event id {:?} is already recorded with different content; use another event id",
+                    r.event.id
+                ))),
+            };
+        }
+        if let Some(event) = crate::replay_part(r, self.snapshot.taken.get(&event_key).cloned())? {
+            return Ok(Outcome::Ready(Done::Event(EventOutcome::Recorded(event))));
+        }
+        let charged = self.charge_part(r, event_key, release, now);
+        // A repeat of a part recorded before its lease closed is answered with that part, not
+        // refused: only a snapshot that read the taken ids knows.
+        if charged.is_err() && !self.snapshot.knows_taken {
+            self.needs_taken = true;
+            return Err(needs_taken());
+        }
+        charged
+    }
+
+    fn charge_part(
+        &mut self,
+        r: &SettleRequest,
+        event_key: (String, String),
+        release: Nanos,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Outcome> {
+        let key = (r.account.clone(), r.hold_id.clone());
+        let hold = self.snapshot.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?.hold.clone();
+        let event = crate::part_event(r, &hold, release)?;
+        let (_, ppm) = self.tier_grant(self.account(&hold.account)?, hold.pool)?;
+        let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
+        let (_, scope) = self.pool_scope(&pool_id)?;
+        let settlement = ledger::settle(release, event.cost, &scope, ppm).map_err(StoreError::Refused)?;
+        let charge = self.charge_hold(&hold, &pool_id, settlement.split, release)?;
+        debug_assert_eq!(event_key, (event.account.clone(), event.id.clone()));
+        // No refusal after this point: the changes.
+        self.apply(charge);
+        let i = self.push_event(ChargedEvent::of_hold(event, &hold, settlement, now));
+        let entry = self.snapshot.holds.get_mut(&key).expect("the hold read above");
+        entry.hold.amount = Nanos(entry.hold.amount.0 - release.0);
+        entry.parted = true;
+        self.changed_holds.insert(key);
+        Ok(Outcome::Recorded(i))
+    }
+
+    /// Releases an open hold without charge; a hold voided already is answered as it is.
+    fn void(&mut self, account: &str, hold_id: &str) -> StoreResult<Hold> {
+        let key = (account.to_string(), hold_id.to_string());
+        let entry = self.snapshot.holds.get(&key).ok_or_else(|| hold_not_found(hold_id))?;
+        match entry.hold.state {
+            HoldState::Open => {}
+            HoldState::Voided => return Ok(entry.hold.clone()),
+            state => {
+                return Err(StoreError::Conflict(format!(
+                    "hold {hold_id:?} is {} and can no longer be voided",
+                    state.as_str()
+                )));
+            }
+        }
+        let h = entry.hold.clone();
+        let charge =
+            self.charge_hold(&h, &(account.to_string(), h.pool, us(h.cycle_start)), Split::default(), h.amount)?;
+        self.apply(charge);
+        let entry = self.snapshot.holds.get_mut(&key).expect("the hold read above");
+        entry.hold.state = HoldState::Voided;
+        self.changed_holds.insert(key);
+        Ok(entry.hold.clone())
+    }
+
+    /// Pushes an open hold's expiry to `now + ttl`.
+    fn extend(&mut self, account: &str, hold_id: &str, ttl_s: u64, now: DateTime<Utc>) -> StoreResult<Hold> {
+        let key = (account.to_string(), hold_id.to_string());
+        let entry = self.snapshot.holds.get_mut(&key).ok_or_else(|| hold_not_found(hold_id))?;
+        if entry.hold.state != HoldState::Open {
+            return Err(StoreError::Conflict(format!("hold {hold_id:?} is {}", entry.hold.state.as_str())));
+        }
+        entry.hold.expires_at = now + Duration::seconds(ttl_s as i64);
+        entry.expires_changed = true;
+        let hold = entry.hold.clone();
+        self.changed_holds.insert(key);
+        Ok(hold)
+    }
+
+    /// Records usage that already happened on its pool (no hold); a repeat answers with the
+    /// first.
+    fn record(&mut self, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        let event_key = (e.account.clone(), e.id.clone());
+        let earlier = match (self.new_event_ids.get(&event_key), self.snapshot.taken.get(&event_key)) {
+            (Some(&i), _) => Some((self.new_events[i].event.fingerprint.clone(), Outcome::Repeat(i))),
+            (None, Some((f, event))) => {
+                Some((f.clone(), Outcome::Ready(Done::Event(EventOutcome::Duplicate(event.clone())))))
+            }
+            (None, None) if !self.snapshot.knows_taken => {
+                self.needs_taken = true;
+                return Err(needs_taken());
+            }
+            (None, None) => None,
+        };
+        match ledger::replay(earlier, &e.fingerprint) {
+            Replay::Same(outcome) => return Ok(outcome),
+            Replay::Conflict => {
+                return Err(StoreError::Conflict(format!(
+                    "event id {:?} was already recorded with different content; use a new id",
+                    e.id
+                )));
+            }
+            Replay::New => {}
+        }
+        let account = self.account(&e.account)?;
+        if let Some(key) = &e.key {
+            self.key_cap(&e.account, key)?;
+        }
+        let cycle = account.cycle_anchor().cycle_at(e.timestamp);
+        let (_, ppm) = self.tier_grant(account, e.pool)?;
+        let pool_id = (e.account.clone(), e.pool, us(cycle.start));
+        let (_, scope) = self.pool_scope(&pool_id)?;
+        let split = ledger::split_charge(e.cost, &scope, ppm).map_err(StoreError::Refused)?;
+        let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: Nanos::ZERO };
+        let key = e
+            .key
+            .as_ref()
+            .map(|k| ((k.clone(), us(cycle.start)), KeyTotals { charged: split.total(), held: Nanos::ZERO }));
+        let charge = self.charge(&pool_id, add, key)?;
+        self.apply(charge);
+        Ok(Outcome::Recorded(self.push_event(ChargedEvent::direct(e.clone(), cycle.start, split, now))))
+    }
+
+    /// Settles an open hold at its held amount, flagged `unsettled`; a hold no longer open (ended
+    /// meanwhile by another writer) is answered as it is, unchanged.
+    fn expire(&mut self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        let entry = self
+            .snapshot
+            .holds
+            .get(&(account.to_string(), hold_id.to_string()))
+            .ok_or_else(|| hold_not_found(hold_id))?;
+        if entry.hold.state != HoldState::Open {
+            return Ok(Outcome::Ready(Done::Changed(entry.hold.clone())));
+        }
+        let hold = entry.hold.clone();
+        let id_taken = self.taken(&(hold.account.clone(), hold.id.clone()))?;
+        let event = hold.unsettled_event(id_taken);
+        self.close_hold(&hold, event, true, now).map(Outcome::Recorded)
+    }
+}
