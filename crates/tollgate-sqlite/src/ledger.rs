@@ -5,42 +5,82 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::{Cycle, Nanos, PoolKind};
-use tollgate_store::step::{Done, EventRef, HoldEntry, Op, Plan, Snapshot};
-use tollgate_store::{Account, ChargedEvent, Event, EventOutcome, Grant, StoreError, StoreResult};
+use tollgate_store::step::{Done, EventRef, HoldEntry, Op, Outcome, Plan, Snapshot};
+use tollgate_store::{Account, ChargedEvent, Event, EventOutcome, Grant, HoldOutcome, StoreError, StoreResult};
 
 use crate::rows::{self, backend, us};
 use crate::writer::Db;
 
+/// Why an attempt at a write did not finish.
+enum Fail {
+    Store(StoreError),
+    /// A first attempt met what it did not read (a taken hold or event id): run it again,
+    /// reading everything. Nothing was changed but pool rows a cycle's first write creates.
+    Again,
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
 /// Decides `ops` in order on one snapshot and writes what they decided; the first that fails
 /// fails them all (the caller's savepoint, if any, undoes the rest).
 pub fn run(db: &Db, ops: &[(Op, DateTime<Utc>)]) -> StoreResult<Vec<Done>> {
-    let mut plan = Plan::new(snapshot(db, ops)?);
-    let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>()?;
-    let seqs = write(db, &plan)?;
-    Ok(outcomes.into_iter().map(|o| o.answer(&plan, &seqs)).collect())
+    attempt(db, ops, false).map_err(|f| match f {
+        Fail::Store(e) => e,
+        Fail::Again => StoreError::Backend("a write read everything and still met an unread id".into()),
+    })
 }
 
-/// One write, decided and written.
+/// One write, decided and written. A first attempt reads neither a new hold's id nor the event
+/// id a settle takes: the inserts' own uniqueness checks find a taken one (rare), and then the
+/// write runs again reading them. One read less per hold and per settle.
 pub fn run_one(db: &Db, op: Op, now: DateTime<Utc>) -> StoreResult<Done> {
-    let mut done = run(db, &[(op, now)])?;
+    let ops = [(op, now)];
+    let mut done = match attempt(db, &ops, true) {
+        Err(Fail::Again) => run(db, &ops)?,
+        Err(Fail::Store(e)) => return Err(e),
+        Ok(done) => done,
+    };
     done.pop().ok_or_else(|| StoreError::Backend("a write went unanswered".into()))
+}
+
+fn attempt(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Vec<Done>, Fail> {
+    let mut plan = Plan::new(snapshot(db, ops, first)?);
+    let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>();
+    if plan.needs_taken {
+        return Err(Fail::Again);
+    }
+    let outcomes = outcomes?;
+    // A refused hold whose id was not read may repeat an earlier hold: answered with it.
+    if first && outcomes.iter().any(|o| matches!(o, Outcome::Ready(Done::Hold(HoldOutcome::Refused { .. })))) {
+        return Err(Fail::Again);
+    }
+    let seqs = write(db, &plan, first)?;
+    Ok(outcomes.into_iter().map(|o| o.answer(&plan, &seqs)).collect())
 }
 
 /// Reads everything `ops` need: accounts with their tiers and policies, keys, holds, the events
 /// whose ids they take, then the pool rows (created with their tier grant when a cycle's first
 /// write comes) and key rows of the cycles they touch.
-fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)]) -> StoreResult<Snapshot> {
+/// `first`: a first attempt, which reads neither a new hold's id nor the events' ids.
+fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> StoreResult<Snapshot> {
     let conn: &Connection = db;
-    let mut snap = Snapshot { knows_taken: true, ..Snapshot::default() };
+    let mut snap = Snapshot { knows_taken: !first, ..Snapshot::default() };
     for (op, _) in ops {
         read_account(db, &mut snap, op.account())?;
         if let Some(key) = op.key() {
             read_key(conn, &mut snap, key)?;
         }
-        if let Some((account, id)) = op.hold_key() {
+        if let Some((account, id)) = op.hold_key()
+            && !(first && matches!(op, Op::Hold(_)))
+        {
             read_hold(conn, &mut snap, account, id, matches!(op, Op::Settle(_)))?;
         }
         if let Some((account, id)) = op.event_key()
+            && !first
             && let Some(row) = rows::load_event(conn, account, id)?
         {
             snap.taken.insert((account.to_string(), id.to_string()), (row.fingerprint, row.event));
@@ -138,14 +178,21 @@ pub fn pool_cycle(db: &Db, account: &Account, pool: PoolKind, cycle: &Cycle) -> 
 
 /// Writes what `plan` decided: new holds, new events (their seqs, in order), changed holds, and
 /// the pool and key totals (kept by the writer, written with the batch).
-fn write(db: &Db, plan: &Plan) -> StoreResult<Vec<i64>> {
+/// On a `first` attempt a taken hold or event id is `Fail::Again` (nothing was written yet: a
+/// first attempt has one write, whose insert comes first).
+fn write(db: &Db, plan: &Plan, first: bool) -> Result<Vec<i64>, Fail> {
     let conn: &Connection = db;
+    let taken =
+        |e: rusqlite::Error| if first && is_unique_violation(&e) { Fail::Again } else { Fail::Store(backend(e)) };
     for (hold, fingerprint) in &plan.new_holds {
-        insert_hold(conn, hold, fingerprint)?;
+        insert_hold(conn, hold, fingerprint).map_err(taken)?;
     }
     let mut seqs = Vec::with_capacity(plan.new_events.len());
     for row in &plan.new_events {
-        seqs.push(insert_event(db, row)?.seq);
+        seqs.push(insert_event(db, row).map_err(|e| match e {
+            StoreError::Conflict(_) if first => Fail::Again,
+            other => Fail::Store(other),
+        })?);
     }
     for key in &plan.changed_holds {
         let entry = &plan.snapshot.holds[key];
@@ -165,7 +212,7 @@ fn write(db: &Db, plan: &Plan) -> StoreResult<Vec<i64>> {
         .map_err(backend)?;
     }
     for id in &plan.changed_pools {
-        db.set_pool(id, plan.snapshot.pools[id])?;
+        db.set_pool(id, plan.snapshot.pools[id]);
     }
     for id in &plan.changed_keys {
         db.set_key(id, plan.snapshot.key_totals[id]);
@@ -173,7 +220,7 @@ fn write(db: &Db, plan: &Plan) -> StoreResult<Vec<i64>> {
     Ok(seqs)
 }
 
-fn insert_hold(conn: &Connection, hold: &tollgate_store::Hold, fingerprint: &str) -> StoreResult<()> {
+fn insert_hold(conn: &Connection, hold: &tollgate_store::Hold, fingerprint: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO holds (account, id, pool, key_id, amount, model, source, state, cycle_start_us, cycle_end_us,
                             created_us, expires_us, remaining_after, fingerprint, made_by)
@@ -196,8 +243,7 @@ fn insert_hold(conn: &Connection, hold: &tollgate_store::Hold, fingerprint: &str
             fingerprint,
             hold.made_by.to_text()
         ])
-    })
-    .map_err(backend)?;
+    })?;
     Ok(())
 }
 
@@ -255,8 +301,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
         || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
-/// Inserts `row` and adds it to its hour's rollup.
-fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<Event> {
+/// Inserts `row` and adds it to its hour's rollup; its seq.
+fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<i64> {
     let ChargedEvent { event: e, cycle_start, split, overshoot, hold_id, unsettled, recorded: now } = row;
     let (cycle_start, now) = (*cycle_start, *now);
     let conn: &Connection = db;
@@ -312,7 +358,7 @@ fn insert_event(db: &Db, row: &ChargedEvent) -> StoreResult<Event> {
         }
     })?;
     add_to_rollup(db, row, labels);
-    Ok(row.event(conn.last_insert_rowid()))
+    Ok(conn.last_insert_rowid())
 }
 
 /// Adds `row` to its hour's rollup (the writer writes the rollups with the batch).

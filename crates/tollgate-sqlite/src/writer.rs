@@ -151,15 +151,15 @@ impl Db {
         let current = self
             .pool_totals(id)?
             .ok_or_else(|| StoreError::Corrupt(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str())))?;
-        self.set_pool(id, current.plus(add)?)
+        self.set_pool(id, current.plus(add)?);
+        Ok(())
     }
 
     /// Sets a pool's totals (the row must exist); written to the file at the batch's end.
-    pub fn set_pool(&self, id: &PoolId, value: PoolTotals) -> StoreResult<()> {
+    pub fn set_pool(&self, id: &PoolId, value: PoolTotals) {
         let mut totals = self.totals.borrow_mut();
         let before = totals.pools.insert(id.clone(), Cached { value, dirty: true });
         totals.undo.push(Undo::Pool(id.clone(), before));
-        Ok(())
     }
 
     /// A key's totals in a cycle (zero when it has no row yet).

@@ -599,7 +599,9 @@ impl Plan {
             }
         };
         let charge = self.charge_hold(hold, &pool_id, settlement.split, hold.amount)?;
-        if self.taken(&event_key)? {
+        // An id taken by a committed event the snapshot did not read is found by the insert's
+        // uniqueness check: the backend then decides again with the taken ids read.
+        if self.new_event_ids.contains_key(&event_key) || self.snapshot.taken.contains_key(&event_key) {
             return Err(event_id_taken(&event.id));
         }
         // No refusal after this point: the changes.
