@@ -5,6 +5,7 @@
 //! backends and the simulation tests can call it under their own locks and clocks.
 
 #![warn(clippy::too_many_lines)] // production functions stay under 80 lines (clippy.toml)
+#![warn(missing_docs)] // every public item says what it is (CI denies warnings)
 
 pub mod alert;
 pub mod classify;

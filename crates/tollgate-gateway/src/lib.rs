@@ -11,6 +11,7 @@ mod id;
 mod lease;
 mod meter;
 pub mod metrics;
+mod outbound;
 mod proxy;
 mod retry;
 mod state;

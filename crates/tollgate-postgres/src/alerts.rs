@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tollgate_core::{Nanos, PoolKind};
-use tollgate_store::alerts::{Alert, AlertKind, AlertQuery, AlertRule, AlertStore, NewAlert, Outbound, alert_id};
+use tollgate_store::alerts::{Alert, AlertKind, AlertQuery, AlertRule, AlertStore, NewAlert, Outbound};
 use tollgate_store::{StoreError, StoreResult};
 
 use crate::rows::{corrupt, execute, pool_of, query, query_opt, time, us};
@@ -146,7 +146,7 @@ impl AlertStore for PgStore {
     }
 
     async fn fire_alert(&self, a: NewAlert) -> StoreResult<Option<Alert>> {
-        let id = alert_id(&a.rule_id, &a.account, a.pool, a.cycle_start, &a.dedupe);
+        let id = a.id();
         write_tx!(self, |tx| {
             async {
             let inserted = execute(
@@ -182,20 +182,7 @@ impl AlertStore for PgStore {
                 )
                 .await?;
             }
-            Ok(Some(Alert {
-                id: id.clone(),
-                rule_id: a.rule_id.clone(),
-                kind: a.kind,
-                account: a.account.clone(),
-                pool: a.pool,
-                cycle_start: a.cycle_start,
-                cycle_end: a.cycle_end,
-                percent: a.percent,
-                used: a.used,
-                limit: a.limit,
-                message: a.message.clone(),
-                fired_at: a.fired_at,
-            }))
+            Ok(Some(a.clone().fired(id.clone())))
         }
         .await
         })

@@ -61,29 +61,11 @@ async fn pool_sums(tx: &Transaction<'_>) -> Result<Vec<PoolSums>> {
     )
     .await?;
     for r in &pools {
-        let pool: String = r.try_get(1)?;
-        let policy = match PoolKind::parse(&pool) {
+        let policy = match PoolKind::parse(r.try_get(1)?) {
             Some(_) => Some(rows::policy(r, 12)?),
             None => None,
         };
-        let n = |i: usize| -> Result<Nanos> { Ok(Nanos(r.try_get(i)?)) };
-        sums.push(PoolSums {
-            account: r.try_get(0)?,
-            cycle_start: time(r.try_get(2)?),
-            policy,
-            grants: n(3)?,
-            used: n(4)?,
-            overage: n(5)?,
-            held: n(6)?,
-            events_grant: n(7)?,
-            events_overage: n(8)?,
-            through_holds: n(9)?,
-            open_holds: n(10)?,
-            grant_rows: n(11)?,
-            overshoot: n(15)?,
-            overshot_events: r.try_get::<_, i64>(16)? as u64,
-            pool,
-        });
+        sums.push(tollgate_store::rows::pool_sums(&rows::Cols(r), 15, policy)?);
     }
     Ok(sums)
 }

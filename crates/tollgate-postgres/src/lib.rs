@@ -47,9 +47,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 use tollgate_store::{
-    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome,
-    HoldRequest, Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
-    StoreResult,
+    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, Hold, HoldOutcome, HoldRequest,
+    Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError, StoreResult,
 };
 
 use crate::ledger::Sweep;
@@ -360,24 +359,6 @@ fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
         .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
 }
 
-const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, expires_us, note, created_us";
-
-fn grant_row(r: &tokio_postgres::Row) -> Result<Grant> {
-    let pool: String = r.try_get(2)?;
-    let kind: String = r.try_get(3)?;
-    Ok(Grant {
-        id: r.try_get(0)?,
-        account: r.try_get(1)?,
-        pool: rows::pool_of(&pool)?,
-        kind: if kind == "tier" { GrantKind::Tier } else { GrantKind::TopUp },
-        amount: Nanos(r.try_get(4)?),
-        cycle_start: rows::time(r.try_get(5)?),
-        expires_at: rows::time(r.try_get(6)?),
-        note: r.try_get(7)?,
-        created_at: rows::time(r.try_get(8)?),
-    })
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
@@ -537,11 +518,14 @@ impl Store for PgStore {
             let cycle = a.cycle_anchor().cycle_at(now);
             let found = query(
                 &tx,
-                &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE account = $1 AND cycle_start_us = $2 ORDER BY id"),
+                &format!(
+                    "SELECT {} FROM grants WHERE account = $1 AND cycle_start_us = $2 ORDER BY id",
+                    tollgate_store::rows::GRANT_COLUMNS
+                ),
                 &[&account, &us(cycle.start)],
             )
             .await?;
-            found.iter().map(grant_row).collect::<Result<Vec<_>>>()
+            found.iter().map(rows::grant).collect::<Result<Vec<_>>>()
         }
         .await)
     }

@@ -27,11 +27,10 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio::sync::oneshot;
 use tokio_postgres::IsolationLevel;
-use tollgate_core::{Nanos, Usage};
 use tollgate_store::report::{Dims, ReportStore, Rollup};
 use tollgate_store::{StoreError, StoreResult};
 
-use crate::rows::{pool_of, query, query_one, time, us};
+use crate::rows::{query, query_one, us};
 use crate::{PgStore, Result, pool_error};
 
 /// How often each store tries to roll events up.
@@ -222,30 +221,7 @@ impl ReportStore for PgStore {
                 let found = query(&tx, &sql, &[&account, &us(cycle_start), &rolled]).await?;
                 found
                     .iter()
-                    .map(|r| {
-                        let n = |i: usize| r.get::<_, i64>(i).max(0) as u64;
-                        Ok(Rollup {
-                            pool: pool_of(r.get(0))?,
-                            hour: time(r.get(1)),
-                            model: r.get(2),
-                            source: r.get(3),
-                            key: r.get(4),
-                            labels: r.get(5),
-                            calls: n(6),
-                            usage: Usage {
-                                input_tokens: n(7),
-                                cache_creation_5m_input_tokens: n(8),
-                                cache_creation_1h_input_tokens: n(9),
-                                cache_read_input_tokens: n(10),
-                                output_tokens: n(11),
-                                web_search_requests: n(12),
-                            },
-                            cost: Nanos(r.get(13)),
-                            charged: Nanos(r.get(14)),
-                            latency_ms_sum: n(15),
-                            timed: n(16),
-                        })
-                    })
+                    .map(|r| Ok(tollgate_store::rows::rollup(&crate::rows::Cols(r))?))
                     .collect::<Result<Vec<_>>>()
             }
             .await

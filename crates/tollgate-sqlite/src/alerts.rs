@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{OptionalExtension, Row, params};
 use tollgate_core::{Nanos, PoolKind};
-use tollgate_store::alerts::{Alert, AlertKind, AlertQuery, AlertRule, AlertStore, NewAlert, Outbound, alert_id};
+use tollgate_store::alerts::{Alert, AlertKind, AlertQuery, AlertRule, AlertStore, NewAlert, Outbound};
 use tollgate_store::{StoreError, StoreResult};
 
 use crate::SqliteStore;
@@ -151,7 +151,7 @@ impl AlertStore for SqliteStore {
 
     async fn fire_alert(&self, a: NewAlert) -> StoreResult<Option<Alert>> {
         self.write(move |conn| {
-            let id = alert_id(&a.rule_id, &a.account, a.pool, a.cycle_start, &a.dedupe);
+            let id = a.id();
             let inserted = conn
                 .prepare_cached(&format!(
                     "INSERT INTO alerts ({ALERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -184,20 +184,7 @@ impl AlertStore for SqliteStore {
                 .and_then(|mut s| s.execute(params![id, channel, us(a.fired_at)]))
                 .map_err(backend)?;
             }
-            Ok(Some(Alert {
-                id,
-                rule_id: a.rule_id,
-                kind: a.kind,
-                account: a.account,
-                pool: a.pool,
-                cycle_start: a.cycle_start,
-                cycle_end: a.cycle_end,
-                percent: a.percent,
-                used: a.used,
-                limit: a.limit,
-                message: a.message,
-                fired_at: a.fired_at,
-            }))
+            Ok(Some(a.fired(id)))
         })
         .await
     }

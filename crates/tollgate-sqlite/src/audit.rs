@@ -63,24 +63,7 @@ fn pool_sums(conn: &Connection) -> StoreResult<Vec<PoolSums>> {
             Some(kind) => Some(rows::load_policy(conn, &account, kind)?),
             None => None,
         };
-        let n = |i: usize| -> StoreResult<Nanos> { r.get::<_, i64>(i).map(Nanos).map_err(backend) };
-        pools.push(PoolSums {
-            cycle_start: time(r.get(2).map_err(backend)?),
-            policy,
-            grants: n(3)?,
-            used: n(4)?,
-            overage: n(5)?,
-            held: n(6)?,
-            events_grant: n(7)?,
-            events_overage: n(8)?,
-            through_holds: n(9)?,
-            open_holds: n(10)?,
-            grant_rows: n(11)?,
-            overshoot: n(12)?,
-            overshot_events: r.get::<_, i64>(13).map_err(backend)? as u64,
-            account,
-            pool,
-        });
+        pools.push(tollgate_store::rows::pool_sums(&rows::Cols(r), 12, policy)?);
     }
     Ok(pools)
 }

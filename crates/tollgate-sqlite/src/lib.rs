@@ -29,9 +29,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
 use tollgate_store::{
-    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, GrantKind, Hold, HoldOutcome,
-    HoldRequest, Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError,
-    StoreResult,
+    Account, AccountUpdate, Audit, Balance, Event, EventOutcome, EventQuery, Grant, Hold, HoldOutcome, HoldRequest,
+    Key, NewAccount, NewEvent, NewGrant, NewKey, PoolBalance, SettleRequest, Store, StoreError, StoreResult,
 };
 
 use crate::rows::{backend, us};
@@ -259,24 +258,6 @@ fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
         .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
 }
 
-fn grant_row(r: &rusqlite::Row) -> rusqlite::Result<Grant> {
-    let pool: String = r.get(2)?;
-    let kind: String = r.get(3)?;
-    Ok(Grant {
-        id: r.get(0)?,
-        account: r.get(1)?,
-        pool: rows::pool_of(&pool)?,
-        kind: if kind == "tier" { GrantKind::Tier } else { GrantKind::TopUp },
-        amount: Nanos(r.get(4)?),
-        cycle_start: rows::time(r.get(5)?),
-        expires_at: rows::time(r.get(6)?),
-        note: r.get(7)?,
-        created_at: rows::time(r.get(8)?),
-    })
-}
-
-const GRANT_COLUMNS: &str = "id, account, pool, kind, amount, cycle_start_us, expires_us, note, created_us";
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
@@ -449,10 +430,11 @@ impl Store for SqliteStore {
             let cycle = a.cycle_anchor().cycle_at(now);
             let mut s = conn
                 .prepare_cached(&format!(
-                    "SELECT {GRANT_COLUMNS} FROM grants WHERE account = ?1 AND cycle_start_us = ?2 ORDER BY id"
+                    "SELECT {} FROM grants WHERE account = ?1 AND cycle_start_us = ?2 ORDER BY id",
+                    tollgate_store::rows::GRANT_COLUMNS
                 ))
                 .map_err(backend)?;
-            s.query_map(params![account, us(cycle.start)], grant_row).and_then(|r| r.collect()).map_err(backend)
+            s.query_map(params![account, us(cycle.start)], rows::grant).and_then(|r| r.collect()).map_err(backend)
         })
         .await
     }

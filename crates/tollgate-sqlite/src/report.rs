@@ -2,12 +2,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tollgate_core::{Nanos, Usage};
 use tollgate_store::StoreResult;
 use tollgate_store::report::{Dims, ReportStore, Rollup};
 
 use crate::SqliteStore;
-use crate::rows::{backend, pool_of, time, us};
+use crate::rows::{self, backend, us};
 
 /// The rollups of account `?1` and cycle `?2`, one row per stored rollup, the dimensions `dims`
 /// leaves out blank (the cycle's start, `''` or `{}`) for [`Dims::sum`] to add up. Columns: pool,
@@ -34,34 +33,10 @@ impl ReportStore for SqliteStore {
         self.read(move |conn| {
             // SQLite groups by sorting; summing in a hash table here is faster.
             let mut s = conn.prepare_cached(&select(dims)).map_err(backend)?;
-            s.query_map(rusqlite::params![account, us(cycle_start)], |r| {
-                let pool: String = r.get(0)?;
-                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
-                Ok(Rollup {
-                    pool: pool_of(&pool)?,
-                    hour: time(r.get(1)?),
-                    model: r.get(2)?,
-                    source: r.get(3)?,
-                    key: r.get(4)?,
-                    labels: r.get(5)?,
-                    calls: n(6)?,
-                    usage: Usage {
-                        input_tokens: n(7)?,
-                        cache_creation_5m_input_tokens: n(8)?,
-                        cache_creation_1h_input_tokens: n(9)?,
-                        cache_read_input_tokens: n(10)?,
-                        output_tokens: n(11)?,
-                        web_search_requests: n(12)?,
-                    },
-                    cost: Nanos(r.get(13)?),
-                    charged: Nanos(r.get(14)?),
-                    latency_ms_sum: n(15)?,
-                    timed: n(16)?,
-                })
-            })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<Rollup>>>())
-            .map(Dims::sum)
-            .map_err(backend)
+            s.query_map(rusqlite::params![account, us(cycle_start)], rows::rollup)
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<Rollup>>>())
+                .map(Dims::sum)
+                .map_err(backend)
         })
         .await
     }

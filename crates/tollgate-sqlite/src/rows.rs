@@ -1,27 +1,63 @@
-//! Conversions between the store's records and SQLite rows.
+//! Conversions between the store's records and SQLite rows: the records' columns and mappers
+//! are `tollgate_store::rows`, read here through [`Cols`].
 
-use std::collections::BTreeMap;
-
-use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use tollgate_core::{Nanos, OnExhausted, PoolKind, PoolPolicy, Tier, Usage};
-use tollgate_store::{Account, Event, Hold, HoldState, Key, KeyPool, Maker, StoreError, StoreResult};
+use tollgate_core::{PoolKind, PoolPolicy, Tier};
+use tollgate_store::rows::{self as records, Cells};
+pub use tollgate_store::rows::{
+    ACCOUNT_COLUMNS, EVENT_COLUMNS, EventRow, HOLD_COLUMNS, HoldRow, KEY_COLUMNS, TIER_COLUMNS, labels_to_text, time,
+    us,
+};
+use tollgate_store::{Account, Grant, Key, StoreError, StoreResult};
 
-pub fn us(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
+/// An SQLite row as the records' mappers read it.
+pub struct Cols<'a, 'r>(pub &'a Row<'r>);
+
+impl Cells for Cols<'_, '_> {
+    fn text(&self, i: usize) -> StoreResult<String> {
+        self.0.get(i).map_err(backend)
+    }
+
+    fn text_opt(&self, i: usize) -> StoreResult<Option<String>> {
+        self.0.get(i).map_err(backend)
+    }
+
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        self.0.get(i).map_err(backend)
+    }
+
+    fn int_opt(&self, i: usize) -> StoreResult<Option<i64>> {
+        self.0.get(i).map_err(backend)
+    }
+
+    fn boolean(&self, i: usize) -> StoreResult<bool> {
+        self.0.get(i).map_err(backend)
+    }
 }
 
-pub fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).expect("stored times are in range")
+/// A store error carried through rusqlite's row callbacks; [`backend`] gives it back.
+fn carried(e: StoreError) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Null, Box::new(e))
 }
 
-/// An SQLite error as the store's: `Unavailable` when the disk refuses (full, or an I/O error),
-/// which a later write may get past once there is room; `Backend` otherwise.
+/// A stored value this code cannot read, inside a row callback.
+pub fn corrupt(what: &str, value: &str) -> rusqlite::Error {
+    carried(records::corrupt(what, value))
+}
+
+pub fn pool_of(s: &str) -> rusqlite::Result<PoolKind> {
+    records::pool_of(s).map_err(carried)
+}
+
 /// The store's error for an SQLite error: a full disk or an I/O error is the store away for a
 /// while; a file that is not a database, a damaged one, or a row the store cannot read is
 /// corrupt; the rest is ours.
 pub fn backend(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::FromSqlConversionFailure(_, _, inner) = &e
+        && let Some(carried) = inner.downcast_ref::<StoreError>()
+    {
+        return carried.clone();
+    }
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
             StoreError::Unavailable(e.to_string())
@@ -36,36 +72,8 @@ pub fn backend(e: rusqlite::Error) -> StoreError {
     }
 }
 
-pub fn corrupt(what: &str, value: &str) -> rusqlite::Error {
-    rusqlite::Error::InvalidColumnType(0, format!("{what}: {value}"), rusqlite::types::Type::Text)
-}
-
-pub fn pool_of(s: &str) -> rusqlite::Result<PoolKind> {
-    PoolKind::parse(s).ok_or_else(|| corrupt("pool", s))
-}
-
-pub fn labels_to_text(labels: &BTreeMap<String, String>) -> String {
-    serde_json::to_string(labels).expect("a string map serializes")
-}
-
-pub fn labels_of(text: &str) -> rusqlite::Result<BTreeMap<String, String>> {
-    serde_json::from_str(text).map_err(|_| corrupt("labels", text))
-}
-
-fn nanos_opt(v: Option<i64>) -> Option<Nanos> {
-    v.map(Nanos)
-}
-
-pub const TIER_COLUMNS: &str = "id, interactive, programmatic, monthly_price, payg_multiplier_ppm";
-
 pub fn tier(r: &Row) -> rusqlite::Result<Tier> {
-    Ok(Tier {
-        id: r.get(0)?,
-        interactive: Nanos(r.get(1)?),
-        programmatic: Nanos(r.get(2)?),
-        monthly_price: nanos_opt(r.get(3)?),
-        payg_multiplier_ppm: r.get::<_, i64>(4)? as u64,
-    })
+    records::tier_at(&Cols(r), 0).map_err(carried)
 }
 
 /// Inserts a tier; an existing tier of that id is replaced when `replace`, else kept.
@@ -98,19 +106,8 @@ pub fn load_tier(conn: &Connection, id: &str) -> StoreResult<Option<Tier>> {
         .map_err(backend)
 }
 
-pub const ACCOUNT_COLUMNS: &str = "id, tier, anchor_us, timezone, interactive_grant, programmatic_grant, created_us";
-
 pub fn account(r: &Row) -> rusqlite::Result<Account> {
-    let tz: String = r.get(3)?;
-    Ok(Account {
-        id: r.get(0)?,
-        tier: r.get(1)?,
-        anchor: time(r.get(2)?),
-        timezone: tz.parse::<Tz>().map_err(|_| corrupt("timezone", &tz))?,
-        interactive_grant: nanos_opt(r.get(4)?),
-        programmatic_grant: nanos_opt(r.get(5)?),
-        created_at: time(r.get(6)?),
-    })
+    records::account(&Cols(r)).map_err(carried)
 }
 
 pub fn load_account(conn: &Connection, id: &str) -> StoreResult<Option<Account>> {
@@ -127,72 +124,18 @@ pub fn load_policy(conn: &Connection, account: &str, pool: PoolKind) -> StoreRes
     let row = conn
         .prepare_cached("SELECT on_exhausted, overage_cap, spend_cap FROM policies WHERE account = ?1 AND pool = ?2")
         .and_then(|mut s| {
-            s.query_row(params![account, pool.as_str()], |r| {
-                let on: String = r.get(0)?;
-                Ok(PoolPolicy {
-                    on_exhausted: OnExhausted::parse(&on).ok_or_else(|| corrupt("on_exhausted", &on))?,
-                    overage_cap: nanos_opt(r.get(1)?),
-                    spend_cap: nanos_opt(r.get(2)?),
-                })
-            })
-            .optional()
+            s.query_row(params![account, pool.as_str()], |r| records::policy(&Cols(r), 0).map_err(carried)).optional()
         })
         .map_err(backend)?;
     Ok(row.unwrap_or_default())
 }
 
-pub const KEY_COLUMNS: &str = "id, account, name, pool, labels, cap, created_us, revoked_us";
-
 pub fn key(r: &Row) -> rusqlite::Result<Key> {
-    let pool: String = r.get(3)?;
-    let labels: String = r.get(4)?;
-    Ok(Key {
-        id: r.get(0)?,
-        account: r.get(1)?,
-        name: r.get(2)?,
-        pool: KeyPool::parse(&pool).ok_or_else(|| corrupt("key pool", &pool))?,
-        labels: labels_of(&labels)?,
-        cap: nanos_opt(r.get(5)?),
-        created_at: time(r.get(6)?),
-        revoked_at: r.get::<_, Option<i64>>(7)?.map(time),
-    })
-}
-
-pub const HOLD_COLUMNS: &str = "id, account, pool, key_id, amount, model, source, state, cycle_start_us, \
-     cycle_end_us, created_us, expires_us, remaining_after, fingerprint, event_seq, made_by";
-
-pub struct HoldRow {
-    pub hold: Hold,
-    pub fingerprint: String,
-    pub event_seq: Option<i64>,
+    records::key(&Cols(r)).map_err(carried)
 }
 
 pub fn hold(r: &Row) -> rusqlite::Result<HoldRow> {
-    let pool: String = r.get(2)?;
-    let state: String = r.get(7)?;
-    Ok(HoldRow {
-        hold: Hold {
-            id: r.get(0)?,
-            account: r.get(1)?,
-            pool: pool_of(&pool)?,
-            key: r.get(3)?,
-            amount: Nanos(r.get(4)?),
-            model: r.get(5)?,
-            source: r.get(6)?,
-            state: HoldState::parse(&state).ok_or_else(|| corrupt("hold state", &state))?,
-            cycle_start: time(r.get(8)?),
-            cycle_end: time(r.get(9)?),
-            created_at: time(r.get(10)?),
-            expires_at: time(r.get(11)?),
-            remaining_after: nanos_opt(r.get(12)?),
-            made_by: {
-                let m: String = r.get(15)?;
-                Maker::parse(&m).ok_or_else(|| corrupt("hold maker", &m))?
-            },
-        },
-        fingerprint: r.get(13)?,
-        event_seq: r.get(14)?,
-    })
+    records::hold(&Cols(r)).map_err(carried)
 }
 
 pub fn load_hold(conn: &Connection, account: &str, id: &str) -> StoreResult<Option<HoldRow>> {
@@ -201,57 +144,16 @@ pub fn load_hold(conn: &Connection, account: &str, id: &str) -> StoreResult<Opti
         .map_err(backend)
 }
 
-pub const EVENT_COLUMNS: &str = "seq, id, account, pool, model, input_tokens, cache_creation_5m_input_tokens, \
-     cache_creation_1h_input_tokens, cache_read_input_tokens, output_tokens, web_search_requests, cost, grant_part, \
-     overage_part, overshoot, service_tier, inference_geo, speed, source, key_id, labels, ts_us, cycle_start_us, \
-     hold_id, latency_ms, ttft_ms, partial, unsettled, recorded_us, fingerprint, estimated";
-
-pub struct EventRow {
-    pub event: Event,
-    pub fingerprint: String,
+pub fn event(r: &Row) -> rusqlite::Result<EventRow> {
+    records::event(&Cols(r)).map_err(carried)
 }
 
-pub fn event(r: &Row) -> rusqlite::Result<EventRow> {
-    let pool: String = r.get(3)?;
-    let labels: String = r.get(20)?;
-    let u = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)? as u64) };
-    Ok(EventRow {
-        event: Event {
-            seq: r.get(0)?,
-            id: r.get(1)?,
-            account: r.get(2)?,
-            pool: pool_of(&pool)?,
-            model: r.get(4)?,
-            usage: Usage {
-                input_tokens: u(5)?,
-                cache_creation_5m_input_tokens: u(6)?,
-                cache_creation_1h_input_tokens: u(7)?,
-                cache_read_input_tokens: u(8)?,
-                output_tokens: u(9)?,
-                web_search_requests: u(10)?,
-            },
-            cost: Nanos(r.get(11)?),
-            grant_part: Nanos(r.get(12)?),
-            overage_part: Nanos(r.get(13)?),
-            overshoot: Nanos(r.get(14)?),
-            service_tier: r.get(15)?,
-            inference_geo: r.get(16)?,
-            speed: r.get(17)?,
-            source: r.get(18)?,
-            key: r.get(19)?,
-            labels: labels_of(&labels)?,
-            timestamp: time(r.get(21)?),
-            cycle_start: time(r.get(22)?),
-            hold_id: r.get(23)?,
-            latency_ms: r.get::<_, Option<i64>>(24)?.map(|v| v as u64),
-            ttft_ms: r.get::<_, Option<i64>>(25)?.map(|v| v as u64),
-            partial: r.get(26)?,
-            estimated: r.get(30)?,
-            unsettled: r.get(27)?,
-            recorded_at: time(r.get(28)?),
-        },
-        fingerprint: r.get(29)?,
-    })
+pub fn rollup(r: &Row) -> rusqlite::Result<tollgate_store::report::Rollup> {
+    records::rollup(&Cols(r)).map_err(carried)
+}
+
+pub fn grant(r: &Row) -> rusqlite::Result<Grant> {
+    records::grant(&Cols(r)).map_err(carried)
 }
 
 pub fn load_event(conn: &Connection, account: &str, id: &str) -> StoreResult<Option<EventRow>> {

@@ -116,6 +116,31 @@ pub struct Alert {
     pub fired_at: DateTime<Utc>,
 }
 
+impl NewAlert {
+    /// Its id: the same alert has the same id in every process ([`alert_id`]).
+    pub fn id(&self) -> String {
+        alert_id(&self.rule_id, &self.account, self.pool, self.cycle_start, &self.dedupe)
+    }
+
+    /// The alert as stored once fired under `id`.
+    pub fn fired(self, id: String) -> Alert {
+        Alert {
+            id,
+            rule_id: self.rule_id,
+            kind: self.kind,
+            account: self.account,
+            pool: self.pool,
+            cycle_start: self.cycle_start,
+            cycle_end: self.cycle_end,
+            percent: self.percent,
+            used: self.used,
+            limit: self.limit,
+            message: self.message,
+            fired_at: self.fired_at,
+        }
+    }
+}
+
 /// The id of an alert: a digest of what makes it unique.
 pub fn alert_id(rule_id: &str, account: &str, pool: PoolKind, cycle_start: DateTime<Utc>, dedupe: &str) -> String {
     use sha2::{Digest, Sha256};

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod feed;
 pub mod ownership;
 pub mod report;
+pub mod rows;
 pub mod step;
 mod types;
 
