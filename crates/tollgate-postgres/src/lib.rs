@@ -40,7 +40,7 @@ mod rows;
 mod schema;
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -351,14 +351,6 @@ fn build_pool(config: tokio_postgres::Config) -> StoreResult<Pool> {
         .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))
 }
 
-fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
-    let local_day = now.with_timezone(&tz).date_naive();
-    tz.from_local_datetime(&local_day.and_time(NaiveTime::MIN))
-        .earliest()
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
@@ -373,15 +365,7 @@ impl Store for PgStore {
     }
 
     async fn create_account(&self, a: NewAccount, now: DateTime<Utc>) -> StoreResult<Account> {
-        let account = Account {
-            anchor: a.anchor.unwrap_or_else(|| default_anchor(now, a.timezone)),
-            id: a.id,
-            tier: a.tier,
-            timezone: a.timezone,
-            interactive_grant: a.interactive_grant,
-            programmatic_grant: a.programmatic_grant,
-            created_at: now,
-        };
+        let account = a.into_account(now);
         write_tx!(self, |tx| async {
             if rows::load_tier(&tx, &account.tier).await?.is_none() {
                 return Err(StoreError::Invalid(format!(
@@ -422,33 +406,17 @@ impl Store for PgStore {
                 &[&id],
             )
             .await?;
-            let mut account = match row {
+            let account = match row {
                 Some(r) => rows::account(&r)?,
                 None => return Err(StoreError::NotFound(format!("account {id:?}")).into()),
             };
-            if let Some(tier) = &u.tier {
-                if rows::load_tier(&tx, tier).await?.is_none() {
-                    return Err(StoreError::Invalid(format!("unknown tier {tier:?}")).into());
-                }
-                account.tier = tier.clone();
+            if let Some(tier) = &u.tier
+                && rows::load_tier(&tx, tier).await?.is_none()
+            {
+                return Err(StoreError::Invalid(format!("unknown tier {tier:?}")).into());
             }
-            let moves_cycles =
-                u.anchor.is_some_and(|a| a != account.anchor) || u.timezone.is_some_and(|t| t != account.timezone);
-            if moves_cycles && ledger::has_ledger_state(&tx, id).await? {
-                return Err(StoreError::Conflict(format!(
-                    "account {id:?} already has ledger state: its anchor and timezone can no longer change, or \
-                     cycles it was billed in would move"
-                ))
-                .into());
-            }
-            account.anchor = u.anchor.unwrap_or(account.anchor);
-            account.timezone = u.timezone.unwrap_or(account.timezone);
-            if let Some(g) = u.interactive_grant {
-                account.interactive_grant = g;
-            }
-            if let Some(g) = u.programmatic_grant {
-                account.programmatic_grant = g;
-            }
+            let state = u.moves_cycles(&account) && ledger::has_ledger_state(&tx, id).await?;
+            let account = u.apply_to(account, state)?;
             execute(
                 &tx,
                 "UPDATE accounts SET tier = $2, anchor_us = $3, timezone = $4, interactive_grant = $5,

@@ -24,7 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
@@ -250,14 +250,6 @@ impl SqliteStore {
     }
 }
 
-fn default_anchor(now: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
-    let local_day = now.with_timezone(&tz).date_naive();
-    tz.from_local_datetime(&local_day.and_time(NaiveTime::MIN))
-        .earliest()
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| Utc.from_utc_datetime(&local_day.and_time(NaiveTime::MIN)))
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_tier(&self, tier: Tier) -> StoreResult<()> {
@@ -289,15 +281,7 @@ impl Store for SqliteStore {
             if rows::load_account(conn, &a.id)?.is_some() {
                 return Err(StoreError::Conflict(format!("account {:?} already exists", a.id)));
             }
-            let account = Account {
-                anchor: a.anchor.unwrap_or_else(|| default_anchor(now, a.timezone)),
-                id: a.id,
-                tier: a.tier,
-                timezone: a.timezone,
-                interactive_grant: a.interactive_grant,
-                programmatic_grant: a.programmatic_grant,
-                created_at: now,
-            };
+            let account = a.into_account(now);
             conn.execute(
                 "INSERT INTO accounts (id, tier, anchor_us, timezone, interactive_grant, programmatic_grant, created_us)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -320,29 +304,14 @@ impl Store for SqliteStore {
     async fn update_account(&self, id: &str, u: AccountUpdate) -> StoreResult<Account> {
         let id = id.to_string();
         self.write_settings(move |conn| {
-            let mut account = rows::require_account(conn, &id)?;
-            if let Some(tier) = u.tier {
-                if rows::load_tier(conn, &tier)?.is_none() {
-                    return Err(StoreError::Invalid(format!("unknown tier {tier:?}")));
-                }
-                account.tier = tier;
+            let account = rows::require_account(conn, &id)?;
+            if let Some(tier) = &u.tier
+                && rows::load_tier(conn, tier)?.is_none()
+            {
+                return Err(StoreError::Invalid(format!("unknown tier {tier:?}")));
             }
-            let moves_cycles =
-                u.anchor.is_some_and(|a| a != account.anchor) || u.timezone.is_some_and(|t| t != account.timezone);
-            if moves_cycles && ledger::has_ledger_state(conn, &id)? {
-                return Err(StoreError::Conflict(format!(
-                    "account {id:?} already has ledger state: its anchor and timezone can no longer change, or cycles \
-                     it was billed in would move"
-                )));
-            }
-            account.anchor = u.anchor.unwrap_or(account.anchor);
-            account.timezone = u.timezone.unwrap_or(account.timezone);
-            if let Some(g) = u.interactive_grant {
-                account.interactive_grant = g;
-            }
-            if let Some(g) = u.programmatic_grant {
-                account.programmatic_grant = g;
-            }
+            let state = u.moves_cycles(&account) && ledger::has_ledger_state(conn, &id)?;
+            let account = u.apply_to(account, state)?;
             conn.execute(
                 "UPDATE accounts SET tier = ?2, anchor_us = ?3, timezone = ?4, interactive_grant = ?5,
                      programmatic_grant = ?6 WHERE id = ?1",

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use tollgate_core::{Cycle, Nanos, PoolKind, PoolPolicy, Refusal, Usage, ledger};
 
@@ -42,6 +42,29 @@ pub struct NewAccount {
     pub programmatic_grant: Option<Nanos>,
 }
 
+impl NewAccount {
+    /// The account as created at `now`: its anchor as given, else the creation day at 00:00 in
+    /// its timezone (the earliest such instant on a day that skips midnight).
+    pub fn into_account(self, now: DateTime<Utc>) -> Account {
+        let anchor = self.anchor.unwrap_or_else(|| {
+            let midnight = now.with_timezone(&self.timezone).date_naive().and_time(chrono::NaiveTime::MIN);
+            self.timezone
+                .from_local_datetime(&midnight)
+                .earliest()
+                .map_or_else(|| Utc.from_utc_datetime(&midnight), |t| t.with_timezone(&Utc))
+        });
+        Account {
+            id: self.id,
+            tier: self.tier,
+            anchor,
+            timezone: self.timezone,
+            interactive_grant: self.interactive_grant,
+            programmatic_grant: self.programmatic_grant,
+            created_at: now,
+        }
+    }
+}
+
 /// Fields to change; `None` leaves a field as it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountUpdate {
@@ -50,6 +73,38 @@ pub struct AccountUpdate {
     pub timezone: Option<Tz>,
     pub interactive_grant: Option<Option<Nanos>>,
     pub programmatic_grant: Option<Option<Nanos>>,
+}
+
+impl AccountUpdate {
+    /// Whether the update moves the account's cycles (a new anchor or timezone).
+    pub fn moves_cycles(&self, account: &Account) -> bool {
+        self.anchor.is_some_and(|a| a != account.anchor) || self.timezone.is_some_and(|t| t != account.timezone)
+    }
+
+    /// `account` with the update applied (a new tier checked to exist by the caller);
+    /// `Conflict` when it would move the cycles of an account that `has_ledger_state` (read
+    /// only when [`AccountUpdate::moves_cycles`]), as those cycles were billed.
+    pub fn apply_to(&self, mut account: Account, has_ledger_state: bool) -> Result<Account, crate::StoreError> {
+        if has_ledger_state && self.moves_cycles(&account) {
+            return Err(crate::StoreError::Conflict(format!(
+                "account {:?} already has ledger state: its anchor and timezone can no longer change, or cycles \
+                 it was billed in would move",
+                account.id
+            )));
+        }
+        if let Some(tier) = &self.tier {
+            account.tier = tier.clone();
+        }
+        account.anchor = self.anchor.unwrap_or(account.anchor);
+        account.timezone = self.timezone.unwrap_or(account.timezone);
+        if let Some(g) = self.interactive_grant {
+            account.interactive_grant = g;
+        }
+        if let Some(g) = self.programmatic_grant {
+            account.programmatic_grant = g;
+        }
+        Ok(account)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

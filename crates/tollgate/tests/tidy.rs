@@ -59,18 +59,23 @@ fn no_production_file_is_over_800_lines() {
     assert!(long.is_empty(), "split these files (at most {FILE_LINES_MAX} lines each): {long:#?}");
 }
 
-/// An `allow` attribute, whole: from `#[allow(` or `#![allow(` to its closing `)]`, which may be
+/// The `allow` attributes of a file, whole, with their line numbers: a line that starts (after
+/// its indent) with `#[allow(` or `#![allow(`, up to the `)]` that closes it, which may be
 /// several lines on.
 fn allow_attributes(text: &str) -> Vec<(usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
     let mut found = Vec::new();
-    for start in ["#[allow(", "#![allow("] {
-        let mut from = 0;
-        while let Some(at) = text[from..].find(start) {
-            let begin = from + at;
-            let end = text[begin..].find(")]").map_or(text.len(), |e| begin + e + 2);
-            let line = text[..begin].lines().count() + 1;
-            found.push((line, text[begin..end].to_string()));
-            from = end;
+    for (n, line) in lines.iter().enumerate() {
+        let start = line.trim_start();
+        if start.starts_with("#[allow(") || start.starts_with("#![allow(") {
+            let mut attr = String::new();
+            for more in &lines[n..] {
+                attr.push_str(more.trim());
+                if more.contains(")]") {
+                    break;
+                }
+            }
+            found.push((n + 1, attr));
         }
     }
     found
