@@ -66,8 +66,10 @@ impl Spike {
 /// the spike has subsided, so one long burst fires once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SpikeState {
+    /// Ready: the next spike fires. The start state, and the state once a spike has subsided.
     #[default]
     Armed,
+    /// A spike fired and has not yet subsided.
     Fired,
 }
 

@@ -9,7 +9,9 @@ use chrono_tz::Tz;
 pub struct Cycle {
     /// Months since the anchor's cycle (negative before it).
     pub index: i64,
+    /// The cycle's first instant (inclusive).
     pub start: DateTime<Utc>,
+    /// The next cycle's first instant (exclusive).
     pub end: DateTime<Utc>,
 }
 
@@ -27,6 +29,7 @@ impl CycleAnchor {
         CycleAnchor { local: anchor.with_timezone(&tz).naive_local(), tz }
     }
 
+    /// The account's timezone, in which cycles start.
     pub fn timezone(&self) -> Tz {
         self.tz
     }

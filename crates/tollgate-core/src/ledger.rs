@@ -23,6 +23,7 @@ pub struct PoolScope {
 }
 
 impl PoolScope {
+    /// What the cycle charged: used grants plus overage, holds not included.
     pub fn charged(&self) -> Nanos {
         self.used.saturating_add(self.overage)
     }
@@ -36,12 +37,16 @@ impl PoolScope {
 /// A key's own monthly cap in one cycle.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyScope {
+    /// The key's monthly cap. None: no cap of its own.
     pub cap: Option<Nanos>,
+    /// What the key's calls were charged this cycle.
     pub charged: Nanos,
+    /// Σ the key's open holds.
     pub held: Nanos,
 }
 
 impl KeyScope {
+    /// cap − charged − held; None when the key has no cap. Negative when direct events overran it.
     pub fn remaining(&self) -> Option<Nanos> {
         self.cap.map(|c| Nanos(c.0.saturating_sub(self.charged.0).saturating_sub(self.held.0)))
     }
@@ -53,14 +58,25 @@ pub enum Refusal {
     /// The amount is negative.
     AmountNegative,
     /// The pool cannot cover the amount.
-    PoolExhausted { limit: Nanos, remaining: Nanos },
+    PoolExhausted {
+        /// The pool's limit for the cycle.
+        limit: Nanos,
+        /// What the pool had left, never below zero.
+        remaining: Nanos,
+    },
     /// The key's own cap cannot cover the amount.
-    KeyCapReached { cap: Nanos, remaining: Nanos },
+    KeyCapReached {
+        /// The key's cap.
+        cap: Nanos,
+        /// What the key had left under it, never below zero.
+        remaining: Nanos,
+    },
     /// The figures overflow the ledger's integers.
     Overflow,
 }
 
 impl Refusal {
+    /// The refusal's stable code, such as `pool_exhausted`.
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::AmountNegative => "amount_negative",
@@ -75,9 +91,13 @@ impl Refusal {
 /// which bound of the pool's policy sets its limit.
 #[derive(Clone, Copy, Debug)]
 pub struct RefusalContext<'a> {
+    /// The account's id.
     pub account: &'a str,
+    /// The pool the hold was asked of.
     pub pool: crate::PoolKind,
+    /// The key's id, when the call came with one.
     pub key: Option<&'a str>,
+    /// What the hold asked for.
     pub requested: Nanos,
     /// None when not known (the pool's policy could not be read).
     pub scope: Option<crate::LimitScope>,
@@ -128,8 +148,11 @@ pub fn refusal_scope(refusal: &Refusal, scope: Option<crate::LimitScope>) -> Opt
 /// What an admitted hold does: the new held totals, and the pool's remaining after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HoldDecision {
+    /// The pool's Σ open holds, this one included.
     pub pool_held: Nanos,
+    /// The key's Σ open holds, this one included; None without a key.
     pub key_held: Option<Nanos>,
+    /// The pool's remaining after this hold; None when unlimited.
     pub pool_remaining: Option<Nanos>,
 }
 
@@ -172,11 +195,14 @@ pub fn hold_amount(list_worst_case: Nanos, payg_multiplier_ppm: u64) -> Option<N
 /// How a charge divides between the cycle's grants and overage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Split {
+    /// The part the cycle's grants pay, at list price.
     pub grant: Nanos,
+    /// The part beyond the grants, at list × the PAYG multiplier.
     pub overage: Nanos,
 }
 
 impl Split {
+    /// grant + overage: what the pool is charged.
     pub fn total(&self) -> Nanos {
         self.grant.saturating_add(self.overage)
     }
@@ -199,11 +225,16 @@ pub fn split_charge(list_cost: Nanos, pool: &PoolScope, payg_multiplier_ppm: u64
 /// above the hold), which is recorded and alerted on, never dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settlement {
+    /// How the charge divides between grants and overage.
     pub split: Split,
+    /// The hold released: all of it, whatever the charge.
     pub released: Nanos,
+    /// How far the charge exceeds the hold; zero when it fits.
     pub overshoot: Nanos,
 }
 
+/// Settles a hold of `hold` for a call whose list-price cost is `list_cost`: the charge split as
+/// [`split_charge`] splits it, the whole hold released, and the charge above the hold as overshoot.
 pub fn settle(
     hold: Nanos,
     list_cost: Nanos,
@@ -220,14 +251,19 @@ pub fn is_expired(expires_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
     now >= expires_at
 }
 
+/// The default `hold_ttl_s`: a hold's time to live when none is given, in seconds.
 pub const HOLD_TTL_S_DEFAULT: u64 = 600;
+/// The longest time to live a hold may have, in seconds.
 pub const HOLD_TTL_S_MAX: u64 = 3_600;
 
 /// One grant, for burn order: earliest-expiring first, then in the order they were added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantRef {
+    /// When the grant expires.
     pub expires_at: DateTime<Utc>,
+    /// The order grants were added in (lower: earlier).
     pub added_seq: i64,
+    /// The grant's amount.
     pub amount: Nanos,
 }
 
@@ -258,6 +294,8 @@ pub enum Replay<T> {
     Conflict,
 }
 
+/// Decides a repeated idempotency id: `existing` is the id's first fingerprint and result, if
+/// any; `fingerprint` is the repeat's.
 pub fn replay<F: PartialEq, T>(existing: Option<(F, T)>, fingerprint: &F) -> Replay<T> {
     match existing {
         None => Replay::New,

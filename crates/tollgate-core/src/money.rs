@@ -13,6 +13,7 @@ pub const NANOS_PER_USD: i64 = 1_000_000_000;
 /// Why a USD string was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MoneyError {
+    /// Nothing to parse: the string is empty or all whitespace.
     Empty,
     /// Not a plain decimal number such as `12.5` or `0.000123`.
     Malformed(String),
@@ -40,17 +41,22 @@ impl fmt::Display for MoneyError {
 impl std::error::Error for MoneyError {}
 
 impl Nanos {
+    /// Zero USD.
     pub const ZERO: Nanos = Nanos(0);
+    /// The largest amount the ledger can hold (about 9.2 billion USD).
     pub const MAX: Nanos = Nanos(i64::MAX);
 
+    /// `usd` whole USD. Unchecked: for constants and figures known to be in range, not for input.
     pub const fn from_usd(usd: i64) -> Nanos {
         Nanos(usd * NANOS_PER_USD)
     }
 
+    /// `self + other`; None on overflow.
     pub fn checked_add(self, other: Nanos) -> Option<Nanos> {
         self.0.checked_add(other.0).map(Nanos)
     }
 
+    /// `self - other`; None on overflow.
     pub fn checked_sub(self, other: Nanos) -> Option<Nanos> {
         self.0.checked_sub(other.0).map(Nanos)
     }
@@ -60,10 +66,12 @@ impl Nanos {
         Nanos(self.0.saturating_sub(other.0).max(0))
     }
 
+    /// `self + other`, clamped to the range instead of overflowing.
     pub fn saturating_add(self, other: Nanos) -> Nanos {
         Nanos(self.0.saturating_add(other.0))
     }
 
+    /// Whether the amount is below zero.
     pub fn is_negative(self) -> bool {
         self.0 < 0
     }

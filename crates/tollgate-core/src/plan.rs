@@ -11,16 +11,21 @@ use crate::tier::Tier;
 /// What a forecast is made from: the pool's figures now and what it spent recently.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForecastInput {
+    /// The instant the forecast is made at.
     pub now: DateTime<Utc>,
+    /// The pool's current cycle.
     pub cycle: Cycle,
+    /// The pool's figures in that cycle.
     pub scope: PoolScope,
     /// Charged in the last `recent_window`.
     pub recent: Nanos,
+    /// The span `recent` was charged over.
     pub recent_window: Duration,
     /// Calls (events) of the cycle so far.
     pub calls: u64,
 }
 
+/// A pool's forecast for the rest of its cycle, from its cycle-to-date and recent burn rates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Forecast {
     /// Charged per day over the cycle so far.
@@ -33,6 +38,7 @@ pub struct Forecast {
     pub exhaustion: Option<DateTime<Utc>>,
     /// Grant credit that the projection leaves unused at the reset (it expires).
     pub expiring_unused: Nanos,
+    /// From now to the cycle's end (zero once past it).
     pub time_to_reset: Duration,
     /// False when the cycle is too young or too quiet to extrapolate: under a day old or under
     /// `CALLS_FOR_CONFIDENCE` calls. The figures are still given; callers must say so.
@@ -59,6 +65,7 @@ fn over(rate: Nanos, span: Duration) -> Nanos {
     Nanos(i64::try_from(i128::from(rate.0) * us / day_us).unwrap_or(i64::MAX))
 }
 
+/// Forecasts a pool to its reset from its cycle-to-date rate and its recent rate (both per day).
 pub fn forecast(input: &ForecastInput) -> Forecast {
     let s = &input.scope;
     let charged = s.charged();
@@ -93,11 +100,26 @@ pub fn forecast(input: &ForecastInput) -> Forecast {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// It fits now: what is left after it, and the part of its charge that is overage.
-    FitsNow { remaining_after: Option<Nanos>, overage: Nanos },
+    FitsNow {
+        /// The pool's remaining after the job; None when unlimited.
+        remaining_after: Option<Nanos>,
+        /// The part of the job's charge beyond the grants, at the PAYG multiplier.
+        overage: Nanos,
+    },
     /// Not now, but in a fresh cycle after the reset.
-    FitsAfterReset { at: DateTime<Utc>, overage: Nanos },
+    FitsAfterReset {
+        /// When the pool resets.
+        at: DateTime<Utc>,
+        /// The part of the job's charge beyond a fresh cycle's grants, at the PAYG multiplier.
+        overage: Nanos,
+    },
     /// Not even a whole fresh cycle can pay for it.
-    NeverFits { limit: Nanos, charge: Nanos },
+    NeverFits {
+        /// A fresh cycle's limit.
+        limit: Nanos,
+        /// The job's charge in a fresh cycle, grants and overage together.
+        charge: Nanos,
+    },
 }
 
 /// `now`: the pool as it is; `fresh`: the same pool at the start of the next cycle (its grants,
@@ -128,7 +150,9 @@ pub fn plan(
 /// What one past cycle spent per pool, at list price.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CycleSpend {
+    /// Spent by the interactive pool.
     pub interactive: Nanos,
+    /// Spent by the programmatic pool.
     pub programmatic: Nanos,
 }
 
@@ -136,12 +160,15 @@ pub struct CycleSpend {
 /// the overage at the tier's multiplier, and the total with the tier's price.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierReplay {
+    /// The tier's id.
     pub tier: String,
+    /// Σ overage over the cycles, at the tier's PAYG multiplier.
     pub overage: Nanos,
     /// Σ monthly price + overage; None when the tier has no configured price.
     pub total: Option<Nanos>,
 }
 
+/// Replays past cycles on `tier`; None when a figure overflows.
 pub fn replay_tier(tier: &Tier, cycles: &[CycleSpend]) -> Option<TierReplay> {
     let mut overage = Nanos::ZERO;
     let mut price = Some(Nanos::ZERO);

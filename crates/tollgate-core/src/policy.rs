@@ -4,15 +4,20 @@ use std::fmt;
 
 use crate::money::Nanos;
 
+/// One of an account's two credit pools.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PoolKind {
+    /// Interactive use: a person at a client (Claude Code's CLI, IDE or desktop app).
     Interactive,
+    /// Programmatic use: SDKs, agents, CI and apps built on the API.
     Programmatic,
 }
 
 impl PoolKind {
+    /// Both pools, interactive first.
     pub const ALL: [PoolKind; 2] = [PoolKind::Interactive, PoolKind::Programmatic];
 
+    /// The pool's name: `interactive` or `programmatic`.
     pub fn as_str(self) -> &'static str {
         match self {
             PoolKind::Interactive => "interactive",
@@ -20,6 +25,7 @@ impl PoolKind {
         }
     }
 
+    /// The pool named `s` as [`PoolKind::as_str`] writes it; None for any other text.
     pub fn parse(s: &str) -> Option<PoolKind> {
         match s {
             "interactive" => Some(PoolKind::Interactive),
@@ -35,6 +41,7 @@ impl fmt::Display for PoolKind {
     }
 }
 
+/// What a pool does with a call beyond its grants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum OnExhausted {
     /// Hard cap: refuse a call the pool cannot cover.
@@ -47,6 +54,7 @@ pub enum OnExhausted {
 }
 
 impl OnExhausted {
+    /// The policy's name: `block`, `payg` or `alert`.
     pub fn as_str(self) -> &'static str {
         match self {
             OnExhausted::Block => "block",
@@ -55,6 +63,7 @@ impl OnExhausted {
         }
     }
 
+    /// The policy named `s` as [`OnExhausted::as_str`] writes it; None for any other text.
     pub fn parse(s: &str) -> Option<OnExhausted> {
         match s {
             "block" => Some(OnExhausted::Block),
@@ -65,8 +74,10 @@ impl OnExhausted {
     }
 }
 
+/// A pool's policy: what it does beyond its grants, and its caps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PoolPolicy {
+    /// What the pool does with a call beyond its grants.
     pub on_exhausted: OnExhausted,
     /// Most overage a `payg` pool may run up in a cycle. None: no overage cap.
     pub overage_cap: Option<Nanos>,
@@ -86,6 +97,7 @@ pub enum LimitScope {
 }
 
 impl LimitScope {
+    /// The scope's stable code: `grant`, `overage_cap` or `spend_cap`.
     pub fn as_str(self) -> &'static str {
         match self {
             LimitScope::Grant => "grant",

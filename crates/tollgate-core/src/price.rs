@@ -15,11 +15,14 @@ use crate::usage::Usage;
 /// Which API family a model belongs to; model advice compares models of one provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Provider {
+    /// Anthropic's Claude models.
     Anthropic,
+    /// OpenAI's models.
     OpenAi,
 }
 
 impl Provider {
+    /// The provider's name: `anthropic` or `openai`.
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Anthropic => "anthropic",
@@ -27,6 +30,7 @@ impl Provider {
         }
     }
 
+    /// The provider named `s` as [`Provider::as_str`] writes it; None for any other text.
     pub fn parse(s: &str) -> Option<Provider> {
         match s {
             "anthropic" => Some(Provider::Anthropic),
@@ -39,10 +43,15 @@ impl Provider {
 /// Nano-USD per million tokens, by token type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rates {
+    /// Per million uncached input tokens.
     pub input: i64,
+    /// Per million input tokens written to the cache for 5 minutes.
     pub cache_write_5m: i64,
+    /// Per million input tokens written to the cache for 1 hour.
     pub cache_write_1h: i64,
+    /// Per million input tokens read from the cache.
     pub cache_read: i64,
+    /// Per million output tokens, thinking included.
     pub output: i64,
 }
 
@@ -56,17 +65,24 @@ impl Rates {
 /// Rates that apply to the whole request when its total input passes `threshold_tokens`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LongContext {
+    /// Total input tokens (cache writes and reads included) above which these rates apply.
     pub threshold_tokens: u64,
+    /// The rates for such a request, every token type.
     pub rates: Rates,
 }
 
 /// The price of one model from one date on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PriceEntry {
+    /// The canonical model id.
     pub model: String,
+    /// The model's API family.
     pub provider: Provider,
+    /// The first day this price applies.
     pub effective_from: NaiveDate,
+    /// The rates of a request that is not long-context.
     pub rates: Rates,
+    /// Higher rates for requests past a total-input threshold. None: the model has none.
     pub long_context: Option<LongContext>,
     /// Multiplier for `speed: fast`, in millionths (6× = 6_000_000). None: fast bills as standard.
     pub fast_multiplier_ppm: Option<u64>,
@@ -92,6 +108,7 @@ pub struct Modifiers {
 pub struct RequestBound {
     /// The body's size: a safe upper bound on its text and base64 input tokens.
     pub body_bytes: u64,
+    /// The request's `max_tokens`: the most output tokens the call can bill.
     pub max_tokens: u64,
     /// Σ `max_uses` of the web search tools: each use costs its price per request and brings
     /// results in as input (the input allowance per use).
@@ -104,6 +121,7 @@ pub struct RequestBound {
     /// The request uses tools whose cost it does not bound (the MCP connector, code execution):
     /// the call is held with the allowance for them, once.
     pub unbounded_tools: bool,
+    /// The call's price modifiers.
     pub modifiers: Modifiers,
 }
 
@@ -113,7 +131,9 @@ pub const SERVER_TOOL_MAX_USES_DEFAULT: u64 = 5;
 /// Allowances for what the body does not bound (configurable; see docs/pricing.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allowances {
+    /// Input tokens allowed for each web search or web fetch use.
     pub input_tokens_per_tool_use: u64,
+    /// Input tokens allowed for each document or image given by URL or file id.
     pub input_tokens_per_unbounded_input: u64,
     /// Held once for a call with tools whose cost the request does not bound; a flat amount,
     /// not scaled by the modifiers. Whether such a call is admitted at all is the gateway's
@@ -131,8 +151,10 @@ impl Default for Allowances {
     }
 }
 
+/// Why a call could not be priced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PriceError {
+    /// The table knows no model, alias or dated id of this name.
     UnknownModel(String),
     /// The figures do not fit the ledger's integers: absurd usage or prices.
     Overflow,
@@ -288,6 +310,7 @@ pub struct PriceTable {
 }
 
 impl PriceTable {
+    /// A table with no prices and no aliases.
     pub fn empty() -> PriceTable {
         PriceTable::default()
     }
@@ -305,6 +328,8 @@ impl PriceTable {
         self.entries.insert(entry.model.clone(), vec![entry]);
     }
 
+    /// Makes `alias` name `model`, replacing any earlier target. It resolves only while `model`
+    /// has a price.
     pub fn alias(&mut self, alias: &str, model: &str) {
         self.aliases.insert(alias.to_string(), model.to_string());
     }
@@ -333,6 +358,7 @@ impl PriceTable {
         self.entries.values().flatten()
     }
 
+    /// Every alias and the model it names, in alias order.
     pub fn aliases(&self) -> impl Iterator<Item = (&str, &str)> {
         self.aliases.iter().map(|(a, m)| (a.as_str(), m.as_str()))
     }

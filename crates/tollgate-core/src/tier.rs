@@ -7,10 +7,14 @@ use crate::policy::PoolKind;
 /// One part per million: the unit of multipliers (1.0 = 1_000_000).
 pub const PPM: u64 = 1_000_000;
 
+/// A plan: monthly grants per pool, an optional monthly price and the PAYG multiplier.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tier {
+    /// The tier's name, such as `pro`.
     pub id: String,
+    /// The interactive pool's monthly grant.
     pub interactive: Nanos,
+    /// The programmatic pool's monthly grant.
     pub programmatic: Nanos,
     /// What the plan costs per month, for tier advice. None: not configured.
     pub monthly_price: Option<Nanos>,
@@ -19,6 +23,7 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// The monthly grant of `pool`.
     pub fn grant(&self, pool: PoolKind) -> Nanos {
         match pool {
             PoolKind::Interactive => self.interactive,

@@ -6,11 +6,17 @@ use std::fmt;
 /// Token counts of one call, by type. Names are the event JSON's field names (SPEC section 11).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Usage {
+    /// Input tokens neither written to nor read from the cache.
     pub input_tokens: u64,
+    /// Input tokens written to the cache for 5 minutes.
     pub cache_creation_5m_input_tokens: u64,
+    /// Input tokens written to the cache for 1 hour.
     pub cache_creation_1h_input_tokens: u64,
+    /// Input tokens read from the cache.
     pub cache_read_input_tokens: u64,
+    /// Output tokens, thinking included.
     pub output_tokens: u64,
+    /// Web search requests made by the server tool.
     pub web_search_requests: u64,
 }
 
@@ -20,10 +26,14 @@ pub const TOKENS_PER_CALL_MAX: u64 = 100_000_000;
 /// The most server-tool requests a single call may report.
 pub const TOOL_REQUESTS_PER_CALL_MAX: u64 = 100_000;
 
+/// A usage count beyond its per-call bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageError {
+    /// The count's field name, as in the event JSON.
     pub field: &'static str,
+    /// The count given.
     pub value: u64,
+    /// Its per-call bound.
     pub max: u64,
 }
 
