@@ -14,8 +14,9 @@ use crate::writer::Db;
 /// Why an attempt at a write did not finish.
 enum Fail {
     Store(StoreError),
-    /// A first attempt met what it did not read (a taken hold or event id): run it again,
-    /// reading everything. Nothing was changed but pool rows a cycle's first write creates.
+    /// A first attempt met what it did not read (a taken hold or event id), or would create a
+    /// cycle's pool row: run it again, reading everything. A first attempt changes nothing
+    /// before it can meet one.
     Again,
 }
 
@@ -66,7 +67,7 @@ fn attempt(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Vec<Done
 /// whose ids they take, then the pool rows (created with their tier grant when a cycle's first
 /// write comes) and key rows of the cycles they touch.
 /// `first`: a first attempt, which reads neither a new hold's id nor the events' ids.
-fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> StoreResult<Snapshot> {
+fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Snapshot, Fail> {
     let conn: &Connection = db;
     let mut snap = Snapshot { knows_taken: !first, ..Snapshot::default() };
     for (op, _) in ops {
@@ -94,6 +95,9 @@ fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> StoreResult<Sn
             let totals = match (db.pool_totals(&id)?, create) {
                 (Some(totals), _) => totals,
                 (None, None) => continue,
+                // A first attempt did not read a new hold's id: a repeated hold creates no
+                // cycle, so the write that would create one reads everything first.
+                (None, Some(_)) if first => return Err(Fail::Again),
                 (None, Some((grant, cycle))) => create_pool(db, &id.0, id.1, grant, &cycle)?,
             };
             snap.pools.insert(id, totals);
