@@ -20,8 +20,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
+use std::sync::Arc;
 use tollgate_core::{Cycle, Nanos, PoolKind};
-use tollgate_store::step::{self, EventRef, HoldEntry, KeyId, KeyTotals, Op, Plan, PoolId, PoolTotals, Snapshot};
+
+use tollgate_store::step::{
+    self, EventRef, HoldEntry, KeyId, KeyTotals, Op, Plan, PoolId, PoolTotals, Snapshot, Terms,
+};
 use tollgate_store::{Account, Event, EventOutcome, Grant, NewEvent, NewGrant, StoreError, StoreResult};
 
 use crate::events;
@@ -236,15 +240,12 @@ async fn read_snapshot(tx: &Transaction<'_>, snap: &mut Snapshot, ops: &[(Op, Da
     let accounts: BTreeSet<&str> = ops.iter().map(|(op, _)| op.account()).collect();
     for id in accounts {
         let Some(account) = rows::load_account(tx, id).await? else { continue };
-        if !snap.tiers.contains_key(&account.tier)
-            && let Some(tier) = rows::load_tier(tx, &account.tier).await?
-        {
-            snap.tiers.insert(tier.id.clone(), tier);
-        }
-        for pool in PoolKind::ALL {
-            snap.policies.insert((account.id.clone(), pool), rows::load_policy(tx, &account.id, pool).await?);
-        }
-        snap.accounts.insert(account.id.clone(), account);
+        let tier = rows::load_tier(tx, &account.tier).await?.map(Arc::new);
+        let policies = [
+            rows::load_policy(tx, &account.id, PoolKind::Interactive).await?,
+            rows::load_policy(tx, &account.id, PoolKind::Programmatic).await?,
+        ];
+        snap.accounts.insert(account.id.clone(), Terms { account: Arc::new(account), tier, policies });
     }
     let keys: Vec<&str> = ops.iter().filter_map(|(op, _)| op.key()).collect::<BTreeSet<_>>().into_iter().collect();
     if !keys.is_empty() {

@@ -111,21 +111,11 @@ fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Snapsho
 }
 
 fn read_account(db: &Db, snap: &mut Snapshot, id: &str) -> StoreResult<()> {
-    if snap.accounts.contains_key(id) {
-        return Ok(());
+    if !snap.accounts.contains_key(id)
+        && let Some(terms) = db.terms(id)?
+    {
+        snap.accounts.insert(id.to_string(), terms);
     }
-    let account = match db.account(id) {
-        Ok(account) => account,
-        Err(StoreError::NotFound(_)) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if let Some(tier) = db.tier(&account.tier)? {
-        snap.tiers.insert(tier.id.clone(), tier);
-    }
-    for pool in PoolKind::ALL {
-        snap.policies.insert((account.id.clone(), pool), db.policy(&account.id, pool)?);
-    }
-    snap.accounts.insert(account.id.clone(), account);
     Ok(())
 }
 
@@ -188,7 +178,7 @@ fn write(db: &Db, plan: &Plan, first: bool) -> Result<Vec<i64>, Fail> {
     let conn: &Connection = db;
     let taken =
         |e: rusqlite::Error| if first && is_unique_violation(&e) { Fail::Again } else { Fail::Store(backend(e)) };
-    for (hold, fingerprint) in &plan.new_holds {
+    for (hold, fingerprint) in plan.new_holds() {
         insert_hold(conn, hold, fingerprint).map_err(taken)?;
     }
     let mut seqs = Vec::with_capacity(plan.new_events.len());

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
-use tollgate_store::step::{KeyId, KeyTotals, PoolId, PoolTotals};
+use tollgate_store::step::{AccountPool, KeyId, KeyTotals, Map, PoolId, PoolTotals, Terms};
 use tollgate_store::{Account, StoreError, StoreResult};
 
 use crate::rows::{self, backend};
@@ -75,17 +76,18 @@ const TOTALS_KEPT_MAX: usize = 65_536;
 
 #[derive(Default)]
 struct Totals {
-    pools: HashMap<PoolId, Cached<PoolTotals>>,
-    keys: HashMap<KeyId, Cached<KeyTotals>>,
+    pools: Map<PoolId, Cached<PoolTotals>>,
+    keys: Map<KeyId, Cached<KeyTotals>>,
     /// What the running job changed, first value first.
     undo: Vec<Undo>,
 }
 
 #[derive(Default)]
 struct Settings {
-    accounts: HashMap<String, Account>,
-    tiers: HashMap<String, Tier>,
-    policies: HashMap<(String, PoolKind), PoolPolicy>,
+    accounts: Map<String, Account>,
+    tiers: Map<String, Tier>,
+    policies: Map<(String, PoolKind), PoolPolicy>,
+    terms: Map<String, Terms>,
 }
 
 impl Deref for Db {
@@ -336,13 +338,32 @@ impl Db {
     }
 
     pub fn policy(&self, account: &str, pool: PoolKind) -> StoreResult<PoolPolicy> {
-        let key = (account.to_string(), pool);
-        if let Some(p) = self.settings.borrow().policies.get(&key) {
+        if let Some(p) = self.settings.borrow().policies.get(&AccountPool(account, pool)) {
             return Ok(*p);
         }
         let policy = rows::load_policy(&self.conn, account, pool)?;
-        self.settings.borrow_mut().policies.insert(key, policy);
+        self.settings.borrow_mut().policies.insert((account.to_string(), pool), policy);
         Ok(policy)
+    }
+
+    /// An account with its tier and policies, as a ledger snapshot holds it; None when the
+    /// account does not exist.
+    pub fn terms(&self, id: &str) -> StoreResult<Option<Terms>> {
+        if let Some(t) = self.settings.borrow().terms.get(id) {
+            return Ok(Some(t.clone()));
+        }
+        let account = match self.account(id) {
+            Ok(account) => account,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let terms = Terms {
+            tier: self.tier(&account.tier)?.map(Arc::new),
+            policies: [self.policy(id, PoolKind::Interactive)?, self.policy(id, PoolKind::Programmatic)?],
+            account: Arc::new(account),
+        };
+        self.settings.borrow_mut().terms.insert(id.to_string(), terms.clone());
+        Ok(Some(terms))
     }
 
     /// Forgets the cached settings; call after writing an account, tier or policy.

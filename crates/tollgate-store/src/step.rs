@@ -18,9 +18,12 @@
 //! So the decisions, their order and their error messages are written here once; a backend keeps
 //! only its SQL, its locking and its transactions.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use hashbrown::Equivalent;
 
 use chrono::{DateTime, Duration, Utc};
+use std::sync::Arc;
 use tollgate_core::ledger::{self, PoolScope, Refusal, Replay, Split};
 use tollgate_core::tier::PPM;
 use tollgate_core::{Cycle, KeyScope, Nanos, PoolKind, PoolPolicy, Tier};
@@ -29,6 +32,30 @@ use crate::{
     Account, ChargedEvent, Event, EventOutcome, Hold, HoldOutcome, HoldRequest, HoldState, NewEvent, SettleRequest,
     StoreError, StoreResult,
 };
+
+/// The maps of a snapshot and a plan: hashbrown's, with its fast hasher, and looked up by
+/// borrowed keys ([`Ids`], [`AccountPool`]) without allocating.
+pub type Map<K, V> = hashbrown::HashMap<K, V>;
+
+/// An (account, id) key, borrowed: finds a `(String, String)` entry without allocating.
+#[derive(Hash)]
+pub struct Ids<'a>(pub &'a str, pub &'a str);
+
+impl Equivalent<(String, String)> for Ids<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
+/// An (account, pool) key, borrowed: finds a `(String, PoolKind)` entry without allocating.
+#[derive(Hash)]
+pub struct AccountPool<'a>(pub &'a str, pub PoolKind);
+
+impl Equivalent<(String, PoolKind)> for AccountPool<'_> {
+    fn equivalent(&self, key: &(String, PoolKind)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
 
 /// A pool's cycle: (account, pool, cycle start in µs).
 pub type PoolId = (String, PoolKind, i64);
@@ -237,29 +264,51 @@ impl HoldEntry {
     }
 }
 
+/// An account as a snapshot holds it: with its tier (None: the tier is unknown) and the policies
+/// of its two pools. Shared, so a backend that caches them hands them over without a copy.
+#[derive(Clone, Debug)]
+pub struct Terms {
+    pub account: Arc<Account>,
+    pub tier: Option<Arc<Tier>>,
+    /// By pool, in [`PoolKind::ALL`]'s order.
+    pub policies: [PoolPolicy; 2],
+}
+
+impl Terms {
+    /// The policy of one of the account's pools.
+    pub fn policy(&self, pool: PoolKind) -> PoolPolicy {
+        self.policies[usize::from(pool == PoolKind::Programmatic)]
+    }
+
+    /// The tier grant and PAYG multiplier of a pool; None when the tier is unknown.
+    pub fn tier_grant(&self, pool: PoolKind) -> Option<(Nanos, u64)> {
+        let tier = self.tier.as_ref()?;
+        Some((self.account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
+    }
+}
+
 /// The rows a batch of writes needs, read by the backend in its transaction.
 #[derive(Default)]
 pub struct Snapshot {
-    pub accounts: HashMap<String, Account>,
-    pub tiers: HashMap<String, Tier>,
-    pub policies: HashMap<(String, PoolKind), PoolPolicy>,
+    /// The accounts the writes name, each with its tier and policies.
+    pub accounts: Map<String, Terms>,
     /// Key id → (its account, its cap).
-    pub keys: HashMap<String, (String, Option<Nanos>)>,
+    pub keys: Map<String, (String, Option<Nanos>)>,
     /// The existing holds the writes name, by (account, id).
-    pub holds: HashMap<(String, String), HoldEntry>,
+    pub holds: Map<(String, String), HoldEntry>,
     /// Whether `taken` holds every committed event whose id a write takes ([`Op::event_key`]).
     /// A backend may leave them unread and rely on its insert's uniqueness check instead; a
     /// decision that needs them then sets [`Plan::needs_taken`] and the backend reads again.
     pub knows_taken: bool,
     /// Committed events among the ids the writes take, by (account, event id), with their
     /// fingerprints.
-    pub taken: HashMap<(String, String), (String, Event)>,
+    pub taken: Map<(String, String), (String, Event)>,
     /// Committed events of settled holds that settles name again, by seq, with fingerprints.
-    pub settled_events: HashMap<i64, (String, Event)>,
+    pub settled_events: Map<i64, (String, Event)>,
     /// The pool rows of the cycles the writes touch (see [`Snapshot::needs`]).
-    pub pools: HashMap<PoolId, PoolTotals>,
+    pub pools: Map<PoolId, PoolTotals>,
     /// The key rows of the cycles the writes touch; a missing row counts as zero.
-    pub key_totals: HashMap<KeyId, KeyTotals>,
+    pub key_totals: Map<KeyId, KeyTotals>,
 }
 
 /// The pool and key rows a write needs, once the snapshot has its accounts, keys and holds.
@@ -272,12 +321,6 @@ pub struct Needs {
 }
 
 impl Snapshot {
-    /// The tier grant and PAYG multiplier of an account's pool; None when its tier is unknown.
-    pub fn tier_grant(&self, account: &Account, pool: PoolKind) -> Option<(Nanos, u64)> {
-        let tier = self.tiers.get(&account.tier)?;
-        Some((account.grant_override(pool).unwrap_or(tier.grant(pool)), tier.payg_multiplier_ppm))
-    }
-
     /// Whether a new hold or event gets past the checks before its pool: its account exists and
     /// its key is the account's (and, for a hold, its id is new).
     fn reaches_pool(&self, account: &str, key: Option<&str>) -> bool {
@@ -285,30 +328,30 @@ impl Snapshot {
     }
 
     fn open_hold(&self, account: &str, hold_id: &str) -> Option<&Hold> {
-        let entry = self.holds.get(&(account.to_string(), hold_id.to_string()))?;
+        let entry = self.holds.get(&Ids(account, hold_id))?;
         (entry.hold.state == HoldState::Open).then_some(&entry.hold)
     }
 
     /// The pool and key rows `op` needs (at `now`), given the accounts, keys and holds read.
     pub fn needs(&self, op: &Op, now: DateTime<Utc>) -> Needs {
-        let creating = |account: &Account, pool: PoolKind, cycle: Cycle| {
-            let create = self.tier_grant(account, pool).map(|(grant, _)| (grant, cycle));
-            ((account.id.clone(), pool, us(cycle.start)), create)
+        let creating = |terms: &Terms, pool: PoolKind, cycle: Cycle| {
+            let create = terms.tier_grant(pool).map(|(grant, _)| (grant, cycle));
+            ((terms.account.id.clone(), pool, us(cycle.start)), create)
         };
         match op {
             Op::Hold(r)
                 if self.reaches_pool(&r.account, r.key.as_deref())
-                    && !self.holds.contains_key(&(r.account.clone(), r.id.clone())) =>
+                    && !self.holds.contains_key(&Ids(&r.account, &r.id)) =>
             {
-                let cycle = self.accounts[&r.account].cycle_anchor().cycle_at(now);
+                let cycle = self.accounts[&r.account].account.cycle_anchor().cycle_at(now);
                 let key = r.key.as_ref().map(|k| (k.clone(), us(cycle.start)));
                 Needs { pool: Some(creating(&self.accounts[&r.account], r.pool, cycle)), key }
             }
             Op::Record(e)
                 if self.reaches_pool(&e.account, e.key.as_deref())
-                    && !self.taken.contains_key(&(e.account.clone(), e.id.clone())) =>
+                    && !self.taken.contains_key(&Ids(&e.account, &e.id)) =>
             {
-                let cycle = self.accounts[&e.account].cycle_anchor().cycle_at(e.timestamp);
+                let cycle = self.accounts[&e.account].account.cycle_anchor().cycle_at(e.timestamp);
                 let key = e.key.as_ref().map(|k| (k.clone(), us(cycle.start)));
                 Needs { pool: Some(creating(&self.accounts[&e.account], e.pool, cycle)), key }
             }
@@ -337,11 +380,11 @@ pub fn us(t: DateTime<Utc>) -> i64 {
 pub struct Plan {
     pub snapshot: Snapshot,
     /// New holds, with their fingerprints, in order.
-    pub new_holds: Vec<(Hold, String)>,
+    new_holds: Vec<(String, String)>,
     /// New events, in order: the backend gives each its seq as it inserts them.
     pub new_events: Vec<ChargedEvent>,
     /// (account, event id) → place in `new_events`.
-    new_event_ids: HashMap<(String, String), usize>,
+    new_event_ids: Map<(String, String), usize>,
     /// Holds read from the store that the plan changed (settled, expired, voided, extended or
     /// charged in part), by (account, id); their entries in `snapshot.holds` say how.
     pub changed_holds: BTreeSet<(String, String)>,
@@ -388,6 +431,15 @@ impl Plan {
         Plan { snapshot, ..Plan::default() }
     }
 
+    /// The new holds, in order, with their fingerprints (as the plan left them: a hold made and
+    /// changed by one plan is in `changed_holds` too).
+    pub fn new_holds(&self) -> impl ExactSizeIterator<Item = (&Hold, &str)> {
+        self.new_holds.iter().map(|key| {
+            let entry = &self.snapshot.holds[key];
+            (&entry.hold, entry.fingerprint.as_str())
+        })
+    }
+
     /// Decides one write on the running totals: its answer, and its rows added to the plan. An
     /// error changes nothing.
     pub fn decide(&mut self, op: &Op, now: DateTime<Utc>) -> StoreResult<Outcome> {
@@ -410,7 +462,7 @@ impl Plan {
             *self.snapshot.pools.get(id).ok_or_else(|| {
                 StoreError::Corrupt(format!("pool {} {} has no row for its cycle", id.0, id.1.as_str()))
             })?;
-        let policy = self.snapshot.policies.get(&(id.0.clone(), id.1)).copied().unwrap_or_default();
+        let policy = self.snapshot.accounts.get(id.0.as_str()).map(|t| t.policy(id.1)).unwrap_or_default();
         let PoolTotals { grants, used, overage, held } = totals;
         Ok((totals, PoolScope { limit: policy.limit(grants), grants, used, overage, held }))
     }
@@ -420,14 +472,19 @@ impl Plan {
     }
 
     fn account(&self, id: &str) -> StoreResult<&Account> {
+        self.terms(id).map(|t| t.account.as_ref())
+    }
+
+    fn terms(&self, id: &str) -> StoreResult<&Terms> {
         self.snapshot.accounts.get(id).ok_or_else(|| StoreError::NotFound(format!("account {id:?}")))
     }
 
     /// The tier grant and PAYG multiplier of a pool; an unknown tier is the store's fault.
-    fn tier_grant(&self, account: &Account, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
-        self.snapshot
-            .tier_grant(account, pool)
-            .ok_or_else(|| StoreError::Corrupt(format!("account {} has unknown tier {}", account.id, account.tier)))
+    fn tier_grant(&self, id: &str, pool: PoolKind) -> StoreResult<(Nanos, u64)> {
+        let terms = self.terms(id)?;
+        terms.tier_grant(pool).ok_or_else(|| {
+            StoreError::Corrupt(format!("account {} has unknown tier {}", terms.account.id, terms.account.tier))
+        })
     }
 
     /// The cap of `key` when it is `account`'s; `Invalid` if the account has no such key.
@@ -441,10 +498,16 @@ impl Plan {
     /// Applies decided totals.
     fn apply(&mut self, charge: Charge) {
         let (pool_id, totals) = charge.pool;
-        self.snapshot.pools.insert(pool_id.clone(), totals);
+        match self.snapshot.pools.get_mut(&pool_id) {
+            Some(t) => *t = totals,
+            None => drop(self.snapshot.pools.insert(pool_id.clone(), totals)),
+        }
         self.changed_pools.insert(pool_id);
-        if let Some((id, t)) = charge.key {
-            self.snapshot.key_totals.insert(id.clone(), t);
+        if let Some((id, totals)) = charge.key {
+            match self.snapshot.key_totals.get_mut(&id) {
+                Some(t) => *t = totals,
+                None => drop(self.snapshot.key_totals.insert(id.clone(), totals)),
+            }
             self.changed_keys.insert(id);
         }
     }
@@ -459,13 +522,16 @@ impl Plan {
 
     /// The totals once `add` is added to a pool and `add_key` to the hold's key, refused (out of
     /// range) before anything changes.
-    fn charge(&self, pool: &PoolId, add: PoolTotals, key: Option<(KeyId, KeyTotals)>) -> StoreResult<Charge> {
-        let (totals, _) = self.pool_scope(pool)?;
+    fn charge(&self, pool: PoolId, add: PoolTotals, key: Option<(KeyId, KeyTotals)>) -> StoreResult<Charge> {
+        let (totals, _) = self.pool_scope(&pool)?;
         let key = match key {
-            Some((id, add_key)) => Some((id.clone(), self.key_totals(&id).plus(add_key)?)),
+            Some((id, add_key)) => {
+                let totals = self.key_totals(&id).plus(add_key)?;
+                Some((id, totals))
+            }
             None => None,
         };
-        Ok(Charge { pool: (pool.clone(), totals.plus(add)?), key })
+        Ok(Charge { pool: (pool, totals.plus(add)?), key })
     }
 
     /// Reserves a call's worst case against its pool and key, or refuses it.
@@ -476,11 +542,10 @@ impl Plan {
             None => None,
         };
         let cycle = account.cycle_anchor().cycle_at(now);
-        let hold_key = (r.account.clone(), r.id.clone());
-        if let Some(existing) = self.snapshot.holds.get(&hold_key) {
+        if let Some(existing) = self.snapshot.holds.get(&Ids(&r.account, &r.id)) {
             return replay_hold(existing, r).map(|outcome| Outcome::Ready(Done::Hold(outcome)));
         }
-        self.tier_grant(account, r.pool)?;
+        self.tier_grant(&r.account, r.pool)?;
         let pool_id = (r.account.clone(), r.pool, us(cycle.start));
         let (_, scope) = self.pool_scope(&pool_id)?;
         let key = match (&r.key, cap) {
@@ -499,7 +564,7 @@ impl Plan {
         };
         let held = PoolTotals { held: r.amount, ..PoolTotals::default() };
         let key_add = key.map(|(id, _)| (id, KeyTotals { charged: Nanos::ZERO, held: r.amount }));
-        let charge = self.charge(&pool_id, held, key_add)?;
+        let charge = self.charge(pool_id, held, key_add)?;
         let hold = Hold {
             id: r.id.clone(),
             account: r.account.clone(),
@@ -518,14 +583,15 @@ impl Plan {
         };
         // No refusal after this point: the changes.
         self.apply(charge);
-        self.new_holds.push((hold.clone(), r.fingerprint.clone()));
-        self.snapshot.holds.insert(hold_key, HoldEntry::read(hold.clone(), r.fingerprint.clone(), None));
+        let key = (r.account.clone(), r.id.clone());
+        self.new_holds.push(key.clone());
+        self.snapshot.holds.insert(key, HoldEntry::read(hold.clone(), r.fingerprint.clone(), None));
         Ok(Outcome::Ready(Done::Hold(HoldOutcome::Held(hold))))
     }
 
     /// Whether an event id is taken, by a committed event or one of this plan's; an error when
     /// the snapshot did not read the committed ones.
-    fn taken(&mut self, event_key: &(String, String)) -> StoreResult<bool> {
+    fn taken(&mut self, event_key: &Ids<'_>) -> StoreResult<bool> {
         if self.new_event_ids.contains_key(event_key) || self.snapshot.taken.contains_key(event_key) {
             return Ok(true);
         }
@@ -561,28 +627,39 @@ impl Plan {
 
     /// Charges a held call's real cost, releases the hold and records its event.
     fn settle(&mut self, r: &SettleRequest, now: DateTime<Utc>) -> StoreResult<Outcome> {
-        let key = (r.account.clone(), r.hold_id.clone());
-        let entry = self.snapshot.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?;
-        if entry.hold.state != HoldState::Open {
-            return self.settle_again(r, entry);
-        }
-        let hold = entry.hold.clone();
-        let mut event = r.event.clone();
-        // The hold decides where the charge goes: its account, pool and key, never the event's.
-        event.account = hold.account.clone();
-        if event.id.is_empty() {
-            event.id = hold.id.clone();
-        }
-        event.pool = hold.pool;
-        event.key = hold.key.clone();
-        self.close_hold(&hold, event, false, now).map(Outcome::Recorded)
+        // Taken out of the snapshot while it is decided (no copy), and put back after.
+        let (key, mut entry) =
+            self.snapshot.holds.remove_entry(&Ids(&r.account, &r.hold_id)).ok_or_else(|| hold_not_found(&r.hold_id))?;
+        let result = if entry.hold.state == HoldState::Open {
+            let hold = &entry.hold;
+            let mut event = r.event.clone();
+            // The hold decides where the charge goes: its account, pool and key, never the event's.
+            event.account = hold.account.clone();
+            if event.id.is_empty() {
+                event.id = hold.id.clone();
+            }
+            event.pool = hold.pool;
+            event.key = hold.key.clone();
+            self.close_hold(&key, &mut entry, event, false, now).map(Outcome::Recorded)
+        } else {
+            self.settle_again(r, &entry)
+        };
+        self.snapshot.holds.insert(key, entry);
+        result
     }
 
     /// Charges `event` against the whole of an open hold and closes it: settled, or expired
     /// when `unsettled` (charged exactly its held amount). Its place among the new events.
-    fn close_hold(&mut self, hold: &Hold, event: NewEvent, unsettled: bool, now: DateTime<Utc>) -> StoreResult<usize> {
-        let event_key = (event.account.clone(), event.id.clone());
-        let (_, ppm) = self.tier_grant(self.account(&hold.account)?, hold.pool)?;
+    fn close_hold(
+        &mut self,
+        key: &(String, String),
+        entry: &mut HoldEntry,
+        event: NewEvent,
+        unsettled: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<usize> {
+        let hold = &entry.hold;
+        let (_, ppm) = self.tier_grant(&hold.account, hold.pool)?;
         // An unsettled hold is charged exactly its held amount, which already includes any multiplier.
         let ppm = if unsettled { PPM } else { ppm };
         let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
@@ -591,31 +668,31 @@ impl Plan {
             Ok(settlement) => settlement,
             // A taken event id is reported before a bad amount.
             Err(refusal) => {
-                return Err(if self.taken(&event_key)? {
+                return Err(if self.taken(&Ids(&event.account, &event.id))? {
                     event_id_taken(&event.id)
                 } else {
                     StoreError::Refused(refusal)
                 });
             }
         };
-        let charge = self.charge_hold(hold, &pool_id, settlement.split, hold.amount)?;
+        let charge = self.charge_hold(hold, pool_id, settlement.split, hold.amount)?;
         // An id taken by a committed event the snapshot did not read is found by the insert's
         // uniqueness check: the backend then decides again with the taken ids read.
+        let event_key = Ids(&event.account, &event.id);
         if self.new_event_ids.contains_key(&event_key) || self.snapshot.taken.contains_key(&event_key) {
             return Err(event_id_taken(&event.id));
         }
         // No refusal after this point: the changes.
         self.apply(charge);
         let i = self.push_event(ChargedEvent { unsettled, ..ChargedEvent::of_hold(event, hold, settlement, now) });
-        let entry = self.snapshot.holds.get_mut(&(hold.account.clone(), hold.id.clone())).expect("the hold read above");
         entry.hold.state = if unsettled { HoldState::Expired } else { HoldState::Settled };
         entry.event = Some(EventRef::New(i));
-        self.changed_holds.insert((hold.account.clone(), hold.id.clone()));
+        self.changed_holds.insert(key.clone());
         Ok(i)
     }
 
     /// The totals once `split` is charged to `hold`'s pool and key and `release` of it is freed.
-    fn charge_hold(&self, hold: &Hold, pool: &PoolId, split: Split, release: Nanos) -> StoreResult<Charge> {
+    fn charge_hold(&self, hold: &Hold, pool: PoolId, split: Split, release: Nanos) -> StoreResult<Charge> {
         let freed = Nanos(-release.0);
         let add = PoolTotals { grants: Nanos::ZERO, used: split.grant, overage: split.overage, held: freed };
         let key = hold
@@ -628,7 +705,7 @@ impl Plan {
     /// Charges one call's event against `release` of an open hold, which stays open with the
     /// rest (a lease). A repeat of the part answers with the first.
     fn settle_part(&mut self, r: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Outcome> {
-        let event_key = (r.account.clone(), r.event.id.clone());
+        let event_key = Ids(&r.account, &r.event.id);
         // A repeat of a part this plan charges already: the same answer, or a conflict.
         if let Some(&i) = self.new_event_ids.get(&event_key) {
             return match ledger::replay(Some((self.new_events[i].event.fingerprint.clone(), i)), &r.event.fingerprint) {
@@ -642,7 +719,7 @@ impl Plan {
         if let Some(event) = crate::replay_part(r, self.snapshot.taken.get(&event_key).cloned())? {
             return Ok(Outcome::Ready(Done::Event(EventOutcome::Recorded(event))));
         }
-        let charged = self.charge_part(r, event_key, release, now);
+        let charged = self.charge_part(r, release, now);
         // A repeat of a part recorded before its lease closed is answered with that part, not
         // refused: only a snapshot that read the taken ids knows.
         if charged.is_err() && !self.snapshot.knows_taken {
@@ -652,29 +729,37 @@ impl Plan {
         charged
     }
 
-    fn charge_part(
+    fn charge_part(&mut self, r: &SettleRequest, release: Nanos, now: DateTime<Utc>) -> StoreResult<Outcome> {
+        // Taken out of the snapshot while it is decided (no copy), and put back after.
+        let (key, mut entry) =
+            self.snapshot.holds.remove_entry(&Ids(&r.account, &r.hold_id)).ok_or_else(|| hold_not_found(&r.hold_id))?;
+        let result = self.charge_part_of(r, &mut entry, release, now);
+        if result.is_ok() {
+            self.changed_holds.insert(key.clone());
+        }
+        self.snapshot.holds.insert(key, entry);
+        result
+    }
+
+    fn charge_part_of(
         &mut self,
         r: &SettleRequest,
-        event_key: (String, String),
+        entry: &mut HoldEntry,
         release: Nanos,
         now: DateTime<Utc>,
     ) -> StoreResult<Outcome> {
-        let key = (r.account.clone(), r.hold_id.clone());
-        let hold = self.snapshot.holds.get(&key).ok_or_else(|| hold_not_found(&r.hold_id))?.hold.clone();
-        let event = crate::part_event(r, &hold, release)?;
-        let (_, ppm) = self.tier_grant(self.account(&hold.account)?, hold.pool)?;
+        let hold = &entry.hold;
+        let event = crate::part_event(r, hold, release)?;
+        let (_, ppm) = self.tier_grant(&hold.account, hold.pool)?;
         let pool_id = (hold.account.clone(), hold.pool, us(hold.cycle_start));
         let (_, scope) = self.pool_scope(&pool_id)?;
         let settlement = ledger::settle(release, event.cost, &scope, ppm).map_err(StoreError::Refused)?;
-        let charge = self.charge_hold(&hold, &pool_id, settlement.split, release)?;
-        debug_assert_eq!(event_key, (event.account.clone(), event.id.clone()));
+        let charge = self.charge_hold(hold, pool_id, settlement.split, release)?;
         // No refusal after this point: the changes.
         self.apply(charge);
-        let i = self.push_event(ChargedEvent::of_hold(event, &hold, settlement, now));
-        let entry = self.snapshot.holds.get_mut(&key).expect("the hold read above");
+        let i = self.push_event(ChargedEvent::of_hold(event, hold, settlement, now));
         entry.hold.amount = Nanos(entry.hold.amount.0 - release.0);
         entry.parted = true;
-        self.changed_holds.insert(key);
         Ok(Outcome::Recorded(i))
     }
 
@@ -694,7 +779,7 @@ impl Plan {
         }
         let h = entry.hold.clone();
         let charge =
-            self.charge_hold(&h, &(account.to_string(), h.pool, us(h.cycle_start)), Split::default(), h.amount)?;
+            self.charge_hold(&h, (account.to_string(), h.pool, us(h.cycle_start)), Split::default(), h.amount)?;
         self.apply(charge);
         let entry = self.snapshot.holds.get_mut(&key).expect("the hold read above");
         entry.hold.state = HoldState::Voided;
@@ -719,7 +804,7 @@ impl Plan {
     /// Records usage that already happened on its pool (no hold); a repeat answers with the
     /// first.
     fn record(&mut self, e: &NewEvent, now: DateTime<Utc>) -> StoreResult<Outcome> {
-        let event_key = (e.account.clone(), e.id.clone());
+        let event_key = Ids(&e.account, &e.id);
         let earlier = match (self.new_event_ids.get(&event_key), self.snapshot.taken.get(&event_key)) {
             (Some(&i), _) => Some((self.new_events[i].event.fingerprint.clone(), Outcome::Repeat(i))),
             (None, Some((f, event))) => {
@@ -746,7 +831,7 @@ impl Plan {
             self.key_cap(&e.account, key)?;
         }
         let cycle = account.cycle_anchor().cycle_at(e.timestamp);
-        let (_, ppm) = self.tier_grant(account, e.pool)?;
+        let (_, ppm) = self.tier_grant(&e.account, e.pool)?;
         let pool_id = (e.account.clone(), e.pool, us(cycle.start));
         let (_, scope) = self.pool_scope(&pool_id)?;
         let split = ledger::split_charge(e.cost, &scope, ppm).map_err(StoreError::Refused)?;
@@ -755,7 +840,7 @@ impl Plan {
             .key
             .as_ref()
             .map(|k| ((k.clone(), us(cycle.start)), KeyTotals { charged: split.total(), held: Nanos::ZERO }));
-        let charge = self.charge(&pool_id, add, key)?;
+        let charge = self.charge(pool_id, add, key)?;
         self.apply(charge);
         Ok(Outcome::Recorded(self.push_event(ChargedEvent::direct(e.clone(), cycle.start, split, now))))
     }
@@ -763,17 +848,20 @@ impl Plan {
     /// Settles an open hold at its held amount, flagged `unsettled`; a hold no longer open (ended
     /// meanwhile by another writer) is answered as it is, unchanged.
     fn expire(&mut self, account: &str, hold_id: &str, now: DateTime<Utc>) -> StoreResult<Outcome> {
-        let entry = self
-            .snapshot
-            .holds
-            .get(&(account.to_string(), hold_id.to_string()))
-            .ok_or_else(|| hold_not_found(hold_id))?;
-        if entry.hold.state != HoldState::Open {
-            return Ok(Outcome::Ready(Done::Changed(entry.hold.clone())));
-        }
-        let hold = entry.hold.clone();
-        let id_taken = self.taken(&(hold.account.clone(), hold.id.clone()))?;
-        let event = hold.unsettled_event(id_taken);
-        self.close_hold(&hold, event, true, now).map(Outcome::Recorded)
+        let (key, mut entry) =
+            self.snapshot.holds.remove_entry(&Ids(account, hold_id)).ok_or_else(|| hold_not_found(hold_id))?;
+        let result = if entry.hold.state == HoldState::Open {
+            match self.taken(&Ids(account, hold_id)) {
+                Ok(id_taken) => {
+                    let event = entry.hold.unsettled_event(id_taken);
+                    self.close_hold(&key, &mut entry, event, true, now).map(Outcome::Recorded)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(Outcome::Ready(Done::Changed(entry.hold.clone())))
+        };
+        self.snapshot.holds.insert(key, entry);
+        result
     }
 }

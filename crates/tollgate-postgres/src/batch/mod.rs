@@ -50,12 +50,14 @@ mod statements;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tollgate_core::{Cycle, Nanos, PoolKind};
-use tollgate_store::step::{self, Done, EventRef, HoldEntry, KeyId, KeyTotals, Op, Plan, PoolId, PoolTotals};
+
+use tollgate_core::{Cycle, Nanos, PoolPolicy};
+use tollgate_store::step::{self, Done, EventRef, HoldEntry, KeyId, KeyTotals, Op, Plan, PoolId, PoolTotals, Terms};
 use tollgate_store::{Hold, HoldOutcome, HoldRequest, HoldState, StoreError, StoreResult};
 
 use crate::events;
@@ -313,16 +315,17 @@ async fn read(c: &Conn, s: &mut State, jobs: &[Work<'_>]) -> Result<()> {
     let snap = &mut s.plan.snapshot;
     for r in &setting_rows {
         let account = rows::account(r)?;
-        if r.try_get::<_, Option<String>>(7)?.is_some() {
-            let tier = rows::tier_at(r, 7)?;
-            snap.tiers.insert(tier.id.clone(), tier);
-        }
-        for (pool, at) in [(PoolKind::Interactive, 12), (PoolKind::Programmatic, 15)] {
+        let tier = match r.try_get::<_, Option<String>>(7)? {
+            Some(_) => Some(Arc::new(rows::tier_at(r, 7)?)),
+            None => None,
+        };
+        let mut policies = [PoolPolicy::default(); 2];
+        for (policy, at) in policies.iter_mut().zip([12, 15]) {
             if r.try_get::<_, Option<String>>(at)?.is_some() {
-                snap.policies.insert((account.id.clone(), pool), rows::policy(r, at)?);
+                *policy = rows::policy(r, at)?;
             }
         }
-        snap.accounts.insert(account.id.clone(), account);
+        snap.accounts.insert(account.id.clone(), Terms { account: Arc::new(account), tier, policies });
     }
     for r in &key_rows {
         snap.keys.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get::<_, Option<i64>>(2)?.map(Nanos)));
@@ -539,7 +542,8 @@ async fn lock_key_rows(c: &Conn, s: &mut State, ids: &[&KeyId], lock: Lock) -> R
 /// first (rare). Returns the seq of each new event, in order.
 async fn write(c: &Conn, s: &State, owner: i64, jobs: &[Work<'_>], outcomes: &mut [Outcome]) -> Result<Vec<i64>> {
     let (st, client) = (&c.st, &c.client);
-    let h = NewHoldColumns::new(&s.plan.new_holds);
+    let new_holds: Vec<(&Hold, &str)> = s.plan.new_holds().collect();
+    let h = NewHoldColumns::new(&new_holds);
     let e = &s.plan.new_events;
     let e_columns = events::Columns::new(e);
     let changed = ChangedHolds::new(s);
@@ -633,7 +637,7 @@ struct NewHoldColumns<'a> {
 }
 
 impl<'a> NewHoldColumns<'a> {
-    fn new(h: &'a [(Hold, String)]) -> NewHoldColumns<'a> {
+    fn new(h: &[(&'a Hold, &'a str)]) -> NewHoldColumns<'a> {
         NewHoldColumns {
             account: h.iter().map(|(x, _)| x.account.as_str()).collect(),
             id: h.iter().map(|(x, _)| x.id.as_str()).collect(),
@@ -647,7 +651,7 @@ impl<'a> NewHoldColumns<'a> {
             created: h.iter().map(|(x, _)| us(x.created_at)).collect(),
             expires: h.iter().map(|(x, _)| us(x.expires_at)).collect(),
             remaining_after: h.iter().map(|(x, _)| x.remaining_after.map(|n| n.0)).collect(),
-            fingerprint: h.iter().map(|(_, f)| f.as_str()).collect(),
+            fingerprint: h.iter().map(|(_, f)| *f).collect(),
             made_by: h.iter().map(|(x, _)| x.made_by.to_text()).collect(),
         }
     }
