@@ -49,7 +49,19 @@ pub fn run_one(db: &Db, op: Op, now: DateTime<Utc>) -> StoreResult<Done> {
 }
 
 fn attempt(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Vec<Done>, Fail> {
-    let mut plan = Plan::new(snapshot(db, ops, first)?);
+    // The writer's one plan, reused from write to write (its memory kept) and put back after
+    // a single write; a batch's, larger, is dropped.
+    let mut plan = db.take_plan();
+    plan.reset();
+    let done = decide_and_write(db, &mut plan, ops, first);
+    if ops.len() == 1 {
+        db.put_plan(plan);
+    }
+    done
+}
+
+fn decide_and_write(db: &Db, plan: &mut Plan, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Vec<Done>, Fail> {
+    read(db, &mut plan.snapshot, ops, first)?;
     let outcomes = ops.iter().map(|(op, now)| plan.decide(op, *now)).collect::<StoreResult<Vec<_>>>();
     if plan.needs_taken {
         return Err(Fail::Again);
@@ -59,26 +71,26 @@ fn attempt(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Vec<Done
     if first && outcomes.iter().any(|o| matches!(o, Outcome::Ready(Done::Hold(HoldOutcome::Refused { .. })))) {
         return Err(Fail::Again);
     }
-    let seqs = write(db, &plan, first)?;
-    Ok(outcomes.into_iter().map(|o| o.answer(&plan, &seqs)).collect())
+    let seqs = write(db, plan, first)?;
+    Ok(outcomes.into_iter().map(|o| o.answer(plan, &seqs)).collect())
 }
 
 /// Reads everything `ops` need: accounts with their tiers and policies, keys, holds, the events
 /// whose ids they take, then the pool rows (created with their tier grant when a cycle's first
 /// write comes) and key rows of the cycles they touch.
 /// `first`: a first attempt, which reads neither a new hold's id nor the events' ids.
-fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Snapshot, Fail> {
+fn read(db: &Db, snap: &mut Snapshot, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<(), Fail> {
     let conn: &Connection = db;
-    let mut snap = Snapshot { knows_taken: !first, ..Snapshot::default() };
+    snap.knows_taken = !first;
     for (op, _) in ops {
-        read_account(db, &mut snap, op.account())?;
+        read_account(db, snap, op.account())?;
         if let Some(key) = op.key() {
-            read_key(conn, &mut snap, key)?;
+            read_key(conn, snap, key)?;
         }
         if let Some((account, id)) = op.hold_key()
             && !(first && matches!(op, Op::Hold(_)))
         {
-            read_hold(conn, &mut snap, account, id, matches!(op, Op::Settle(_)))?;
+            read_hold(conn, snap, account, id, matches!(op, Op::Settle(_)))?;
         }
         if let Some((account, id)) = op.event_key()
             && !first
@@ -107,7 +119,7 @@ fn snapshot(db: &Db, ops: &[(Op, DateTime<Utc>)], first: bool) -> Result<Snapsho
             snap.key_totals.insert(id, totals);
         }
     }
-    Ok(snap)
+    Ok(())
 }
 
 fn read_account(db: &Db, snap: &mut Snapshot, id: &str) -> StoreResult<()> {

@@ -1,6 +1,8 @@
 //! Conversions between the store's records and SQLite rows: the records' columns and mappers
 //! are `tollgate_store::rows`, read here through [`Cols`].
 
+use std::sync::LazyLock;
+
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tollgate_core::{PoolKind, PoolPolicy, Tier};
 use tollgate_store::rows::{self as records, Cells};
@@ -139,9 +141,9 @@ pub fn hold(r: &Row) -> rusqlite::Result<HoldRow> {
 }
 
 pub fn load_hold(conn: &Connection, account: &str, id: &str) -> StoreResult<Option<HoldRow>> {
-    conn.prepare_cached(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE account = ?1 AND id = ?2"))
-        .and_then(|mut s| s.query_row([account, id], hold).optional())
-        .map_err(backend)
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {HOLD_COLUMNS} FROM holds WHERE account = ?1 AND id = ?2"));
+    conn.prepare_cached(&SQL).and_then(|mut s| s.query_row([account, id], hold).optional()).map_err(backend)
 }
 
 pub fn event(r: &Row) -> rusqlite::Result<EventRow> {
@@ -157,13 +159,12 @@ pub fn grant(r: &Row) -> rusqlite::Result<Grant> {
 }
 
 pub fn load_event(conn: &Connection, account: &str, id: &str) -> StoreResult<Option<EventRow>> {
-    conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE account = ?1 AND id = ?2"))
-        .and_then(|mut s| s.query_row([account, id], event).optional())
-        .map_err(backend)
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE account = ?1 AND id = ?2"));
+    conn.prepare_cached(&SQL).and_then(|mut s| s.query_row([account, id], event).optional()).map_err(backend)
 }
 
 pub fn load_event_by_seq(conn: &Connection, seq: i64) -> StoreResult<EventRow> {
-    conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"))
-        .and_then(|mut s| s.query_row([seq], event))
-        .map_err(backend)
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"));
+    conn.prepare_cached(&SQL).and_then(|mut s| s.query_row([seq], event)).map_err(backend)
 }

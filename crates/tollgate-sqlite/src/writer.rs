@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::{Nanos, PoolKind, PoolPolicy, Tier};
-use tollgate_store::step::{AccountPool, KeyId, KeyTotals, Map, PoolId, PoolTotals, Terms};
+use tollgate_store::step::{AccountPool, KeyId, KeyTotals, Map, Plan, PoolId, PoolTotals, Terms};
 use tollgate_store::{Account, StoreError, StoreResult};
 
 use crate::rows::{self, backend};
@@ -49,6 +49,8 @@ pub struct Db {
     totals: RefCell<Totals>,
     /// Usage per hour added by this batch's events, written with its commit (`rollups`).
     rollups: RefCell<HashMap<RollupKey, RollupDelta>>,
+    /// The ledger's plan, reused from write to write so that its memory is kept.
+    plan: RefCell<Plan>,
 }
 
 /// (account, cycle start µs, pool, hour µs, model, source, key id, labels JSON).
@@ -100,7 +102,13 @@ impl Deref for Db {
 
 impl Db {
     pub fn new(conn: Connection) -> Db {
-        Db { conn, settings: RefCell::default(), totals: RefCell::default(), rollups: RefCell::default() }
+        Db {
+            conn,
+            settings: RefCell::default(),
+            totals: RefCell::default(),
+            rollups: RefCell::default(),
+            plan: RefCell::default(),
+        }
     }
 
     /// A pool's totals in a cycle; None when the cycle has no row yet.
@@ -364,6 +372,15 @@ impl Db {
         };
         self.settings.borrow_mut().terms.insert(id.to_string(), terms.clone());
         Ok(Some(terms))
+    }
+
+    /// The ledger's plan, to reuse; give it back with [`Db::put_plan`].
+    pub fn take_plan(&self) -> Plan {
+        self.plan.take()
+    }
+
+    pub fn put_plan(&self, plan: Plan) {
+        *self.plan.borrow_mut() = plan;
     }
 
     /// Forgets the cached settings; call after writing an account, tier or policy.

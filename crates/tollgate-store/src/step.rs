@@ -18,8 +18,6 @@
 //! So the decisions, their order and their error messages are written here once; a backend keeps
 //! only its SQL, its locking and its transactions.
 
-use std::collections::BTreeSet;
-
 use hashbrown::Equivalent;
 
 use chrono::{DateTime, Duration, Utc};
@@ -36,6 +34,9 @@ use crate::{
 /// The maps of a snapshot and a plan: hashbrown's, with its fast hasher, and looked up by
 /// borrowed keys ([`Ids`], [`AccountPool`]) without allocating.
 pub type Map<K, V> = hashbrown::HashMap<K, V>;
+
+/// The sets of a plan, as [`Map`].
+pub type Set<T> = hashbrown::HashSet<T>;
 
 /// An (account, id) key, borrowed: finds a `(String, String)` entry without allocating.
 #[derive(Hash)]
@@ -387,9 +388,9 @@ pub struct Plan {
     new_event_ids: Map<(String, String), usize>,
     /// Holds read from the store that the plan changed (settled, expired, voided, extended or
     /// charged in part), by (account, id); their entries in `snapshot.holds` say how.
-    pub changed_holds: BTreeSet<(String, String)>,
-    pub changed_pools: BTreeSet<PoolId>,
-    pub changed_keys: BTreeSet<KeyId>,
+    pub changed_holds: Set<(String, String)>,
+    pub changed_pools: Set<PoolId>,
+    pub changed_keys: Set<KeyId>,
     /// Set when a decision needed the committed events the snapshot did not read
     /// ([`Snapshot::knows_taken`]): the backend reads them and decides again.
     pub needs_taken: bool,
@@ -429,6 +430,27 @@ struct Charge {
 impl Plan {
     pub fn new(snapshot: Snapshot) -> Plan {
         Plan { snapshot, ..Plan::default() }
+    }
+
+    /// Empties the plan and its snapshot for the next writes, keeping the memory they took: a
+    /// backend that decides one write at a time reuses one plan.
+    pub fn reset(&mut self) {
+        let s = &mut self.snapshot;
+        s.accounts.clear();
+        s.keys.clear();
+        s.holds.clear();
+        s.knows_taken = false;
+        s.taken.clear();
+        s.settled_events.clear();
+        s.pools.clear();
+        s.key_totals.clear();
+        self.new_holds.clear();
+        self.new_events.clear();
+        self.new_event_ids.clear();
+        self.changed_holds.clear();
+        self.changed_pools.clear();
+        self.changed_keys.clear();
+        self.needs_taken = false;
     }
 
     /// The new holds, in order, with their fingerprints (as the plan left them: a hold made and
