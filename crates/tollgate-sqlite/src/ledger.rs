@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_core::{Cycle, Nanos, PoolKind};
 use tollgate_store::step::{Done, EventRef, HoldEntry, Op, Outcome, Plan, Snapshot};
-use tollgate_store::{Account, ChargedEvent, Event, EventOutcome, Grant, HoldOutcome, StoreError, StoreResult};
+use tollgate_store::{
+    Account, ChargedEvent, Event, EventOutcome, Grant, HoldOutcome, HoldState, StoreError, StoreResult,
+};
 
 use crate::rows::{self, backend, us};
 use crate::writer::Db;
@@ -201,21 +203,7 @@ fn write(db: &Db, plan: &Plan, first: bool) -> Result<Vec<i64>, Fail> {
         })?);
     }
     for key in &plan.changed_holds {
-        let entry = &plan.snapshot.holds[key];
-        let seq = match entry.event {
-            Some(EventRef::New(i)) => Some(seqs[i]),
-            Some(EventRef::Seq(seq)) => Some(seq),
-            None => None,
-        };
-        let h = &entry.hold;
-        conn.prepare_cached(
-            "UPDATE holds SET state = ?3, event_seq = ?4, amount = ?5, expires_us = ?6, lease = lease OR ?7
-             WHERE account = ?1 AND id = ?2",
-        )
-        .and_then(|mut s| {
-            s.execute(params![h.account, h.id, h.state.as_str(), seq, h.amount.0, us(h.expires_at), entry.parted])
-        })
-        .map_err(backend)?;
+        update_hold(conn, &plan.snapshot.holds[key], &seqs)?;
     }
     for id in &plan.changed_pools {
         db.set_pool(id, plan.snapshot.pools[id]);
@@ -224,6 +212,39 @@ fn write(db: &Db, plan: &Plan, first: bool) -> Result<Vec<i64>, Fail> {
         db.set_key(id, plan.snapshot.key_totals[id]);
     }
     Ok(seqs)
+}
+
+/// Writes what a plan changed of a hold, and only that (an unchanged indexed column is not
+/// rewritten): closed (settled, expired, voided) with its event, extended, charged in part.
+fn update_hold(conn: &Connection, entry: &HoldEntry, seqs: &[i64]) -> StoreResult<()> {
+    let h = &entry.hold;
+    let run = |sql: &str, params: &[&dyn rusqlite::ToSql]| {
+        conn.prepare_cached(sql).and_then(|mut s| s.execute(params)).map(drop).map_err(backend)
+    };
+    if h.state != HoldState::Open {
+        let seq = match entry.event {
+            Some(EventRef::New(i)) => Some(seqs[i]),
+            Some(EventRef::Seq(seq)) => Some(seq),
+            None => None,
+        };
+        run(
+            "UPDATE holds SET state = ?3, event_seq = COALESCE(?4, event_seq) WHERE account = ?1 AND id = ?2",
+            &[&h.account, &h.id, &h.state.as_str(), &seq],
+        )?;
+    }
+    if entry.expires_changed {
+        run(
+            "UPDATE holds SET expires_us = ?3 WHERE account = ?1 AND id = ?2",
+            &[&h.account, &h.id, &us(h.expires_at)],
+        )?;
+    }
+    if entry.parted {
+        run(
+            "UPDATE holds SET amount = ?3, lease = 1 WHERE account = ?1 AND id = ?2",
+            &[&h.account, &h.id, &h.amount.0],
+        )?;
+    }
+    Ok(())
 }
 
 fn insert_hold(conn: &Connection, hold: &tollgate_store::Hold, fingerprint: &str) -> rusqlite::Result<()> {
