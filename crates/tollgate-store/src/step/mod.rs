@@ -149,8 +149,14 @@ impl Plan {
         Ok((totals, PoolScope { limit: policy.limit(grants), grants, used, overage, held }))
     }
 
-    fn key_totals(&self, id: &KeyId) -> KeyTotals {
-        self.snapshot.key_totals.get(id).copied().unwrap_or_default()
+    /// A key's totals in a cycle, as read (a backend reads a missing row as zero); a row not
+    /// read is the backend's fault, never a zero.
+    fn key_totals(&self, id: &KeyId) -> StoreResult<KeyTotals> {
+        self.snapshot
+            .key_totals
+            .get(id)
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("key {} has no row read for its cycle", id.0)))
     }
 
     fn account(&self, id: &str) -> StoreResult<&Account> {
@@ -208,7 +214,7 @@ impl Plan {
         let (totals, _) = self.pool_scope(&pool)?;
         let key = match key {
             Some((id, add_key)) => {
-                let totals = self.key_totals(&id).plus(add_key)?;
+                let totals = self.key_totals(&id)?.plus(add_key)?;
                 Some((id, totals))
             }
             None => None,
@@ -233,7 +239,7 @@ impl Plan {
         let key = match (&r.key, cap) {
             (Some(id), Some(cap)) => {
                 let key_id = (id.clone(), us(cycle.start));
-                let t = self.key_totals(&key_id);
+                let t = self.key_totals(&key_id)?;
                 Some((key_id, KeyScope { cap, charged: t.charged, held: t.held }))
             }
             _ => None,

@@ -150,7 +150,8 @@ pub struct Snapshot {
     pub settled_events: Map<i64, (String, Event)>,
     /// The pool rows of the cycles the writes touch (see [`Snapshot::needs`]).
     pub pools: Map<PoolId, PoolTotals>,
-    /// The key rows of the cycles the writes touch; a missing row counts as zero.
+    /// The key rows of the cycles the writes touch (a row the database does not have yet is read
+    /// as zero).
     pub key_totals: Map<KeyId, KeyTotals>,
 }
 
