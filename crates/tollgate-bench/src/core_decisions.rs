@@ -12,6 +12,7 @@ use tollgate_core::{Modifiers, Nanos, PoolScope, PriceTable, RequestBound, Usage
 pub fn run(args: &[String]) -> Result<(), String> {
     let calls = crate::flag(args, "--calls", 20_000_000)?;
     let prices = PriceTable::builtin();
+    #[allow(clippy::expect_used, reason = "2026-11-10 is a real calendar date")]
     let day = NaiveDate::from_ymd_opt(2026, 11, 10).expect("a real date");
     let entry = prices.price_at("claude-sonnet-4-5", day).map_err(|e| e.to_string())?.clone();
     let allow = Allowances::default();

@@ -3,5 +3,7 @@
 //! [`conformance_suite!`]; [`simulation`] is the seeded, concurrent workload checked against an
 //! independent model. The backends run both from their tests.
 
+#![allow(clippy::expect_used, reason = "dev-only test machinery: a failed expectation fails the backend's test")]
+
 pub mod simulation;
 pub mod suite;

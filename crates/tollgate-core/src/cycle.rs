@@ -37,9 +37,18 @@ impl CycleAnchor {
     /// The start of cycle `k`.
     pub fn start(&self, k: i64) -> DateTime<Utc> {
         let months = i64::from(self.local.year()) * 12 + i64::from(self.local.month0()) + k;
+        #[allow(
+            clippy::expect_used,
+            reason = "cycles are asked for near instants chrono holds (the clock, RFC 3339 times with 4-digit years, the anchor): their year is far inside i32"
+        )]
         let year = i32::try_from(months.div_euclid(12)).expect("cycle year in range");
+        #[allow(clippy::expect_used, reason = "rem_euclid(12) is always in 0..12, which u32 holds")]
         let month0 = u32::try_from(months.rem_euclid(12)).expect("month in 0..12");
         let day = self.local.day().min(days_in_month(year, month0 + 1));
+        #[allow(
+            clippy::expect_used,
+            reason = "the month is in 1..=12, the day is clamped to that month's length just above, and the year is one chrono holds (see `year`)"
+        )]
         let date = NaiveDate::from_ymd_opt(year, month0 + 1, day).expect("clamped day is valid");
         local_to_utc(self.tz, date.and_time(self.local.time()))
     }
@@ -59,6 +68,10 @@ impl CycleAnchor {
     }
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "start passes a month in 1..=12 and a year chrono holds, so the next month's first day exists, and a month's first day always has a day before it"
+)]
 fn days_in_month(year: i32, month: u32) -> u32 {
     let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
     let first_next = NaiveDate::from_ymd_opt(ny, nm, 1).expect("valid month");

@@ -112,6 +112,7 @@ impl LeaseBook {
     /// takes no new call and is voided, giving its rest back, once its last call is done. So at
     /// most one lease is in use and one is next.
     pub fn take(&self, key: &Key, pool: PoolKind, amount: Nanos, size: Nanos) -> Option<Part> {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.get_mut(&scope(key, pool))?;
         let quarter = size.0 / 4;
@@ -134,6 +135,7 @@ impl LeaseBook {
     }
 
     /// The pool's remaining after the scope's last store hold, leases not counted.
+    #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
     fn last_remaining(&self, scope: &Scope) -> Option<Nanos> {
         self.scopes.lock().expect("leases").get(scope).and_then(|l| l.remaining)
     }
@@ -143,6 +145,7 @@ impl LeaseBook {
     /// used until then (its idle time starts when its last call ends). Returns the lease's id
     /// when it was draining and this was its last call: it leaves the book, to be voided now.
     fn done(&self, scope: &Scope, part: &Part, charged: bool) -> Option<String> {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.get_mut(scope)?;
         let i = leases.open.iter().position(|l| l.id == part.lease_id)?;
@@ -157,6 +160,7 @@ impl LeaseBook {
 
     /// Whether a lease on an account's pool is draining with calls still on it.
     fn draining(&self, account: &str, pool: PoolKind) -> bool {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let scopes = self.scopes.lock().expect("leases");
         scopes
             .iter()
@@ -168,6 +172,7 @@ impl LeaseBook {
     /// A part's settle failed: the lease leaves the book without being voided, so the sweeper
     /// expires it at what it still holds (flagged `unsettled`), as a hold whose settle failed.
     pub fn abandon(&self, scope: &Scope, part: &Part) {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         if let Some(leases) = scopes.get_mut(scope) {
             leases.open.retain(|l| l.id != part.lease_id);
@@ -177,6 +182,7 @@ impl LeaseBook {
     /// The unused part of this gateway's leases on an account's pool (all keys): held in the
     /// store, but not spent by any call.
     pub fn unused(&self, account: &str, pool: PoolKind) -> Nanos {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let scopes = self.scopes.lock().expect("leases");
         scopes
             .iter()
@@ -188,6 +194,7 @@ impl LeaseBook {
     /// The pool's remaining as of the last store write for the scope, plus its leases' unused
     /// part (None: unlimited or not known).
     pub fn remaining(&self, scope: &Scope) -> Option<Nanos> {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let scopes = self.scopes.lock().expect("leases");
         let leases = scopes.get(scope)?;
         let unused = leases.open.iter().fold(Nanos::ZERO, |s, l| s.saturating_add(l.free));
@@ -198,6 +205,7 @@ impl LeaseBook {
     /// them, and returns those with no call left, to void: a call was refused, so their unused
     /// credit goes back to the pool.
     fn drain(&self, account: &str, pool: PoolKind) -> Vec<String> {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let mut idle = Vec::new();
         for (_, leases) in scopes.iter_mut().filter(|(s, _)| s.account == account && s.pool == pool) {
@@ -213,6 +221,7 @@ impl LeaseBook {
     /// Whether to take a new lease for the scope now; if so, marks it being taken. Never while
     /// `LEASES_PER_SCOPE_MAX` are open or being taken, draining ones included (they still hold).
     fn should_take(&self, scope: &Scope) -> bool {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.entry(scope.clone()).or_default();
         if leases.taking
@@ -227,6 +236,7 @@ impl LeaseBook {
 
     /// Files a lease just taken; returns it instead when the gateway closed meanwhile, to void.
     fn taken(&self, scope: &Scope, lease: Option<Lease>, remaining: Option<Nanos>) -> Option<Lease> {
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let leases = scopes.entry(scope.clone()).or_default();
         leases.taking = false;
@@ -245,11 +255,13 @@ impl LeaseBook {
     }
 
     /// How many leases are open (filed, ready for calls).
+    #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
     pub fn open(&self) -> usize {
         self.scopes.lock().expect("leases").values().map(|l| l.open.len()).sum()
     }
 
     /// Whether any lease is open or being taken.
+    #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
     fn any(&self) -> bool {
         self.scopes.lock().expect("leases").values().any(|l| l.taking || !l.open.is_empty())
     }
@@ -258,6 +270,7 @@ impl LeaseBook {
     /// time to live gone), as (account, lease id) pairs.
     fn tick(&self, ttl: Duration, closing: bool) -> (Vec<LeaseRef>, Vec<LeaseRef>) {
         let now = (self.now)();
+        #[allow(clippy::expect_used, reason = "never poisoned: nothing done under the lease book's lock can panic")]
         let mut scopes = self.scopes.lock().expect("leases");
         let (mut void, mut extend) = (Vec::new(), Vec::new());
         for (scope, leases) in scopes.iter_mut() {
@@ -315,9 +328,17 @@ impl Leases {
         self.start_ticking();
         let (this, key_id) = (self.clone(), key.id.clone());
         tokio::spawn(async move {
+            let id = match crate::id::request_id() {
+                Ok(id) => format!("lease_{id}"),
+                Err(e) => {
+                    tracing::warn!(error = ?e, "could not take a lease; calls are held one by one");
+                    this.book.taken(&scope, None, remaining);
+                    return;
+                }
+            };
             let request = HoldRequest {
                 account: scope.account.clone(),
-                id: format!("lease_{}", crate::id::request_id()),
+                id,
                 pool,
                 key: Some(key_id),
                 amount: size,

@@ -73,7 +73,13 @@ pub(crate) fn upstream_request(
     let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = format!("{}{}", upstream.base_url, path_and_query);
     let mut builder = axum::http::Request::builder().method(method).uri(&url);
-    let out = builder.headers_mut().expect("a fresh request builder");
+    // A request builder has no headers only when it holds an error: here, the URI's.
+    let out = builder.headers_mut().ok_or_else(|| {
+        GatewayError::Internal(format!(
+            "cannot build the upstream request: the URL made from upstream {:?}'s base_url is not a valid URI",
+            upstream.name
+        ))
+    })?;
     for (name, value) in headers.iter().filter(|(n, _)| copied(n)) {
         out.append(name.clone(), value.clone());
     }

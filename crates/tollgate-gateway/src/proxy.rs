@@ -324,7 +324,7 @@ async fn metered_call(
 
     let (body, strip_usage_chunk) = rewrite_body(&gw, kind, &mut facts, body)?;
 
-    let id = request_id();
+    let id = request_id()?;
     let source = decider.source();
     let hold_terms = HoldTerms { entry: &entry, facts: &facts, allow, ppm: terms.multiplier_ppm };
     let call = Call {
@@ -424,9 +424,13 @@ async fn forward_and_meter(
     let (mut head, incoming) = response.into_parts();
     let headers = &mut head.headers;
     headers.insert("x-tollgate-pool", HeaderValue::from_static(pool.as_str()));
-    headers.insert("x-tollgate-request-id", HeaderValue::from_str(&finish.call_id).expect("ids are ASCII"));
+    #[allow(clippy::expect_used, reason = "request ids are `tgr_` and hex digits: a valid header value")]
+    let request_id = HeaderValue::from_str(&finish.call_id).expect("ids are ASCII");
+    headers.insert("x-tollgate-request-id", request_id);
     if let Some(r) = admitted.remaining_after {
-        headers.insert("x-tollgate-remaining-usd", HeaderValue::from_str(&r.to_string()).expect("amounts are ASCII"));
+        #[allow(clippy::expect_used, reason = "an amount prints as digits, `-` and `.`: a valid header value")]
+        let remaining = HeaderValue::from_str(&r.to_string()).expect("amounts are ASCII");
+        headers.insert("x-tollgate-remaining-usd", remaining);
     }
     if let Some(m) = admitted.clamped_to {
         headers.insert("x-tollgate-max-tokens-clamped", HeaderValue::from(m));

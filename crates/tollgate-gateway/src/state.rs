@@ -202,6 +202,7 @@ impl Gateway {
     }
 
     /// The key of a secret, from a short-lived cache (a revocation takes effect within `cache_ttl`).
+    #[allow(clippy::expect_used, reason = "never poisoned: the key cache is only locked to get-and-clone or insert")]
     pub(crate) async fn key(&self, secret: &str) -> Result<Key, GatewayError> {
         let digest = hash_secret(secret);
         let cached = self
@@ -231,6 +232,7 @@ impl Gateway {
     /// the hold is raised by — the PAYG multiplier of the account's tier (overage is charged at
     /// list × it) when the policy allows overage, else 1 (a `block` pool never goes past its
     /// grants, so its calls are charged at list price).
+    #[allow(clippy::expect_used, reason = "never poisoned: the pool terms cache is only locked to read or insert")]
     pub(crate) async fn pool_terms(&self, account: &str, pool: PoolKind) -> Result<PoolTerms, GatewayError> {
         let cache_key = (account.to_string(), pool);
         if let Some((t, at)) = self.pool_terms.lock().expect("pool terms cache").get(&cache_key)

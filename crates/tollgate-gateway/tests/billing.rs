@@ -3,6 +3,8 @@
 //! store, the gateway on a real socket, the testkit's mock upstream behind it, reqwest as the
 //! client; every test reads the ledger afterwards.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! The gateway end to end: a real SQLite store, the gateway on a real socket, the testkit's mock
 //! upstream behind it, reqwest as the client. Every test checks the ledger afterwards.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! socket, the testkit's mock upstream behind it (steered by `x-mock-*` headers), reqwest as the
 //! client. Each test bounds its own wait: a gateway that hangs fails it instead of hanging it.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,8 @@
 //! reqwest as the client. Leases are off, so each call's hold is its own and can be read back
 //! under the call's request id.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -5,6 +5,8 @@
 //! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate-postgres
 //! --test rollups`.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 mod common;
 
 use std::collections::BTreeMap;

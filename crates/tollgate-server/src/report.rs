@@ -63,6 +63,7 @@ pub fn cycle_of(account: &Account, which: &str, now: DateTime<Utc>) -> Result<Cy
         month => {
             let first = NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d")
                 .map_err(|_| format!("cycle {month:?}: use current, previous or a month as YYYY-MM"))?;
+            #[allow(clippy::expect_used, reason = "midnight exists on every date: and_hms_opt(0, 0, 0) is Some")]
             let local_first = account
                 .timezone
                 .from_local_datetime(&first.and_hms_opt(0, 0, 0).expect("midnight exists"))

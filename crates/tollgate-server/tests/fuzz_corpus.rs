@@ -3,6 +3,8 @@
 //! crash it found, keeps passing without the fuzzer (docs/RELIABILITY.md, "Coverage-guided
 //! fuzzing").
 
+#![allow(clippy::expect_used, reason = "test code: the replay helper and the fuzz targets, where a panic is a finding")]
+
 #[path = "../../../fuzz/src/targets.rs"]
 mod targets;
 

@@ -226,6 +226,7 @@ impl SqliteStore {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             // Every reader busy: open another one rather than fail; it joins the pool after.
+            #[allow(clippy::expect_used, reason = "never poisoned: the reader pool is only locked to pop or push")]
             let pooled = readers.lock().expect("reader pool lock").pop();
             let conn = match pooled {
                 Some(c) => c,
@@ -239,6 +240,7 @@ impl SqliteStore {
             if result.is_err() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
+            #[allow(clippy::expect_used, reason = "never poisoned: the reader pool is only locked to pop or push")]
             let mut pool = readers.lock().expect("reader pool lock");
             if pool.len() < READERS_IDLE_MAX {
                 pool.push(conn);

@@ -418,6 +418,10 @@ pub fn checkpointer(conn: Connection, stop: mpsc::Receiver<()>, restart_wal: &At
 /// flushes the last one, and no reply is sent before its write is on disk.
 pub fn writer(db: Db, wal_path: PathBuf, jobs: mpsc::Receiver<Job>, restart_wal: &AtomicBool) {
     let (committed, to_sync) = mpsc::channel::<Vec<Reply>>();
+    #[allow(
+        clippy::expect_used,
+        reason = "started once, as the store opens: if the OS cannot start a thread then, the writer thread ends before its first job and every write fails with `the writer thread has stopped`"
+    )]
     let syncer = std::thread::Builder::new()
         .name("tg-sqlite-sync".into())
         .spawn(move || syncer(&wal_path, to_sync))
@@ -529,6 +533,7 @@ fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// Gets the reply handle of a job whose transaction could not start. The job runs against a
 /// scratch in-memory database, never the real file, and its reply carries the error.
 pub fn run_failed(job: Job, _err: &StoreError) -> (Reply, bool) {
+    #[allow(clippy::expect_used, reason = "an in-memory SQLite database fails to open only if memory runs out")]
     let scratch = Db::new(Connection::open_in_memory().expect("in-memory SQLite opens"));
     (job.run)(&scratch)
 }

@@ -1,5 +1,7 @@
 //! The store conformance suite on the SQLite backend, each case on a fresh database file.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 
 use tollgate_sqlite::SqliteStore;

@@ -2,6 +2,8 @@
 //! `TOLLGATE_SIM_SEED` when it is set (`TOLLGATE_SIM_SEED=1234 cargo test -p tollgate-sqlite
 //! --test simulation -- --nocapture`). Each seed runs on a fresh database file.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::sync::Arc;
 
 use tollgate_conformance::simulation::{self, Config};

@@ -40,6 +40,7 @@ pub fn pool_of(s: &str) -> StoreResult<PoolKind> {
 }
 
 /// Labels as stored: a JSON object of strings.
+#[allow(clippy::expect_used, reason = "a map of strings to strings always serializes to JSON")]
 pub fn labels_to_text(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).expect("a string map serializes")
 }

@@ -35,6 +35,8 @@
 //!
 //! Every request received is kept (method, path and query, headers, body) for assertions.
 
+#![allow(clippy::expect_used, reason = "test and benchmark machinery: a failed expectation aborts the run")]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

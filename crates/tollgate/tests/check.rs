@@ -10,6 +10,8 @@
 //! `pg`); without it that test says it did not run:
 //! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate --test check`.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 mod pg;
 
 use std::net::TcpListener;

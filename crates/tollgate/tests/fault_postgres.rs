@@ -18,6 +18,8 @@
 //! `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p tollgate --test
 //! fault_postgres`; without the variable the first test says it did not run, and passes.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 mod load;
 mod pg;
 mod serve;

@@ -10,6 +10,8 @@
 //! longer than a hold's time to live, and an `error` event in the middle of a 2xx stream
 //! (what the Anthropic API sends when it fails mid-stream, e.g. `overloaded_error`).
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 mod serve;
 
 use std::time::{Duration, Instant};

@@ -8,6 +8,8 @@
 //! green. Here: the real `tollgate serve` in front of the testkit's mock upstream, a pool with a
 //! $0.10 spend cap, and the mock reporting $0.30 of usage.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -13,6 +13,8 @@
 //! Needs PostgreSQL: `TOLLGATE_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test -p
 //! tollgate --test postgres_processes`; without it each test says it did not run, and passes.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};

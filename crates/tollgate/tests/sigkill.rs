@@ -5,6 +5,8 @@
 //! database, and checks that every acknowledged event is there and that the balance is exactly
 //! the sum of the events that are there.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

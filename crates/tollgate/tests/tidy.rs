@@ -3,6 +3,8 @@
 //! core crate warns on any public item without documentation (which CI's `clippy -D warnings`
 //! turns into a failure).
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

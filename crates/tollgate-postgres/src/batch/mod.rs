@@ -163,6 +163,7 @@ type Answer = Option<StoreResult<Done>>;
 
 /// Runs a batch; one answer per write, in order. `must_wait` tells, for each write, whether its
 /// batch must wait for the rows it needs rather than put it off.
+#[allow(clippy::expect_used, reason = "a batch answers each of its jobs once: a write run alone has one answer")]
 async fn run(
     config: &tokio_postgres::Config,
     conn: &mut Option<Conn>,
@@ -201,6 +202,7 @@ async fn attempts(
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             *conn = Some(Conn::connect(config).await?);
         }
+        #[allow(clippy::expect_used, reason = "conn was set just above when it was None or closed")]
         let c = conn.as_ref().expect("connected above");
         let result = batch(c, owner, jobs, must_wait, careful).await;
         if result.is_err() {

@@ -4,6 +4,7 @@
 //! it, to look at after a failure). Without `TOLLGATE_PG_URL` each test says on stderr that it
 //! did not run, and passes.
 
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
 #![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::io::Write;

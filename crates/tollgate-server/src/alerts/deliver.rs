@@ -47,6 +47,7 @@ pub fn backoff(attempt: u32) -> Duration {
 
 /// `sha256=<hex HMAC-SHA256 of body under secret>`: the `x-tollgate-signature` header.
 pub fn signature(secret: &str, body: &[u8]) -> String {
+    #[allow(clippy::expect_used, reason = "HMAC takes keys of any length: new_from_slice cannot fail")]
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
@@ -64,6 +65,7 @@ pub async fn send(client: &HttpClient, channel: &Channel, delivery: &Delivery) -
             return Ok(());
         }
         Channel::Webhook { url, secret } => {
+            #[allow(clippy::expect_used, reason = "a JSON Value always serializes into a Vec")]
             let body = serde_json::to_vec(&delivery.body).expect("JSON values serialize");
             let mut headers = vec![("x-tollgate-event-id", delivery.id.clone())];
             if let Some(secret) = secret {
@@ -72,6 +74,7 @@ pub async fn send(client: &HttpClient, channel: &Channel, delivery: &Delivery) -
             (url, body, headers)
         }
         Channel::Slack { url } => {
+            #[allow(clippy::expect_used, reason = "a JSON object of one string always serializes into a Vec")]
             let body = serde_json::to_vec(&json!({ "text": delivery.message })).expect("JSON values serialize");
             (url, body, Vec::new())
         }

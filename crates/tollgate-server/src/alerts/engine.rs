@@ -158,6 +158,7 @@ impl Alerter {
     /// start and then periodically, it finds a crossing or an overshoot written before a crash,
     /// while no server ran, or by another process sharing the store. Each alert is recorded once
     /// by the store, so scanning again fires nothing twice.
+    #[allow(clippy::expect_used, reason = "never poisoned: both caches are locked only for get, insert and retain")]
     pub async fn scan(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
         let rules = self.store.alert_rules().await?;
         let (overshoot_rules, rules): (Vec<AlertRule>, Vec<AlertRule>) = rules
@@ -216,6 +217,7 @@ impl Alerter {
     /// The overshoot of an account's events in the cycle starting at `cycle_start`: what this
     /// process read before, plus the events recorded since (in `seq` order, which on every
     /// backend is the order an account's events commit in, so none is skipped).
+    #[allow(clippy::expect_used, reason = "never poisoned: the overshoot cache is locked only for get, insert, retain")]
     async fn overshoot_of(&self, account: &str, cycle_start: DateTime<Utc>) -> StoreResult<OvershootTally> {
         let known = self.overshoot.lock().expect("overshoot tallies").get(account).cloned();
         let mut tally = known.filter(|t| t.cycle_start == Some(cycle_start)).unwrap_or_default();
@@ -250,6 +252,7 @@ impl Alerter {
 
     /// Adds a pool's spend of the second ending at `now` to its history.
     fn observe(&self, now: DateTime<Utc>, account: &str, pool: PoolKind, charged: Nanos) {
+        #[allow(clippy::expect_used, reason = "never poisoned: the spend history is locked only to push, pop and sum")]
         let mut spend = self.spend.lock().expect("spend history");
         let history = spend.entry((account.to_string(), pool)).or_default();
         history.push_back((now.timestamp(), charged.0));
@@ -263,6 +266,7 @@ impl Alerter {
     pub async fn check_spikes(&self, now: DateTime<Utc>) -> StoreResult<Vec<Alert>> {
         let rules: Vec<AlertRule> =
             self.store.alert_rules().await?.into_iter().filter(|r| r.kind == AlertKind::Spike).collect();
+        #[allow(clippy::expect_used, reason = "never poisoned: the spend history is locked only to push, pop and sum")]
         let pools: Vec<(String, PoolKind)> = self.spend.lock().expect("spend history").keys().cloned().collect();
         let mut fired = Vec::new();
         for rule in &rules {
@@ -270,10 +274,12 @@ impl Alerter {
             let spike = Spike { factor_ppm, floor: rule.floor.unwrap_or(Nanos::ZERO).0 };
             for (account, pool) in pools.iter().filter(|(a, p)| rule.watches(a, *p)) {
                 let windows = self.windows(now, account, *pool, window_s as i64);
+                #[allow(clippy::expect_used, reason = "windows() always keeps the newest window (k = 0)")]
                 let (last, trailing) = windows.split_last().expect("at least one window");
                 let on = spike.is_on(*last, trailing);
                 let key = (rule.id.clone(), account.clone(), *pool);
                 let fire = {
+                    #[allow(clippy::expect_used, reason = "never poisoned: locked only to step one spike state")]
                     let mut states = self.spikes.lock().expect("spike states");
                     let state = states.entry(key).or_default();
                     let (next, fire) = state.step(on);
@@ -307,6 +313,10 @@ impl Alerter {
     /// The spend of the last `SPIKE_TRAILING_WINDOWS + 1` windows of `window_s` ending at `now`,
     /// oldest first; windows before the pool's first activity are left out.
     fn windows(&self, now: DateTime<Utc>, account: &str, pool: PoolKind, window_s: i64) -> Vec<i64> {
+        #[allow(
+            clippy::expect_used,
+            reason = "never poisoned: the spend history is locked only to push, pop and sum (the window arithmetic here could overflow only for a spike window_s over 10^18 s, and only with overflow checks on)"
+        )]
         let spend = self.spend.lock().expect("spend history");
         let history = spend.get(&(account.to_string(), pool));
         let end = now.timestamp();
@@ -356,6 +366,7 @@ impl Alerter {
                     if !alert::forecast_fires(f.exhaustion, balance.cycle.end, days) {
                         continue;
                     }
+                    #[allow(clippy::expect_used, reason = "forecast_fires is true only for Some exhaustion")]
                     let at = f.exhaustion.expect("fires only with an exhaustion time");
                     let message = format!(
                         "{} {} pool runs out around {} at its current rate, {} days before its reset on {}",
@@ -375,6 +386,7 @@ impl Alerter {
         Ok(fired)
     }
 
+    #[allow(clippy::expect_used, reason = "never poisoned: recorded ids are locked only for get, insert and retain")]
     async fn fire_for(
         &self,
         rule: &AlertRule,

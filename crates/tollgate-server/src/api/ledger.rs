@@ -27,6 +27,7 @@ use crate::json::{Json, from_value};
 const FUTURE_SKEW_S_MAX: i64 = 300;
 const EVENTS_PER_BATCH_MAX: usize = 1_000;
 
+#[allow(clippy::expect_used, reason = "EventIn, HoldIn, SettleIn (strings, numbers, string maps) always serialize")]
 fn fingerprint<T: Serialize>(value: &T) -> String {
     hex::encode(Sha256::digest(serde_json::to_vec(value).expect("request shapes serialize")))
 }

@@ -110,8 +110,10 @@ pub async fn plan_job(
         }
     };
     let balance = s.store.balance(&id, now).await?;
+    #[allow(clippy::expect_used, reason = "a Balance has one PoolBalance of each pool kind, as both stores build it")]
     let p = balance.pools.iter().find(|p| p.pool == pool).expect("both pools are in a balance");
     let next = s.store.balance(&id, balance.cycle.end).await?;
+    #[allow(clippy::expect_used, reason = "a Balance has one PoolBalance of each pool kind, as both stores build it")]
     let n = next.pools.iter().find(|p| p.pool == pool).expect("both pools are in a balance");
     let fresh = PoolScope { limit: n.limit, grants: n.grants, ..PoolScope::default() };
     let tier = s.store.tiers().await?.into_iter().find(|t| t.id == a.tier);

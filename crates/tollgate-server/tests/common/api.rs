@@ -235,6 +235,7 @@ fn event(id: &str, account: &str) -> Value {
 /// `v` with the field at `pointer` (`/usage/input_tokens`) set, added if absent.
 fn with(mut v: Value, pointer: &str, value: Value) -> Value {
     let (parent, field) = pointer.rsplit_once('/').unwrap();
+    #[allow(clippy::expect_used, reason = "test helper: a pointer to no object is a broken test, which should fail")]
     let object = v.pointer_mut(parent).and_then(Value::as_object_mut).expect("the parent is an object");
     object.insert(field.to_string(), value);
     v

@@ -469,6 +469,7 @@ impl Plan {
         let charge =
             self.charge_hold(&h, (account.to_string(), h.pool, us(h.cycle_start)), Split::default(), h.amount)?;
         self.apply(charge);
+        #[allow(clippy::expect_used, reason = "found under this key above; charge_hold and apply remove no hold")]
         let entry = self.snapshot.holds.get_mut(&key).expect("the hold read above");
         entry.hold.state = HoldState::Voided;
         self.changed_holds.insert(key);

@@ -10,6 +10,7 @@ use crate::cli::{AccountCmd, AdviseCmd, AlertsCmd, EventsCmd, GrantCmd, KeyCmd, 
 use crate::client::{Client, seg};
 use crate::table;
 
+#[allow(clippy::expect_used, reason = "a serde_json Value always prints: its map keys are strings")]
 fn print_json(v: &Value) {
     outln!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
 }

@@ -214,7 +214,9 @@ async fn check(db: Option<String>, config: Option<PathBuf>, json: bool) -> Outco
                 "breaches": audit.breaches,
                 "warnings": audit.warnings,
         });
-        outln!("{}", serde_json::to_string_pretty(&v).expect("JSON prints"));
+        #[allow(clippy::expect_used, reason = "a serde_json Value always prints: its map keys are strings")]
+        let text = serde_json::to_string_pretty(&v).expect("JSON prints");
+        outln!("{text}");
     } else {
         let warnings = match audit.warnings.len() {
             0 => String::new(),

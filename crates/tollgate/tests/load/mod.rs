@@ -7,6 +7,8 @@
 //! The API writers behave as docs/RELIABILITY.md asks a client to: on a 503 they send the same
 //! request again (same ids, same timestamp) until it is answered, so a hold whose answer was
 //! lost is never left open by the client. Gateway calls are not retried: each is a new call.
+
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
 #![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::collections::BTreeMap;

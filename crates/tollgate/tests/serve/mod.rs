@@ -2,6 +2,8 @@
 //! in a working directory of its own (its `tollgate.toml`, token file and SQLite database live
 //! there), SIGKILLed and reaped when dropped, so a failing test leaves no server behind; and a
 //! client of its API and gateway. Each test file uses a part of it.
+
+#![allow(clippy::expect_used, reason = "test code: helpers outside #[test] fns, which allow-expect-in-tests misses")]
 #![allow(dead_code, reason = "each test binary uses a part of this module")]
 
 use std::net::TcpListener;
